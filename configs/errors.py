@@ -1,0 +1,86 @@
+"""Domain exceptions: one base, a short headline each, and the fix a user should try.
+
+Every expected failure a user can cause (bad config, bad data, missing keys, failed gates)
+is raised as a ``QuorumError`` subclass and mapped to a message and exit code once, at the
+CLI boundary, so no traceback reaches the user for it.
+"""
+
+from __future__ import annotations
+
+
+class QuorumError(Exception):
+    """Base of every expected Quorum failure."""
+
+    headline = "Quorum could not finish"
+    exit_code = 1
+
+    def __init__(self, message: str, *, fix: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def render(self) -> str:
+        """The text shown to a user: headline, what went wrong, and how to fix it."""
+        lines = [f"error: {self.headline}", f"  {self.message}"]
+        if self.fix:
+            lines.append(f"  fix: {self.fix}")
+        return "\n".join(lines)
+
+
+class ConfigError(QuorumError, ValueError):
+    headline = "Invalid configuration"
+    exit_code = 2
+
+
+class UnknownSite(QuorumError, KeyError):
+    headline = "Unknown site"
+    exit_code = 2
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return self.message
+
+
+class SiteDataError(QuorumError, ValueError):
+    headline = "Site data cannot be used"
+    exit_code = 3
+
+
+class ContractFailed(QuorumError):
+    headline = "Data contract failed"
+    exit_code = 3
+
+
+class NotEnoughSites(QuorumError):
+    headline = "Too few sites took part"
+    exit_code = 4
+
+
+class ReplyRejected(QuorumError, ValueError):
+    headline = "Site reply rejected"
+    exit_code = 4
+
+
+class GateFailed(QuorumError):
+    headline = "Evaluation gates failed"
+    exit_code = 5
+
+
+class SignatureError(QuorumError):
+    headline = "Signature check failed"
+    exit_code = 6
+
+
+class QuorumNotMet(SignatureError):
+    headline = "Approval quorum not met"
+
+
+class AuditLogError(QuorumError):
+    headline = "Audit log is not intact"
+    exit_code = 7
+
+
+class ToolError(QuorumError, RuntimeError):
+    """An outside tool (DVC, MLflow, Evidently, Great Expectations) failed."""
+
+    headline = "An outside tool failed"
+    exit_code = 8

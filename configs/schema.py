@@ -1,0 +1,300 @@
+"""The validated shape of ``federation.yaml`` and ``governance.yaml``.
+
+Configs are validated eagerly and completely: a user fixing a file wants every bad key in
+one message, each with the file, the key, the bad value and what is allowed. Relative paths
+are resolved against the folder of the file that names them, like DVC and docker-compose do,
+so a config means the same thing whatever the current directory is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from configs.errors import ConfigError, UnknownSite
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+M = TypeVar("M", bound=BaseModel)
+
+
+class SiteConfig(BaseModel):
+    """One site: where its data lives and which columns mean what."""
+
+    model_config = _FROZEN
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,30}$")
+    root: Path
+    data: Path = Path("raw/train.csv")
+    current: Path | None = Path("raw/current.csv")
+    target: str = "label"
+    id_column: str | None = None
+    pii_columns: tuple[str, ...] = ()
+    protected_attribute: str | None = None
+
+    @property
+    def data_path(self) -> Path:
+        return self.root / self.data
+
+    @property
+    def current_path(self) -> Path | None:
+        return None if self.current is None else self.root / self.current
+
+    @property
+    def processed_dir(self) -> Path:
+        return self.root / "processed"
+
+    @property
+    def reports_dir(self) -> Path:
+        """Full tool reports (data docs, drift HTML) that never leave the site."""
+        return self.root / "reports"
+
+
+class FeatureConfig(BaseModel):
+    """The shared feature schema: every site must provide these columns."""
+
+    model_config = _FROZEN
+
+    numeric: tuple[str, ...] = Field(min_length=1)
+    categorical: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+
+    @field_validator("categorical")
+    @classmethod
+    def _non_empty_domains(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        empty = [name for name, domain in value.items() if not domain]
+        if empty:
+            raise ValueError(f"categorical columns need at least one allowed value: {', '.join(empty)}")
+        return value
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.numeric, *self.categorical)
+
+
+class ContractConfig(BaseModel):
+    """Bounds of the data contract each site's raw data must meet."""
+
+    model_config = _FROZEN
+
+    min_rows: int = Field(default=50, ge=1)
+    max_rows: int = Field(default=50_000_000, ge=1)
+    max_null_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    numeric_ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    label_rate: tuple[float, float] = (0.01, 0.99)
+
+    @model_validator(mode="after")
+    def _ordered_bounds(self) -> ContractConfig:
+        if self.min_rows > self.max_rows:
+            raise ValueError(f"min_rows ({self.min_rows}) must not exceed max_rows ({self.max_rows})")
+        bad = [name for name, (low, high) in self.numeric_ranges.items() if low > high]
+        if bad:
+            raise ValueError(f"numeric_ranges need [low, high] with low <= high: {', '.join(bad)}")
+        if not 0.0 <= self.label_rate[0] <= self.label_rate[1] <= 1.0:
+            raise ValueError("label_rate must be [low, high] with 0 <= low <= high <= 1")
+        return self
+
+
+class ModelConfig(BaseModel):
+    model_config = _FROZEN
+
+    hidden_sizes: tuple[int, ...] = Field(default=(32, 16), min_length=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class TrainingConfig(BaseModel):
+    model_config = _FROZEN
+
+    strategy: Literal["fedavg"] = "fedavg"
+    rounds: int = Field(default=5, ge=1, le=1000)
+    local_epochs: int = Field(default=1, ge=1, le=100)
+    batch_size: int = Field(default=64, ge=1)
+    learning_rate: float = Field(default=0.05, gt=0.0, le=10.0)
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    min_sites: int = Field(default=1, ge=1)
+    positive_weight: Literal["balanced", "none"] = "balanced"
+
+
+class GatePolicy(BaseModel):
+    """Thresholds ``evaluation.gates.decide`` applies; ``None`` switches a gate off."""
+
+    model_config = _FROZEN
+
+    min_accuracy: float | None = Field(default=0.7, ge=0.0, le=1.0)
+    min_auc: float | None = Field(default=0.7, ge=0.0, le=1.0)
+    min_f1: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_log_loss: float | None = Field(default=None, gt=0.0)
+    min_site_accuracy: float | None = Field(default=0.6, ge=0.0, le=1.0)
+    max_regression: float | None = Field(default=0.02, ge=0.0, le=1.0)
+    max_selection_rate_gap: float | None = Field(default=0.25, ge=0.0, le=1.0)
+    max_tpr_gap: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_sites: int = Field(default=1, ge=1)
+    min_examples: int = Field(default=1, ge=1)
+
+
+class DriftConfig(BaseModel):
+    model_config = _FROZEN
+
+    drift_share: float = Field(default=0.3, ge=0.0, le=1.0)
+    min_sites_to_retrain: int = Field(default=1, ge=1)
+    min_rows: int = Field(default=30, ge=1)
+
+
+class FederationConfig(BaseModel):
+    """The whole federation: its sites, shared schema and every knob of the lifecycle."""
+
+    model_config = _FROZEN
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    seed: int = 0
+    state_dir: Path = Path(".quorum")
+    sites: tuple[SiteConfig, ...] = Field(min_length=1)
+    features: FeatureConfig
+    contract: ContractConfig = ContractConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    gates: GatePolicy = GatePolicy()
+    drift: DriftConfig = DriftConfig()
+    source: Path | None = None
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _sites_from_mapping(cls, value: Any) -> Any:
+        """Sites are written as a mapping keyed by id (what DVC's ``foreach`` iterates)."""
+        if isinstance(value, dict):
+            return tuple({"id": key, **(item or {})} if isinstance(item, dict) else item for key, item in value.items())
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederationConfig:
+        problems = []
+        if self.training.min_sites > len(self.sites):
+            problems.append(
+                f"training.min_sites is {self.training.min_sites} but only {len(self.sites)} sites are configured"
+            )
+        feature_set = set(self.features.columns)
+        for site in self.sites:
+            leaked = feature_set & set(site.pii_columns)
+            if leaked:
+                problems.append(f"sites.{site.id}: PII columns may not be features: {', '.join(sorted(leaked))}")
+            if site.target in feature_set:
+                problems.append(f"sites.{site.id}: target {site.target!r} is also listed as a feature")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def site(self, site_id: str) -> SiteConfig:
+        for site in self.sites:
+            if site.id == site_id:
+                return site
+        known = ", ".join(s.id for s in self.sites)
+        raise UnknownSite(f"no site {site_id!r} in this federation", fix=f"use one of: {known}")
+
+    @property
+    def site_ids(self) -> tuple[str, ...]:
+        return tuple(site.id for site in self.sites)
+
+    def config_hash(self) -> str:
+        """A stable digest of every knob, recorded in lineage to tell runs apart."""
+        payload = self.model_dump(mode="json", exclude={"source"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class Approver(BaseModel):
+    model_config = _FROZEN
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    role: str = "approver"
+    public_key: Path
+
+
+class GovernanceConfig(BaseModel):
+    """Who may approve a model and how many distinct approvals promotion needs."""
+
+    model_config = _FROZEN
+
+    quorum: int = Field(ge=1)
+    approvers: tuple[Approver, ...] = Field(min_length=1)
+    source: Path | None = None
+
+    @model_validator(mode="after")
+    def _quorum_reachable(self) -> GovernanceConfig:
+        names = [a.name for a in self.approvers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"approver names must be distinct: {', '.join(dupes)}")
+        if self.quorum > len(self.approvers):
+            raise ValueError(f"quorum is {self.quorum} but only {len(self.approvers)} approvers are listed")
+        return self
+
+    def approver(self, name: str) -> Approver:
+        for approver in self.approvers:
+            if approver.name == name:
+                return approver
+        known = ", ".join(a.name for a in self.approvers)
+        raise ConfigError(f"no approver {name!r} in governance", fix=f"use one of: {known}")
+
+
+def load_federation(path: str | Path) -> FederationConfig:
+    """Read, validate and resolve a federation config; every problem is reported at once."""
+    source = Path(path).resolve()
+    raw = _read_yaml(source)
+    config = _validate(FederationConfig, raw, source)
+    base = source.parent
+    sites = tuple(site.model_copy(update={"root": _resolve(base, site.root)}) for site in config.sites)
+    return config.model_copy(update={"sites": sites, "state_dir": _resolve(base, config.state_dir), "source": source})
+
+
+def load_governance(path: str | Path) -> GovernanceConfig:
+    source = Path(path).resolve()
+    config = _validate(GovernanceConfig, _read_yaml(source), source)
+    approvers = tuple(
+        a.model_copy(update={"public_key": _resolve(source.parent, a.public_key)}) for a in config.approvers
+    )
+    return config.model_copy(update={"approvers": approvers, "source": source})
+
+
+def _resolve(base: Path, path: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _read_yaml(source: Path) -> dict[str, Any]:
+    if not source.is_file():
+        raise ConfigError(f"config file {source} does not exist", fix="pass an existing file with --config")
+    try:
+        raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}", fix="fix the YAML syntax at the position shown") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must hold a mapping of keys, got {type(raw).__name__}", fix="see configs/")
+    return raw
+
+
+def _validate(model: type[M], raw: dict[str, Any], source: Path) -> M:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"{source} has {exc.error_count()} problem(s):\n" + "\n".join(_describe(e) for e in exc.errors()),
+            fix="correct the keys listed above (see the comments in configs/federation.yaml)",
+        ) from None
+
+
+def _describe(error: Any) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"    - {key}: unknown key (remove it or check its spelling)"
+    if error["type"] == "missing":
+        return f"    - {key}: required key is missing"
+    allowed = ""
+    ctx = error.get("ctx") or {}
+    if "expected" in ctx:
+        allowed = f" (allowed: {ctx['expected']})"
+    value = error.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return f"    - {key} = {shown}: {error['msg']}{allowed}"

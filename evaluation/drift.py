@@ -1,0 +1,537 @@
+"""Data and prediction drift per site, and the federation-wide decision to retrain.
+
+Each site compares its current window with its reference window using Evidently. Only
+statistics, column names and counts leave the site (a ``DriftSummary``); the full HTML
+report, which shows distributions and therefore data, is written next to the site's data
+and stays there. The verdicts (``site_is_drifting``, ``retrain_decision``) are pure so the
+coordinator can apply them to summaries without Evidently, pandas data or network access.
+
+Evidently is imported inside ``check_drift`` only: its import takes seconds, and most
+callers of this module (the coordinator, the CLI) only need the pure verdicts.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import uuid
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeGuard
+
+import numpy as np
+import pandas as pd
+
+from configs.errors import ReplyRejected, SiteDataError, ToolError
+from configs.schema import DriftConfig
+
+PREDICTION_COLUMN = "prediction"
+REPORT_FILENAME = "drift_report.html"
+
+_VALUE_DRIFT = "evidently:metric_v2:ValueDrift"
+_DRIFTED_COUNT = "evidently:metric_v2:DriftedColumnsCount"
+
+# How Evidently itself turns a method's statistic into a verdict (its stattests modules).
+# The report names a method by its display name when Evidently picked it, but by the
+# registry name when it was asked for one ("wasserstein"), so both are listed. Names are
+# not enough to guess the direction: "Total-Variation-Distance" is a p-value, and K-S /
+# Cramer-von Mises use <= where the other p-value tests use <.
+_RULE_TABLE: tuple[tuple[str, str, Callable[[float, float], bool]], ...] = (
+    ("K-S p_value", "ks", operator.le),
+    ("chi-square p_value", "chisquare", operator.lt),
+    ("Z-test p_value", "z", operator.lt),
+    ("Anderson-Darling", "anderson", operator.lt),
+    ("Cramer-von Mises", "cramer_von_mises", operator.le),
+    ("Epps-Singleton", "es", operator.lt),
+    ("Fisher's Exact test", "fisher_exact", operator.lt),
+    ("g_test", "g_test", operator.lt),
+    ("Mann-Whitney U-rank test", "mannw", operator.lt),
+    ("empirical_mmd", "empirical_mmd", operator.lt),
+    ("t_test", "t_test", operator.lt),
+    ("Total-Variation-Distance", "TVD", operator.lt),
+    ("Wasserstein distance (normed)", "wasserstein", operator.ge),
+    ("Jensen-Shannon distance", "jensenshannon", operator.ge),
+    ("Hellinger distance", "hellinger", operator.ge),
+    ("Kullback-Leibler divergence", "kl_div", operator.ge),
+    ("PSI", "psi", operator.ge),
+    ("Energy-distance", "ed", operator.gt),
+)
+_DRIFT_RULES: Mapping[str, Callable[[float, float], bool]] = MappingProxyType(
+    {name: rule for display, registered, rule in _RULE_TABLE for name in (display, registered)}
+)
+
+
+@dataclass(frozen=True)
+class FeatureDrift:
+    """One column's drift check, as Evidently judged it, without any data values."""
+
+    column: str
+    method: str
+    statistic: float
+    threshold: float
+    drifted: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class DriftSummary:
+    """What a site reports about drift: safe to send to the coordinator and to log."""
+
+    site_id: str
+    rows_reference: int
+    rows_current: int
+    features: tuple[FeatureDrift, ...]
+    drift_share: float
+    prediction: FeatureDrift | None
+    problems: tuple[str, ...]
+
+    @property
+    def drifted_columns(self) -> tuple[str, ...]:
+        return tuple(feature.column for feature in self.features if feature.drifted)
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain JSON-ready form, for replies, audit entries and MLflow artifacts."""
+        return {
+            "site_id": self.site_id,
+            "rows_reference": self.rows_reference,
+            "rows_current": self.rows_current,
+            "features": [_feature_to_dict(feature) for feature in self.features],
+            "drift_share": self.drift_share,
+            "prediction": None if self.prediction is None else _feature_to_dict(self.prediction),
+            "problems": list(self.problems),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DriftSummary:
+        """Rebuild a summary sent by a site; a malformed one is rejected, never half-read."""
+        try:
+            prediction = data["prediction"]
+            return cls(
+                site_id=_typed(data["site_id"], str),
+                rows_reference=_typed(data["rows_reference"], int),
+                rows_current=_typed(data["rows_current"], int),
+                features=tuple(_feature_from_dict(item) for item in _typed(data["features"], list)),
+                drift_share=_number(data["drift_share"]),
+                prediction=None if prediction is None else _feature_from_dict(prediction),
+                problems=tuple(_typed(item, str) for item in _typed(data["problems"], list)),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ReplyRejected(
+                f"drift summary is malformed: {exc}",
+                fix="send the output of DriftSummary.to_dict() unchanged",
+            ) from exc
+
+
+def _feature_to_dict(feature: FeatureDrift) -> dict[str, object]:
+    return {
+        "column": feature.column,
+        "method": feature.method,
+        "statistic": feature.statistic,
+        "threshold": feature.threshold,
+        "drifted": feature.drifted,
+        "note": feature.note,
+    }
+
+
+def _feature_from_dict(data: Any) -> FeatureDrift:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a feature entry must be a mapping, got {type(data).__name__}")
+    return FeatureDrift(
+        column=_typed(data["column"], str),
+        method=_typed(data["method"], str),
+        statistic=_number(data["statistic"]),
+        threshold=_number(data["threshold"]),
+        drifted=_typed(data["drifted"], bool),
+        note=_typed(data.get("note", ""), str),
+    )
+
+
+def _typed(value: Any, kind: type[Any]) -> Any:
+    # bool is an int subclass; a row count of True is a bug, not a count.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+# --- Evidently snapshot -> summary (pure) -------------------------------------------------
+
+
+def summary_from_report(
+    report: Mapping[str, Any], *, site_id: str, rows_reference: int, rows_current: int
+) -> tuple[tuple[FeatureDrift, ...], float]:
+    """Map an Evidently snapshot dict to per-column verdicts and the share that drifted.
+
+    Metrics are picked by their type, never by position, because Evidently reorders and
+    adds metrics between releases. When the report has a ``DriftedColumnsCount``, its
+    column list selects the features (other ValueDrift metrics, such as the prediction,
+    are left out) and its count must agree with ours: a mismatch means Evidently changed
+    how it decides drift, and silently disagreeing with its own report would be worse.
+    """
+    where = (
+        f"Evidently drift report for site '{site_id}' ({rows_reference} reference rows, {rows_current} current rows)"
+    )
+    metrics = _metrics(report, where)
+    counts = [metric for metric in metrics if metric["config"]["type"] == _DRIFTED_COUNT]
+    if len(counts) > 1:
+        raise ToolError(f"{where} has {len(counts)} drifted-columns counts; expected at most one")
+    wanted = _count_columns(counts[0], where) if counts else None
+    features = tuple(feature for feature in _value_drifts(metrics, where) if wanted is None or feature.column in wanted)
+    if not features:
+        raise ToolError(f"{where} has no per-column drift results", fix="run it with DataDriftPreset")
+    if counts:
+        _check_count(counts[0], features, where)
+    return features, _share(features)
+
+
+def _metrics(report: Mapping[str, Any], where: str) -> list[Mapping[str, Any]]:
+    metrics = report.get("metrics") if isinstance(report, Mapping) else None
+    if not isinstance(metrics, list):
+        raise ToolError(f"{where} has no 'metrics' list; is it a snapshot.dict() from Evidently 0.7?")
+    for metric in metrics:
+        config = metric.get("config") if isinstance(metric, Mapping) else None
+        if not isinstance(config, Mapping) or not isinstance(config.get("type"), str):
+            raise ToolError(f"{where} has a metric without a config type; unknown report shape")
+    return metrics
+
+
+def _count_columns(metric: Mapping[str, Any], where: str) -> frozenset[str] | None:
+    columns = metric["config"].get("columns")
+    if columns is None:
+        return None
+    if not isinstance(columns, list) or not all(isinstance(name, str) for name in columns):
+        raise ToolError(f"{where} has a drifted-columns count with an unreadable column list")
+    return frozenset(columns)
+
+
+def _value_drifts(metrics: Sequence[Mapping[str, Any]], where: str) -> tuple[FeatureDrift, ...]:
+    found = tuple(_value_drift(metric, where) for metric in metrics if metric["config"]["type"] == _VALUE_DRIFT)
+    names = [feature.column for feature in found]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ToolError(f"{where} checks columns more than once: {', '.join(repeated)}")
+    return found
+
+
+def _value_drift(metric: Mapping[str, Any], where: str) -> FeatureDrift:
+    config, value = metric["config"], metric.get("value")
+    column, method, threshold = config.get("column"), config.get("method"), config.get("threshold")
+    if not (isinstance(column, str) and isinstance(method, str) and _is_number(threshold) and _is_number(value)):
+        raise ToolError(f"{where} has a ValueDrift metric without column, method, threshold and a numeric value")
+    statistic, limit = float(value), float(threshold)
+    return FeatureDrift(column, method, statistic, limit, _drift_rule(method, where)(statistic, limit))
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _drift_rule(method: str, where: str) -> Callable[[float, float], bool]:
+    """Known methods follow Evidently exactly; an unknown one is only trusted if it says p-value."""
+    rule = _DRIFT_RULES.get(method)
+    if rule is not None:
+        return rule
+    if "p_value" in method:
+        return operator.lt
+    raise ToolError(
+        f"{where} uses drift method '{method}', and Quorum does not know whether it is a p-value or a distance",
+        fix="add the method to _RULE_TABLE in evaluation/drift.py, following Evidently's stattests",
+    )
+
+
+def _check_count(metric: Mapping[str, Any], features: Sequence[FeatureDrift], where: str) -> None:
+    value = metric.get("value")
+    count = value.get("count") if isinstance(value, Mapping) else None
+    if not _is_number(count):
+        raise ToolError(f"{where} has a drifted-columns count without a numeric count")
+    ours = sum(feature.drifted for feature in features)
+    if ours != int(count):
+        raise ToolError(
+            f"{where}: Evidently counts {int(count)} drifted columns but its per-column results give {ours}",
+            fix="Evidently's drift rule changed; update _RULE_TABLE in evaluation/drift.py",
+        )
+
+
+def _share(features: Sequence[FeatureDrift]) -> float:
+    return sum(feature.drifted for feature in features) / len(features) if features else 0.0
+
+
+# --- Checking a site's data ---------------------------------------------------------------
+
+
+def check_drift(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    *,
+    site_id: str,
+    numeric: Sequence[str],
+    categorical: Sequence[str],
+    config: DriftConfig,
+    reference_scores: np.ndarray | None = None,
+    current_scores: np.ndarray | None = None,
+    report_dir: Path | None = None,
+) -> DriftSummary:
+    """Compare a site's current window with its reference window, column by column.
+
+    A column that cannot be compared (missing, empty, wrong type, the same constant in
+    both windows) is skipped and listed in ``problems`` so one bad column does not hide
+    drift in the others; only when nothing is left to compare does the check fail.
+    """
+    _require_rows(site_id, "current", len(current), config)
+    _require_rows(site_id, "reference", len(reference), config)
+    columns, problems = _checkable_columns(reference, current, numeric, categorical)
+    if not columns:
+        raise SiteDataError(
+            f"site '{site_id}': no column can be checked for drift: " + "; ".join(problems),
+            fix="make the reference and current windows share the configured feature columns",
+        )
+    ref_frame = reference.loc[:, list(columns)].reset_index(drop=True)
+    cur_frame = current.loc[:, list(columns)].reset_index(drop=True)
+    scored, score_problems = _attach_scores(ref_frame, cur_frame, reference_scores, current_scores)
+    with_prediction = scored is not None
+    if scored is not None:
+        ref_frame, cur_frame = scored
+    snapshot = _run_evidently(ref_frame, cur_frame, columns, with_prediction, config, site_id)
+    report = snapshot.dict()
+    features, share = summary_from_report(
+        report, site_id=site_id, rows_reference=len(reference), rows_current=len(current)
+    )
+    features = tuple(replace(f, note=_column_note(f.column, columns[f.column], ref_frame, cur_frame)) for f in features)
+    prediction = _prediction_result(report, ref_frame, cur_frame) if with_prediction else None
+    if report_dir is not None:
+        _save_html(snapshot, Path(report_dir))
+    return DriftSummary(site_id, len(reference), len(current), features, share, prediction, problems + score_problems)
+
+
+def _require_rows(site_id: str, window: str, rows: int, config: DriftConfig) -> None:
+    if rows < config.min_rows:
+        raise SiteDataError(
+            f"site '{site_id}' has {rows} rows in its {window} window; drift needs at least {config.min_rows}",
+            fix=f"collect more data for the {window} window, or lower drift.min_rows in federation.yaml",
+        )
+
+
+def _checkable_columns(
+    reference: pd.DataFrame, current: pd.DataFrame, numeric: Sequence[str], categorical: Sequence[str]
+) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Columns Evidently can compare, with their kind, and a message for each one it cannot."""
+    columns: dict[str, str] = {}
+    problems: list[str] = []
+    seen: set[str] = set()
+    both = set(numeric) & set(categorical)
+    for name, kind in [*((n, "numeric") for n in numeric), *((n, "categorical") for n in categorical)]:
+        if name in seen:
+            continue
+        seen.add(name)
+        problem = (
+            f"column '{name}' is listed as both numeric and categorical"
+            if name in both
+            else _column_problem(name, kind, reference, current)
+        )
+        if problem:
+            problems.append(problem)
+        else:
+            columns[name] = kind
+    return columns, tuple(problems)
+
+
+def _column_problem(name: str, kind: str, reference: pd.DataFrame, current: pd.DataFrame) -> str:
+    """Why Evidently would fail or say nothing useful about this column; empty if it is fine."""
+    for window, frame in (("current", current), ("reference", reference)):
+        if name not in frame.columns:
+            return f"column '{name}' missing from {window} window"
+        if kind == "numeric" and not pd.api.types.is_numeric_dtype(frame[name]):
+            return f"column '{name}' is not numeric in the {window} window (dtype {frame[name].dtype})"
+        if _present(frame[name]).empty:
+            return f"column '{name}' has no values in the {window} window"
+    if pd.concat([_present(reference[name]), _present(current[name])]).nunique() == 1:
+        return f"column '{name}' holds one constant value in both windows; nothing to compare"
+    return ""
+
+
+def _present(series: pd.Series) -> pd.Series:
+    """The values Evidently compares: it drops missing and infinite values first."""
+    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+        series = series.replace([np.inf, -np.inf], np.nan)
+    return series.dropna()
+
+
+def _column_note(name: str, kind: str, reference: pd.DataFrame, current: pd.DataFrame) -> str:
+    """Context for reading a verdict; counts only, because notes leave the site."""
+    ref, cur = _present(reference[name]), _present(current[name])
+    notes = []
+    if cur.nunique() == 1:
+        notes.append("constant in current window")
+    elif ref.nunique() == 1:
+        notes.append("constant in reference window")
+    if kind == "categorical":
+        new = len(set(cur.unique()) - set(ref.unique()))
+        if new:
+            notes.append(f"new categories in current window: {new} values")
+    missing = len(current[name]) - len(cur)
+    if missing:
+        notes.append(f"missing values ignored in current window: {missing}")
+    return "; ".join(notes)
+
+
+def _attach_scores(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    reference_scores: np.ndarray | None,
+    current_scores: np.ndarray | None,
+) -> tuple[tuple[pd.DataFrame, pd.DataFrame] | None, tuple[str, ...]]:
+    """The windows with the model scores added as a numeric column, so one Evidently run (and
+    one HTML report) covers features and prediction.
+
+    Score problems are reported, not raised: feature drift is still worth having without them.
+    """
+    if reference_scores is None and current_scores is None:
+        return None, ()
+    skip = "prediction drift not checked: "
+    if reference_scores is None or current_scores is None:
+        return None, (skip + f"no scores for the {'reference' if reference_scores is None else 'current'} window",)
+    if PREDICTION_COLUMN in reference.columns:
+        return None, (skip + f"a feature is already named '{PREDICTION_COLUMN}'",)
+    frames = []
+    for window, frame, scores in (("reference", reference, reference_scores), ("current", current, current_scores)):
+        try:
+            values = np.asarray(scores, dtype=float)
+        except (TypeError, ValueError):
+            return None, (skip + f"{window} scores are not numbers",)
+        if values.shape != (len(frame),):
+            return None, (skip + f"{window} scores have shape {values.shape}, expected one per row ({len(frame)})",)
+        frames.append(frame.assign(**{PREDICTION_COLUMN: values}))
+    problem = _column_problem(PREDICTION_COLUMN, "numeric", frames[0], frames[1])
+    if problem:
+        return None, (skip + problem,)
+    return (frames[0], frames[1]), ()
+
+
+def _prediction_result(report: Mapping[str, Any], reference: pd.DataFrame, current: pd.DataFrame) -> FeatureDrift:
+    where = "Evidently drift report"
+    found = [f for f in _value_drifts(_metrics(report, where), where) if f.column == PREDICTION_COLUMN]
+    if len(found) != 1:
+        raise ToolError(f"{where} has no drift result for the '{PREDICTION_COLUMN}' column")
+    return replace(found[0], note=_column_note(PREDICTION_COLUMN, "numeric", reference, current))
+
+
+def _run_evidently(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    columns: Mapping[str, str],
+    with_prediction: bool,
+    config: DriftConfig,
+    site_id: str,
+) -> Any:
+    """One Evidently run; its own threshold is set to ours so the HTML report agrees with the summary."""
+    with warnings.catch_warnings():
+        # Evidently's own imports raise deprecation warnings (numpy.core, litestar) users cannot act on.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from evidently import DataDefinition, Dataset, Report
+        from evidently.metrics import ValueDrift
+        from evidently.presets import DataDriftPreset
+
+    numeric = [name for name, kind in columns.items() if kind == "numeric"]
+    definition = DataDefinition(
+        numerical_columns=numeric + ([PREDICTION_COLUMN] if with_prediction else []),
+        categorical_columns=[name for name, kind in columns.items() if kind == "categorical"],
+    )
+    metrics: list[Any] = [DataDriftPreset(columns=list(columns), drift_share=config.drift_share)]
+    if with_prediction:
+        metrics.append(ValueDrift(column=PREDICTION_COLUMN))
+    try:
+        with warnings.catch_warnings():
+            # Constant columns make numpy/scipy warn about 0/0 in correlations and chi-square.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return Report(metrics).run(
+                Dataset.from_pandas(current, data_definition=definition),
+                Dataset.from_pandas(reference, data_definition=definition),
+            )
+    except Exception as exc:  # Evidently raises bare ValueError/TypeError for data it rejects
+        raise ToolError(
+            f"Evidently failed to check drift for site '{site_id}': {type(exc).__name__}: {exc}",
+            fix="check the column types in the site's data against federation.yaml",
+        ) from exc
+
+
+def _save_html(snapshot: Any, report_dir: Path) -> Path:
+    """Write the report atomically so a crash never leaves a half-written report at the site.
+
+    Evidently's own ``save_html`` silently writes nothing when given a ``Path``, so the
+    HTML string is written here instead.
+    """
+    report_dir.mkdir(parents=True, exist_ok=True)
+    target = report_dir / REPORT_FILENAME
+    # A unique name in the same folder keeps os.replace atomic; open() keeps the umask's mode.
+    tmp = report_dir / f".{REPORT_FILENAME}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "x", encoding="utf-8") as out:
+            out.write(snapshot.get_html_str(as_iframe=False))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+# --- Verdicts (pure) ----------------------------------------------------------------------
+
+
+def site_is_drifting(summary: DriftSummary, config: DriftConfig) -> bool:
+    """A site drifts when enough of its features moved, or when the model's scores moved.
+
+    Score drift counts on its own because it is the change that matters most for the model,
+    even when each feature moved too little to cross its threshold.
+    """
+    prediction_drifted = summary.prediction is not None and summary.prediction.drifted
+    return summary.drift_share >= config.drift_share or prediction_drifted
+
+
+def retrain_decision(summaries: Sequence[DriftSummary], config: DriftConfig) -> tuple[bool, str]:
+    """Retrain only when enough sites drift, so one odd site does not retrain the federation.
+
+    A site with several summaries counts once, as drifting if any of them drifts.
+    """
+    if not summaries:
+        return False, "no retrain: no site reported drift results"
+    sites = sorted({summary.site_id for summary in summaries})
+    drifting = sorted({s.site_id for s in summaries if site_is_drifting(s, config)})
+    need = config.min_sites_to_retrain
+    if not drifting:
+        return False, f"no retrain: none of {len(sites)} sites drift (retrain needs {need})"
+    reasons = "; ".join(_site_reason(s) for s in summaries if s.site_id in drifting and site_is_drifting(s, config))
+    verdict = "retrain" if len(drifting) >= need else "no retrain"
+    return (
+        len(drifting) >= need,
+        f"{verdict}: {len(drifting)} of {len(sites)} sites drift (retrain needs {need}): {reasons}",
+    )
+
+
+def _site_reason(summary: DriftSummary) -> str:
+    parts = []
+    if summary.features:
+        drifted = ", ".join(summary.drifted_columns) or "none"
+        parts.append(f"{summary.drift_share:.0%} of columns drifted ({drifted})")
+    if summary.prediction is not None and summary.prediction.drifted:
+        parts.append("prediction drifted")
+    return f"{summary.site_id}: " + " and ".join(parts)
+
+
+__all__ = [
+    "PREDICTION_COLUMN",
+    "REPORT_FILENAME",
+    "DriftSummary",
+    "FeatureDrift",
+    "check_drift",
+    "retrain_decision",
+    "site_is_drifting",
+    "summary_from_report",
+]

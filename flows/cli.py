@@ -1,0 +1,153 @@
+"""The ``quorum`` command line.
+
+Start-up stays fast: argument parsing and config validation import nothing heavy; Prefect, MLflow,
+torch and the data tools load only inside the command that needs them. Every expected failure is a
+``QuorumError`` caught once here and shown as a headline, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from configs.errors import QuorumError
+
+DEFAULT_CONFIG = "configs/federation.yaml"
+DEFAULT_GOVERNANCE = "configs/governance.yaml"
+
+
+def _add_config(parser: argparse.ArgumentParser, governance: bool = False) -> None:
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"federation config (default {DEFAULT_CONFIG})")
+    if governance:
+        parser.add_argument(
+            "--governance", default=DEFAULT_GOVERNANCE, help=f"governance config (default {DEFAULT_GOVERNANCE})"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quorum", description="Run the federated model lifecycle across sites.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own log lines")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="generate the demo federation and run the whole lifecycle")
+    _add_config(demo, governance=True)
+    demo.set_defaults(handler=_cmd_demo)
+
+    run = commands.add_parser("run", help="run the whole lifecycle on a federation config")
+    _add_config(run, governance=True)
+    run.add_argument("--approve-with", action="append", default=[], metavar="KEY",
+                     help="sign the new version with this approver private key (repeatable)")
+    run.add_argument("--job-id", help="name the job (default: generated)")
+    run.set_defaults(handler=_cmd_run)
+
+    data = commands.add_parser("data", help="site data helpers").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write the deterministic demo data into each site's folder")
+    _add_config(synth)
+    synth.add_argument("--overwrite", action="store_true", help="replace existing files")
+    synth.set_defaults(handler=_cmd_synth)
+
+    prep = commands.add_parser("preprocess", help="run one site's preprocessing (what `dvc repro` calls)")
+    _add_config(prep)
+    prep.add_argument("--site", required=True, help="site id")
+    prep.set_defaults(handler=_cmd_preprocess)
+
+    keys = commands.add_parser("keys", help="approver keys").add_subparsers(dest="keys_command", required=True)
+    gen = keys.add_parser("generate", help="create an approver key pair (private key mode 0600)")
+    gen.add_argument("--name", required=True, help="approver name")
+    gen.add_argument("--out", default=".quorum/keys", help="folder for NAME.key and NAME.pub")
+    gen.set_defaults(handler=_cmd_keys_generate)
+
+    approve = commands.add_parser("approve", help="sign a registered model version; promote it once the quorum is met")
+    approve.add_argument("model", help="registered model name")
+    approve.add_argument("--version", required=True, help="model version number")
+    approve.add_argument("--key", required=True, help="your approver private key")
+    _add_config(approve, governance=True)
+    approve.set_defaults(handler=_cmd_approve)
+
+    audit = commands.add_parser("audit", help="the governance audit log").add_subparsers(
+        dest="audit_command", required=True
+    )
+    for name, handler, text in (("show", _cmd_audit_show, "print the entries"),
+                                ("verify", _cmd_audit_verify, "check the hash chain")):
+        sub = audit.add_parser(name, help=text)
+        _add_config(sub)
+        sub.set_defaults(handler=handler)
+
+    ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for this federation's tracking store")
+    _add_config(ui)
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(handler=_cmd_ui)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except QuorumError as error:
+        print(error.render(), file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: work already saved is kept; run the command again to continue", file=sys.stderr)
+        return 130
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.demo(Path(args.config), Path(args.governance), verbose=args.verbose)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.run(Path(args.config), Path(args.governance), args.approve_with, args.job_id, args.verbose)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.synth(Path(args.config), overwrite=args.overwrite)
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.preprocess_one(Path(args.config), args.site)
+
+
+def _cmd_keys_generate(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.keys_generate(args.name, Path(args.out))
+
+
+def _cmd_approve(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.approve(Path(args.config), Path(args.governance), args.model, args.version, Path(args.key))
+
+
+def _cmd_audit_show(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.audit_show(Path(args.config))
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.audit_verify(Path(args.config))
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.ui(Path(args.config), args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

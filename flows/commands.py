@@ -1,0 +1,205 @@
+"""What each ``quorum`` command does; imported only once a command has been chosen."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from configs.errors import ConfigError, QuorumError
+from configs.schema import FederationConfig, GovernanceConfig, load_federation, load_governance
+from lineage.state import StateLayout, configure_environment
+
+
+def _prepare(config_path: Path) -> tuple[FederationConfig, StateLayout]:
+    """Validate the config, then point Prefect/MLflow at its state folder before they are imported."""
+    config = load_federation(config_path)
+    state = StateLayout(config.state_dir)
+    configure_environment(state)
+    return config, state
+
+
+def _quiet_console(verbose: bool) -> None:
+    """Prefect's console shows engine chatter and, for expected failures, tracebacks; we report those ourselves.
+
+    Runs still log to the Prefect API (the UI shows everything); only the terminal is trimmed to the
+    lines our flows write, unless ``--verbose``.
+    """
+    import prefect.logging.handlers as handlers
+
+    if verbose:
+        return
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.server", ""):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, handlers.PrefectConsoleHandler):
+                handler.setLevel(logging.CRITICAL + 1)
+    ours = logging.StreamHandler(sys.stdout)
+    ours.setLevel(logging.INFO)
+    ours.setFormatter(logging.Formatter("  %(message)s"))
+    ours.addFilter(_OurLines())
+    logging.getLogger("prefect.flow_runs").addHandler(ours)
+
+
+class _OurLines(logging.Filter):
+    CHATTER = ("Beginning", "Finished in state", "Created ", "Executing", "Encountered exception", "Running hook")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return record.levelno < logging.ERROR and not message.startswith(self.CHATTER)
+
+
+def demo_keys(governance: GovernanceConfig, state: StateLayout) -> list[str]:
+    """Create the demo approvers' key pairs on first use; return their private key paths."""
+    from lineage.keys import generate_key_pair
+
+    keys = []
+    for approver in governance.approvers:
+        private = state.keys / f"{approver.name}.key"
+        if not private.exists():
+            if approver.public_key.exists():
+                raise ConfigError(
+                    f"{approver.public_key} exists but its private key {private} does not",
+                    fix=f"remove {approver.public_key} to let the demo create a new pair",
+                )
+            approver.public_key.parent.mkdir(parents=True, exist_ok=True)
+            generate_key_pair(private, approver.public_key)
+        keys.append(str(private))
+    return keys
+
+
+def demo(config_path: Path, governance_path: Path, verbose: bool) -> int:
+    from tasks.synth import synth_federation
+
+    config, state = _prepare(config_path)
+    written = synth_federation(config)
+    print(f"demo federation {config.name}: {len(config.sites)} sites"
+          + (f", wrote {len(written)} data files" if written else ", data already present"))
+    keys = demo_keys(load_governance(governance_path), state)
+    return _run_and_report(config_path, governance_path, keys, None, verbose)
+
+
+def run(config_path: Path, governance_path: Path, approve_with: list[str], job_id: str | None, verbose: bool) -> int:
+    _prepare(config_path)
+    load_governance(governance_path)
+    return _run_and_report(config_path, governance_path, approve_with, job_id, verbose)
+
+
+def _run_and_report(
+    config_path: Path, governance_path: Path, keys: list[str], job_id: str | None, verbose: bool
+) -> int:
+    from flows.lifecycle import lifecycle
+    from flows.report import print_summary
+
+    _quiet_console(verbose)
+    result = lifecycle(str(config_path.resolve()), str(governance_path.resolve()), keys, job_id)
+    print_summary(result)
+    return 0
+
+
+def synth(config_path: Path, overwrite: bool) -> int:
+    from tasks.synth import synth_federation
+
+    config = load_federation(config_path)
+    written = synth_federation(config, overwrite=overwrite)
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print("all site files already exist (use --overwrite to replace them)")
+    return 0
+
+
+def preprocess_one(config_path: Path, site_id: str) -> int:
+    """One site's stage, without Prefect: what ``dvc repro`` runs at a site."""
+    from tasks.site import preprocess_site
+
+    config = load_federation(config_path)
+    fingerprint = preprocess_site(config, config.site(site_id).id)
+    if not fingerprint.contract.passed:
+        print(fingerprint.contract.describe(), file=sys.stderr)
+        raise_contract(site_id, fingerprint.contract.describe())
+    print(f"{site_id}: {fingerprint.train_rows} train / {fingerprint.test_rows} test rows, data {fingerprint.data_hash}")
+    return 0
+
+
+def raise_contract(site_id: str, detail: str) -> None:
+    from configs.errors import ContractFailed
+
+    raise ContractFailed(
+        f"site {site_id}: {detail}", fix="fix the data at the site (its previous processed data is unchanged)"
+    )
+
+
+def keys_generate(name: str, out: Path) -> int:
+    from lineage.keys import generate_key_pair
+
+    private, public = out / f"{name}.key", out / f"{name}.pub"
+    out.mkdir(parents=True, exist_ok=True)
+    generate_key_pair(private, public)
+    print(f"private key: {private} (mode 0600, keep it secret)\npublic key:  {public} (add it to governance.yaml)")
+    return 0
+
+
+def approve(config_path: Path, governance_path: Path, model: str, version: str, key: Path) -> int:
+    config, _ = _prepare(config_path)
+    governance = load_governance(governance_path)
+    if model != config.model_name:
+        raise ConfigError(f"this federation registers {config.model_name!r}, not {model!r}",
+                          fix=f"quorum approve {config.model_name} --version {version} --key ...")
+    from flows.context import load_context
+    from lineage.keys import approver_for_private_key
+    from lineage.registry import fetch_files, model_key, sign_version, signatures_key
+    from lineage.signing import check_quorum
+    from lineage.tracking import set_version_tags
+
+    approver = approver_for_private_key(key, governance)
+    ctx = load_context(str(config_path), str(governance_path))
+    try:
+        ctx.tracker.client.get_model_version(model, version)
+    except Exception as exc:  # MLflow raises RestException for an unknown version
+        raise ConfigError(f"{model} has no version {version}", fix="see the versions with `quorum ui`") from exc
+    fetch_files(ctx.tracker, ctx.store, model, version)
+    [signature] = sign_version(ctx.store, model, version, [(approver, key)])
+    set_version_tags(ctx.tracker, model, version, {f"signature.{approver}": signature.digest})
+    ctx.audit.append("approval", approver, {"model": model, "version": version, "signature": signature.digest})
+    quorum = check_quorum(ctx.store.path(model_key(model, version)), ctx.store.path(signatures_key(model, version)),
+                          governance)
+    print(f"{approver} signed {model} v{version}: {len(quorum.valid_approvers)} of {quorum.required} approvals")
+    if quorum.met:
+        from flows.promote import promote_approved
+
+        promote_approved(ctx, version)
+        print(f"{model} v{version} is now the champion")
+    return 0
+
+
+def audit_show(config_path: Path) -> int:
+    from lineage.audit import AuditLog
+
+    config = load_federation(config_path)
+    for entry in AuditLog(StateLayout(config.state_dir).audit_log).entries():
+        print(f"{entry.index:>4} {entry.timestamp} {entry.event:<24} {entry.actor:<12} {entry.details}")
+    return 0
+
+
+def audit_verify(config_path: Path) -> int:
+    from lineage.audit import AuditLog
+
+    config = load_federation(config_path)
+    count = AuditLog(StateLayout(config.state_dir).audit_log).verify()
+    print(f"audit log intact: {count} entries")
+    return 0
+
+
+def ui(config_path: Path, port: int) -> int:
+    config, state = _prepare(config_path)
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    if mlflow is None:
+        raise QuorumError("the mlflow command is not installed", fix="run `make demo` to install the project")
+    address = f"http://127.0.0.1:{port}"
+    print(f"MLflow UI for {config.name}: {address}  (Ctrl-C to stop)")
+    command = [mlflow, "ui", "--backend-store-uri", state.tracking_uri, "--default-artifact-root",
+               state.mlflow_artifacts.resolve().as_uri(), "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": state.tracking_uri})

@@ -1,0 +1,72 @@
+"""Stage 3: federated evaluation on every site's held-out data, then the pure gate decision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow, get_run_logger
+
+from configs.errors import NotEnoughSites
+from evaluation.gates import Verdict, decide
+from evaluation.report import EvaluationReport, SiteEvaluation
+from flows.context import JobContext
+from flows.runners import SiteFailure, SiteRunner
+from lineage.registry import load_verified_weights
+from lineage.tracking import CHAMPION, alias_version
+from tasks.model import Weights
+from tasks.site import DataFingerprint
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    candidate: EvaluationReport
+    champion: EvaluationReport | None
+    champion_version: str | None
+    verdict: Verdict
+
+
+def _report(
+    outcomes: dict[str, SiteEvaluation | SiteFailure], fingerprints: dict[str, DataFingerprint]
+) -> EvaluationReport:
+    sites = tuple(o for o in outcomes.values() if isinstance(o, SiteEvaluation))
+    failed = [o.describe() for o in outcomes.values() if isinstance(o, SiteFailure)]
+    if not sites:
+        raise NotEnoughSites("no site could evaluate the model: " + "; ".join(failed), fix="fix the sites named")
+    return EvaluationReport(sites=sites, contracts_passed={s: fp.contract.passed for s, fp in fingerprints.items()})
+
+
+def _champion_weights(ctx: JobContext, candidate: Weights) -> tuple[str | None, Weights | None]:
+    """The current champion, verified like a site would, if its layout matches the candidate's."""
+    version = alias_version(ctx.tracker, ctx.config.model_name, CHAMPION)
+    if version is None:
+        return None, None
+    weights = load_verified_weights(ctx.tracker, ctx.store, ctx.governance, ctx.config.model_name, version)
+    if [w.shape for w in weights] != [w.shape for w in candidate]:
+        get_run_logger().warning("champion v%s has another layout; no regression check", version)
+        return version, None
+    return version, weights
+
+
+@flow(name="evaluate", validate_parameters=False)
+def evaluate_flow(
+    ctx: JobContext, runner: SiteRunner, candidate: Weights, fingerprints: dict[str, DataFingerprint], run_id: str
+) -> EvaluationResult:
+    site_ids = sorted(fingerprints)
+    report = _report(runner.evaluate(site_ids, candidate), fingerprints)
+    champion_version, champion_weights = _champion_weights(ctx, candidate)
+    champion = None
+    if champion_weights is not None:
+        champion = _report(runner.evaluate(site_ids, champion_weights), fingerprints)
+    verdict = decide(report, champion, ctx.config.gates)
+    tracker = ctx.tracker
+    tracker.log_metrics(run_id, {f"candidate.{k}": v for k, v in report.metrics.items()})
+    for site_id, metrics in report.site_metrics().items():
+        tracker.log_metrics(run_id, {f"site.{site_id}.{k}": v for k, v in metrics.items()})
+    if champion is not None:
+        tracker.log_metrics(run_id, {f"champion.{k}": v for k, v in champion.metrics.items()})
+    tracker.log_dict(run_id, verdict.to_dict(), "verdict.json")
+    tracker.log_text(run_id, verdict.to_markdown(), "verdict.md")
+    tracker.log_dict(run_id, {s.site_id: s.to_dict() for s in report.sites}, "site_counts.json")
+    ctx.audit.append("gate_verdict", "coordinator", {"job_id": ctx.job_id, **verdict.to_dict()})
+    get_run_logger().info("verdict: %s", verdict.headline())
+    return EvaluationResult(report, champion, champion_version, verdict)

@@ -1,0 +1,129 @@
+"""The whole model lifecycle as one Prefect flow: preprocess -> tune -> evaluate -> promote -> monitor.
+
+Thin wiring only: each stage is its own flow, each decision a pure function, each side effect an
+adapter in ``lineage``. MLflow gets a parent run for the job with a child run per stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import flow
+
+from flows.context import JobContext, git_commit, load_context
+from flows.evaluate import EvaluationResult, evaluate_flow
+from flows.monitor import MonitorResult, monitor_flow
+from flows.preprocess import PreprocessResult, preprocess_flow
+from flows.promote import PromotionResult, promote_flow
+from flows.runners import LocalRunner, SiteRunner
+from flows.tuning import TuningResult, tune_flow
+from lineage.keys import approver_for_private_key
+from tasks.features import feature_names
+
+CODE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class LifecycleResult:
+    job_id: str
+    run_id: str
+    model_name: str
+    preprocess: PreprocessResult | None = None
+    tuning: TuningResult | None = None
+    evaluation: EvaluationResult | None = None
+    promotion: PromotionResult | None = None
+    monitor: MonitorResult | None = None
+    stage_status: dict[str, str] = field(default_factory=dict)
+
+
+@contextmanager
+def _stage(ctx: JobContext, result: LifecycleResult, name: str) -> Iterator[str]:
+    """A child MLflow run per stage, closed as FAILED if the stage raises."""
+    run_id = ctx.tracker.start_run(name, parent_id=result.run_id, tags={"quorum.job_id": ctx.job_id})
+    try:
+        yield run_id
+    except BaseException:
+        ctx.tracker.end_run(run_id, failed=True)
+        result.stage_status[name] = "failed"
+        raise
+    ctx.tracker.end_run(run_id)
+    result.stage_status.setdefault(name, "done")
+
+
+def _lineage_tags(ctx: JobContext, prep: PreprocessResult, commit: str, run_id: str) -> dict[str, str]:
+    tags = {"quorum.job_id": ctx.job_id, "git_commit": commit, "config_hash": ctx.config.config_hash(),
+            "mlflow_run": run_id}
+    for site_id in prep.usable_sites:
+        fp = prep.fingerprints[site_id]
+        tags[f"data.{site_id}"] = fp.data_hash
+        tags[f"rows.{site_id}"] = str(fp.train_rows + fp.test_rows)
+    return tags
+
+
+def _start_parent(ctx: JobContext, commit: str) -> str:
+    tracker = ctx.tracker
+    run_id = tracker.start_run(
+        f"lifecycle-{ctx.job_id}",
+        tags={"quorum.job_id": ctx.job_id, "git_commit": commit, "mlflow.source.git.commit": commit,
+              "config_hash": ctx.config.config_hash()},
+    )
+    tracker.log_params(run_id, _flatten(ctx.config.model_dump(mode="json", exclude={"sites", "source"})))
+    tracker.log_params(run_id, {"sites": ",".join(ctx.config.site_ids), "job_id": ctx.job_id})
+    tracker.log_dict(run_id, ctx.config.model_dump(mode="json"), "resolved_config.json")
+    return run_id
+
+
+def _flatten(data: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(data, dict):
+        out: dict[str, object] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def run_lifecycle(ctx: JobContext, runner: SiteRunner, approver_keys: list[str]) -> LifecycleResult:
+    commit = git_commit(CODE_ROOT)
+    keys = [(approver_for_private_key(Path(k), ctx.governance), Path(k)) for k in approver_keys]
+    result = LifecycleResult(ctx.job_id, _start_parent(ctx, commit), ctx.config.model_name)
+    try:
+        with _stage(ctx, result, "preprocess"):
+            result.preprocess = prep = preprocess_flow(ctx.config, runner)
+        versions = {s: (prep.fingerprints[s].data_hash, prep.fingerprints[s].train_rows,
+                        {"features": feature_names(ctx.config.features), "schema_hash": prep.fingerprints[s].schema_hash})
+                    for s in prep.usable_sites}
+        ctx.tracker.log_data_versions(result.run_id, versions)
+        ctx.tracker.log_dict(result.run_id, {s: fp.to_dict() for s, fp in prep.fingerprints.items()}, "fingerprints.json")
+        with _stage(ctx, result, "tune") as run_id:
+            ctx.tracker.log_data_versions(run_id, versions)
+            usable = {s: prep.fingerprints[s] for s in prep.usable_sites}
+            result.tuning = tuning = tune_flow(ctx, runner, usable, run_id)
+        with _stage(ctx, result, "evaluate") as run_id:
+            result.evaluation = evaluation = evaluate_flow(ctx, runner, tuning.weights, usable, run_id)
+        with _stage(ctx, result, "promote") as run_id:
+            result.promotion = promote_flow(
+                ctx, tuning.weights, tuning.feature_mean, evaluation.verdict,
+                _lineage_tags(ctx, prep, commit, result.run_id), run_id, keys,
+            )
+        with _stage(ctx, result, "monitor") as run_id:
+            result.monitor = monitor_flow(ctx, runner, prep.usable_sites, run_id)
+    except BaseException:
+        ctx.tracker.end_run(result.run_id, failed=True)
+        raise
+    ctx.tracker.end_run(result.run_id)
+    return result
+
+
+@flow(name="lifecycle")
+def lifecycle(
+    config_path: str = "configs/federation.yaml",
+    governance_path: str = "configs/governance.yaml",
+    approver_keys: list[str] | None = None,
+    job_id: str | None = None,
+) -> LifecycleResult:
+    """Run every stage for one federation; sites run in-process (the embedded default)."""
+    ctx = load_context(config_path, governance_path, job_id)
+    return run_lifecycle(ctx, LocalRunner(ctx.config), list(approver_keys or []))

@@ -1,0 +1,56 @@
+"""The short table a lifecycle run ends with: each stage, its status and its key figures."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from flows.lifecycle import LifecycleResult
+from flows.promote import describe_pending
+
+
+def _figures(result: LifecycleResult) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    prep = result.preprocess
+    if prep is not None:
+        sites = ", ".join(f"{s} {fp.train_rows + fp.test_rows}" for s, fp in prep.fingerprints.items() if fp.usable)
+        excluded = f"; excluded {', '.join(prep.excluded)}" if prep.excluded else ""
+        rows.append(("preprocess", "done", f"rows per site: {sites}{excluded}; contracts passed"))
+    if result.tuning is not None:
+        m = result.tuning.final_metrics
+        rows.append(("tune", "done", f"{len(result.tuning.rounds)} rounds FedAvg; accuracy {m.get('accuracy', 0):.3f}, "
+                     f"AUC {m.get('auc', 0):.3f}"))
+    if result.evaluation is not None:
+        verdict = result.evaluation.verdict
+        gates = ", ".join(f"{g.name} {'ok' if g.passed else 'FAIL'}" for g in verdict.gates)
+        rows.append(("evaluate", "passed" if verdict.passed else "failed", gates))
+    if result.promotion is not None:
+        p = result.promotion
+        signers = ", ".join(p.quorum.valid_approvers)
+        status = "champion" if p.champion else "awaiting approval"
+        detail = (f"v{p.version}; {len(p.quorum.valid_approvers)} valid signatures ({signers}), "
+                  f"quorum {p.quorum.required} verified")
+        rows.append(("promote", status, detail))
+    if result.monitor is not None:
+        mon = result.monitor
+        drift = ", ".join(f"{s} {d.drift_share:.0%}" for s, d in mon.summaries.items())
+        rows.append(("monitor", "retrain advised" if mon.retrain else "stable", f"drift share: {drift}"))
+    return rows
+
+
+def print_summary(result: LifecycleResult, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"Quorum lifecycle {result.job_id}", show_lines=False)
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("key figures", overflow="fold")
+    for row in _figures(result):
+        table.add_row(*row)
+    console.print(table)
+    promotion = result.promotion
+    if promotion is not None and promotion.champion:
+        console.print(f"champion: [bold]{result.model_name}[/bold] version {promotion.version} "
+                      f"(MLflow alias 'champion', run {result.run_id})")
+    elif promotion is not None:
+        console.print(describe_pending(promotion, result.model_name))
+    console.print("look at it: `quorum ui` (MLflow model browser), `quorum audit show`")

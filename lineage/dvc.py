@@ -1,0 +1,114 @@
+"""DVC adapter: the content hash of a site's processed data, and recording it in ``dvc.lock``.
+
+The hash is DVC's own directory digest (md5 of the sorted ``{md5, relpath}`` list, suffixed
+``.dir``), so the fingerprint a site shares is exactly what ``dvc.lock`` records for its stage and a
+test pins that equality against the real ``dvc`` command. Only this hash ever leaves the site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from configs.errors import ToolError
+
+STAGE = "preprocess"
+_CHUNK = 1 << 20
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def directory_md5(folder: Path) -> str:
+    """DVC 3's digest of a directory output."""
+    entries = sorted(
+        ({"md5": file_md5(path), "relpath": path.relative_to(folder).as_posix()} for path in _files(folder)),
+        key=lambda entry: entry["relpath"],
+    )
+    payload = json.dumps(entries, sort_keys=True).encode("utf-8")
+    return hashlib.md5(payload).hexdigest() + ".dir"
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+
+def find_repo(path: Path) -> Path | None:
+    """The DVC project enclosing ``path`` that defines the preprocess stage, if any."""
+    for folder in (path, *path.parents):
+        if (folder / ".dvc").is_dir() and (folder / "dvc.yaml").is_file():
+            return folder
+    return None
+
+
+def stage_name(site_id: str) -> str:
+    return f"{STAGE}@{site_id}"
+
+
+def _dvc_command() -> list[str]:
+    beside = Path(sys.executable).with_name("dvc")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("dvc")
+    if found is None:
+        raise ToolError("the dvc command is not installed", fix="pip install dvc (make demo installs it)")
+    return [found]
+
+
+def _run(repo: Path, *args: str) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run([*_dvc_command(), *args], cwd=repo, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise ToolError(
+            f"dvc {' '.join(args)} failed in {repo}: {detail[-1] if detail else 'no output'}",
+            fix="run the same dvc command in that folder to see the full message",
+        )
+    return result.stdout
+
+
+def defined_stages(repo: Path) -> set[str]:
+    return set(_run(repo, "stage", "list", "--name-only").split())
+
+
+def commit_stages(repo: Path, site_ids: Sequence[str]) -> dict[str, str]:
+    """Record the sites' current processed data in ``dvc.lock`` and the DVC cache.
+
+    Returns the hash ``dvc.lock`` now holds for each site whose stage the project defines; sites
+    without a stage (data outside this DVC project) are left out.
+    """
+    known = defined_stages(repo)
+    stages = [stage_name(s) for s in site_ids if stage_name(s) in known]
+    if not stages:
+        return {}
+    _run(repo, "commit", "--force", "--quiet", *stages)
+    return {s: h for s, h in locked_hashes(repo).items() if stage_name(s) in stages}
+
+
+def locked_hashes(repo: Path) -> dict[str, str]:
+    """Each site's processed-data hash as the committed ``dvc.lock`` records it."""
+    lock = repo / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    data = yaml.safe_load(lock.read_text()) or {}
+    hashes = {}
+    for name, stage in (data.get("stages") or {}).items():
+        if not name.startswith(f"{STAGE}@"):
+            continue
+        outs = stage.get("outs") or []
+        if outs:
+            hashes[name.split("@", 1)[1]] = str(outs[0].get("md5", ""))
+    return hashes

@@ -1,0 +1,65 @@
+"""Where the coordinator keeps its state: one folder, git-ignored, named by the config.
+
+Tracking store, artifact store, keys, audit log and Prefect's database all live below it, so
+removing the folder resets a federation and tests get full isolation from a temp dir.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    root: Path
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow" / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlflow" / "artifacts"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.mlflow_db}"
+
+    @property
+    def artifacts(self) -> Path:
+        """The artifact store: round weights, checkpoints, signatures, model copies."""
+        return self.root / "artifacts"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.root / "audit.jsonl"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.root / "prefect"
+
+    def ensure(self) -> StateLayout:
+        for folder in (self.mlflow_db.parent, self.mlflow_artifacts, self.artifacts, self.keys, self.prefect_home):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def configure_environment(state: StateLayout) -> None:
+    """Point Prefect and MLflow at this state folder before either is imported.
+
+    Both read these variables at import time; an explicit ``PREFECT_API_URL`` or
+    ``MLFLOW_TRACKING_URI`` in the environment (a real server) wins.
+    """
+    state.ensure()
+    os.environ.setdefault("PREFECT_HOME", str(state.prefect_home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", state.tracking_uri)
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

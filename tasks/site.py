@@ -1,0 +1,203 @@
+"""The work a site does on its own data, as plain functions any runner can call.
+
+Each function reads only the site's own folder and returns only what may leave the site: a data
+fingerprint, a model update with its example count, evaluation counts, or a drift summary.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from configs.errors import SiteDataError
+from configs.schema import FederationConfig, SiteConfig
+from evaluation.report import SiteEvaluation
+from tasks.contract import ContractSummary, validate_contract
+from tasks.data import read_table, require_columns
+from tasks.features import GROUP, LABEL, Moments, clean, schema_hash, split_train_test, to_matrix
+from tasks.pii import drop_pii
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from evaluation.drift import DriftSummary
+    from tasks.model import Weights
+
+TRAIN_FILE = "train.parquet"
+TEST_FILE = "test.parquet"
+
+
+@dataclass(frozen=True)
+class DataFingerprint:
+    """What a site proves about the data it will train on, without sharing any of it."""
+
+    site_id: str
+    data_hash: str
+    raw_rows: int
+    train_rows: int
+    test_rows: int
+    schema_hash: str
+    contract: ContractSummary
+    moments: Moments | None
+
+    @property
+    def usable(self) -> bool:
+        return self.contract.passed and self.moments is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["contract"] = self.contract.to_dict()
+        return data
+
+
+@dataclass(frozen=True)
+class SiteUpdate:
+    site_id: str
+    server_round: int
+    weights: list[NDArray[np.float32]]
+    num_examples: int
+    train_loss: float
+
+
+def preprocess_site(config: FederationConfig, site_id: str) -> DataFingerprint:
+    """Raw file -> PII gone -> contract -> clean features -> train/test split, written atomically.
+
+    A site whose contract fails keeps its previous processed data untouched and reports the
+    failure in its fingerprint; the coordinator decides whether the job can go on without it.
+    """
+    site = config.site(site_id)
+    raw = read_table(site.data_path, site.id)
+    require_columns(raw, [site.target], site.data_path, site.id)
+    raw = drop_pii(raw, site)
+    contract = validate_contract(raw, config.features, config.contract, site, report_dir=site.reports_dir)
+    if not contract.passed:
+        return DataFingerprint(site.id, "", len(raw), 0, 0, schema_hash(config.features), contract, None)
+    frame = clean(raw, site, config.features)
+    train, test = split_train_test(frame, config.training.test_fraction, seed=config.seed)
+    _write_processed(site.processed_dir, {TRAIN_FILE: train, TEST_FILE: test})
+    from lineage.dvc import directory_md5
+
+    return DataFingerprint(
+        site_id=site.id,
+        data_hash=directory_md5(site.processed_dir),
+        raw_rows=len(raw),
+        train_rows=len(train),
+        test_rows=len(test),
+        schema_hash=schema_hash(config.features),
+        contract=contract,
+        moments=Moments.of(to_matrix(train, config.features)),
+    )
+
+
+def _write_processed(target: Path, parts: dict[str, pd.DataFrame]) -> None:
+    """Write into a sibling folder, then swap, so readers see the old or the new data, never half."""
+    staging = target.with_name(f".{target.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, frame in parts.items():
+        frame.to_parquet(staging / name, index=False)
+    retired = target.with_name(f".{target.name}.retired")
+    shutil.rmtree(retired, ignore_errors=True)
+    if target.exists():
+        target.rename(retired)
+    staging.rename(target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def load_split(
+    config: FederationConfig, site: SiteConfig, split: str
+) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.str_]]:
+    """The model matrix, labels and protected groups of a processed split."""
+    import pandas as pd
+
+    path = site.processed_dir / (TRAIN_FILE if split == "train" else TEST_FILE)
+    if not path.is_file():
+        raise SiteDataError(
+            f"site {site.id} has no processed {split} data at {path}",
+            fix=f"run `quorum preprocess --site {site.id}` (or the whole lifecycle) first",
+        )
+    frame = pd.read_parquet(path)
+    labels = frame[LABEL].to_numpy(dtype=np.float32)
+    return to_matrix(frame, config.features), labels, frame[GROUP].to_numpy(dtype=str)
+
+
+def train_site(
+    config: FederationConfig, site_id: str, weights: Weights, server_round: int
+) -> SiteUpdate:
+    from tasks.training import LocalTrainingConfig, train_local
+
+    site = config.site(site_id)
+    features, labels, _ = load_split(config, site, "train")
+    index = config.site_ids.index(site_id)
+    local = LocalTrainingConfig(
+        hidden_sizes=config.model.hidden_sizes,
+        dropout=config.model.dropout,
+        local_epochs=config.training.local_epochs,
+        batch_size=config.training.batch_size,
+        learning_rate=config.training.learning_rate,
+        balanced=config.training.positive_weight == "balanced",
+        seed=config.seed * 100_003 + server_round * 1_009 + index,
+    )
+    result = train_local(weights, features, labels, local)
+    return SiteUpdate(site_id, server_round, result.weights, result.num_examples, result.train_loss)
+
+
+def evaluate_site(config: FederationConfig, site_id: str, weights: Weights) -> SiteEvaluation:
+    from tasks.training import evaluate_local, predict_scores
+
+    site = config.site(site_id)
+    features, labels, groups = load_split(config, site, "test")
+    scores = predict_scores(weights, features, config.model.hidden_sizes)
+    return evaluate_local(site_id, scores, labels, groups)
+
+
+def monitor_site(config: FederationConfig, site_id: str, champion: Weights | None) -> DriftSummary:
+    """Compare the training snapshot with the site's current window; the full report stays here."""
+    from evaluation.drift import check_drift
+    from tasks.training import predict_scores
+
+    site = config.site(site_id)
+    if site.current_path is None:
+        raise SiteDataError(f"site {site.id} has no current window configured", fix="set `current:` for the site")
+    import pandas as pd
+
+    reference = pd.read_parquet(_processed_file(site, TRAIN_FILE))
+    raw = drop_pii(read_table(site.current_path, site.id), site)
+    present = [c for c in config.features.columns if c in raw.columns]
+    require_columns(raw, [site.target], site.current_path, site.id)
+    current = clean(raw.reindex(columns=[*config.features.columns, site.target, *_protected(site)]), site, config.features)
+    current = current.drop(columns=[c for c in config.features.columns if c not in present])
+    scores: tuple[NDArray[np.float64] | None, NDArray[np.float64] | None] = (None, None)
+    if champion is not None and len(present) == len(config.features.columns):
+        hidden = config.model.hidden_sizes
+        scores = (
+            predict_scores(champion, to_matrix(reference, config.features), hidden),
+            predict_scores(champion, to_matrix(current, config.features), hidden),
+        )
+    return check_drift(
+        reference,
+        current,
+        site_id=site.id,
+        numeric=list(config.features.numeric),
+        categorical=list(config.features.categorical),
+        config=config.drift,
+        reference_scores=scores[0],
+        current_scores=scores[1],
+        report_dir=site.reports_dir,
+    )
+
+
+def _protected(site: SiteConfig) -> list[str]:
+    return [site.protected_attribute] if site.protected_attribute else []
+
+
+def _processed_file(site: SiteConfig, name: str) -> Path:
+    path = site.processed_dir / name
+    if not path.is_file():
+        raise SiteDataError(f"site {site.id} has no processed data at {path}", fix="run the lifecycle first")
+    return path
