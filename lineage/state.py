@@ -53,13 +53,12 @@ class StateLayout:
 def configure_environment(state: StateLayout) -> None:
     """Point Prefect and MLflow at this state folder before either is imported.
 
-    Both read these variables at import time; an explicit ``PREFECT_API_URL`` or
-    ``MLFLOW_TRACKING_URI`` in the environment (a real server) wins.
+    Prefect reads these at import time; an explicit ``PREFECT_API_URL`` (a real server) wins. The
+    MLflow store is chosen in ``lineage.tracking.open_tracker`` (``MLFLOW_TRACKING_URI`` wins there).
     """
     state.ensure()
     os.environ.setdefault("PREFECT_HOME", str(state.prefect_home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("MLFLOW_TRACKING_URI", state.tracking_uri)
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
