@@ -1,0 +1,67 @@
+"""Builders for small federations in a temp folder, shared by flow and CLI tests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from configs.schema import load_federation
+from lineage.keys import generate_key_pair
+from tasks.synth import synth_federation
+
+FEATURES = {
+    "numeric": ["age", "income", "tenure_months", "num_products", "balance", "credit_score"],
+    "categorical": {"region_type": ["urban", "suburban", "rural"], "channel": ["online", "branch", "phone"]},
+}
+
+
+def write_federation(
+    root: Path, site_ids: Sequence[str] = ("alpha", "beta", "gamma"), *, rounds: int = 2, min_sites: int = 2,
+    gates: dict[str, object] | None = None,
+) -> Path:
+    """A federation.yaml over synthetic sites below ``root``; returns the config path."""
+    sites = {
+        site_id: {
+            "root": f"sites/{site_id}",
+            "target": "churned",
+            "id_column": "customer_id",
+            "pii_columns": ["name", "email", "phone"],
+            "protected_attribute": "gender",
+        }
+        for site_id in site_ids
+    }
+    config = {
+        "name": "test-federation",
+        "model_name": "test-model",
+        "seed": 3,
+        "state_dir": "state",
+        "features": FEATURES,
+        "contract": {"min_rows": 50, "numeric_ranges": {"age": [18, 110]}, "label_rate": [0.02, 0.7]},
+        "sites": sites,
+        "model": {"hidden_sizes": [8]},
+        "training": {"rounds": rounds, "local_epochs": 2, "batch_size": 64, "learning_rate": 0.2,
+                     "min_sites": min_sites},
+        "gates": gates or {"min_accuracy": 0.5, "min_auc": 0.6, "min_site_accuracy": 0.4,
+                           "max_selection_rate_gap": 0.5, "min_sites": min_sites, "min_examples": 50},
+        "drift": {"min_rows": 30, "min_sites_to_retrain": 1},
+    }
+    path = root / "federation.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    synth_federation(load_federation(path))
+    return path
+
+
+def write_governance(root: Path, approvers: Sequence[str] = ("ann", "ben", "cyd"), quorum: int = 2) -> tuple[Path, list[str]]:
+    """governance.yaml plus a key pair per approver; returns the path and the private keys."""
+    keys = root / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    private = []
+    for name in approvers:
+        generate_key_pair(keys / f"{name}.key", keys / f"{name}.pub")
+        private.append(str(keys / f"{name}.key"))
+    config = {"quorum": quorum, "approvers": [{"name": n, "public_key": f"keys/{n}.pub"} for n in approvers]}
+    path = root / "governance.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, private

@@ -1,0 +1,100 @@
+"""The whole lifecycle on a tiny federation, under a temporary Prefect API, in a temp dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from configs.schema import load_federation, load_governance
+from lineage.registry import verify_version
+from lineage.state import StateLayout
+from lineage.artifacts import LocalArtifactStore
+from tests.federation import write_federation, write_governance
+
+CANARIES = ("Zorblax Quintavius", "zorblax.canary@leak.invalid", "+1-555-0199-7731")
+
+
+def _plant_canaries(config_path: Path) -> None:
+    """Put unmistakable values in every PII column of every raw file of every site."""
+    for site in load_federation(config_path).sites:
+        for path in (site.data_path, site.current_path):
+            assert path is not None
+            frame = pd.read_csv(path)
+            frame["name"], frame["email"], frame["phone"] = CANARIES
+            frame.to_csv(path, index=False)
+
+
+@pytest.fixture(scope="module")
+def lifecycle_run(tmp_path_factory: pytest.TempPathFactory, prefect_harness: Path):  # type: ignore[no-untyped-def]
+    from flows.lifecycle import lifecycle
+
+    root = tmp_path_factory.mktemp("federation")
+    config_path = write_federation(root, rounds=3)
+    governance_path, keys = write_governance(root)
+    _plant_canaries(config_path)
+    result = lifecycle(str(config_path), str(governance_path), keys[:2])
+    return root, config_path, governance_path, result
+
+
+def test_champion_exists_and_its_signatures_verify(lifecycle_run) -> None:  # type: ignore[no-untyped-def]
+    from mlflow import MlflowClient
+
+    _, config_path, governance_path, result = lifecycle_run
+    config = load_federation(config_path)
+    state = StateLayout(config.state_dir)
+    client = MlflowClient(tracking_uri=state.tracking_uri, registry_uri=state.tracking_uri)
+
+    champion = client.get_model_version_by_alias(config.model_name, "champion")
+    quorum = verify_version(LocalArtifactStore(state.artifacts), load_governance(governance_path),
+                            config.model_name, str(champion.version))
+
+    assert result.promotion.champion and str(champion.version) == result.promotion.version
+    assert set(quorum.valid_approvers) == {"ann", "ben"}
+    assert champion.tags["verdict"] == "passed"
+
+
+def test_mlflow_run_holds_dataset_inputs_and_round_metrics(lifecycle_run) -> None:  # type: ignore[no-untyped-def]
+    from mlflow import MlflowClient
+
+    _, config_path, _, result = lifecycle_run
+    state = StateLayout(load_federation(config_path).state_dir)
+    client = MlflowClient(tracking_uri=state.tracking_uri)
+
+    parent = client.get_run(result.run_id)
+    digests = {d.dataset.name: d.dataset.digest for d in parent.inputs.dataset_inputs}
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
+    tune = next(r for r in children if r.info.run_name == "tune")
+    history = client.get_metric_history(tune.info.run_id, "train_loss")
+
+    expected = {f"{s}-processed": fp.data_hash for s, fp in result.preprocess.fingerprints.items()}
+    assert digests == expected
+    assert all(d.endswith(".dir") for d in digests.values())
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert {r.info.run_name for r in children} == {"preprocess", "tune", "evaluate", "promote", "monitor"}
+    assert parent.data.tags["git_commit"]
+
+
+def test_no_pii_leaves_the_sites(lifecycle_run, prefect_harness: Path) -> None:  # type: ignore[no-untyped-def]
+    root, config_path, _, _ = lifecycle_run
+    site_roots = [site.root for site in load_federation(config_path).sites]
+    outside = [p for p in [*root.rglob("*"), *prefect_harness.rglob("*")]
+               if p.is_file() and not any(r in p.parents for r in site_roots)]
+
+    leaks = [(p, c) for p in outside for c in CANARIES if c.encode() in p.read_bytes()]
+
+    assert len(outside) > 10  # the MLflow store, artifacts, audit log and Prefect database were scanned
+    assert leaks == []
+
+
+def test_audit_log_records_the_decisions(lifecycle_run) -> None:  # type: ignore[no-untyped-def]
+    from lineage.audit import AuditLog
+
+    _, config_path, _, _ = lifecycle_run
+    log = AuditLog(StateLayout(load_federation(config_path).state_dir).audit_log)
+
+    events = [e.event for e in log.entries()]
+
+    assert log.verify() == len(events)
+    assert events[:2] == ["gate_verdict", "promotion"]
