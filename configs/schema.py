@@ -166,12 +166,25 @@ class FederationConfig(BaseModel):
     def _sites_from_mapping(cls, value: Any) -> Any:
         """Sites are written as a mapping keyed by id (what DVC's ``foreach`` iterates)."""
         if isinstance(value, dict):
-            return tuple({"id": key, **(item or {})} if isinstance(item, dict) else item for key, item in value.items())
+            return tuple(
+                {"id": key, **(item or {})} if item is None or isinstance(item, dict) else item
+                for key, item in value.items()
+            )
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
         problems = []
+        ids = [site.id for site in self.sites]
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicated:
+            problems.append(f"site ids must be distinct: {', '.join(duplicated)}")
+        for key, wanted in (
+            ("gates.min_sites", self.gates.min_sites),
+            ("drift.min_sites_to_retrain", self.drift.min_sites_to_retrain),
+        ):
+            if wanted > len(self.sites):
+                problems.append(f"{key} is {wanted} but only {len(self.sites)} sites are configured")
         if self.training.min_sites > len(self.sites):
             problems.append(
                 f"training.min_sites is {self.training.min_sites} but only {len(self.sites)} sites are configured"
@@ -269,7 +282,9 @@ def _read_yaml(source: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(source.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{source} is not valid YAML: {exc}", fix="fix the YAML syntax at the position shown") from exc
+        raise ConfigError(
+            f"{source} is not valid YAML: {exc}", fix="fix the YAML syntax at the position shown"
+        ) from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must hold a mapping of keys, got {type(raw).__name__}", fix="see configs/")
     return raw

@@ -26,7 +26,13 @@ class GateResult:
     reason: str
 
     def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "value": self.value, "bound": self.bound, "passed": self.passed, "reason": self.reason}
+        return {
+            "name": self.name,
+            "value": self.value,
+            "bound": self.bound,
+            "passed": self.passed,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)

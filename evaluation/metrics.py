@@ -57,7 +57,10 @@ class BinaryCounts:
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> BinaryCounts:
         def _int(key: str) -> int:
-            return int(data[key])  # type: ignore[call-overload]
+            value = data[key]
+            if not isinstance(value, (int, float, str)):
+                raise ValueError(f"{key} must be a number")
+            return int(value)
 
         def _hist(key: str) -> tuple[int, ...]:
             return tuple(int(v) for v in data[key])  # type: ignore[attr-defined]

@@ -37,8 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the whole lifecycle on a federation config")
     _add_config(run, governance=True)
-    run.add_argument("--approve-with", action="append", default=[], metavar="KEY",
-                     help="sign the new version with this approver private key (repeatable)")
+    run.add_argument(
+        "--approve-with",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="sign the new version with this approver private key (repeatable)",
+    )
     run.add_argument("--job-id", help="name the job (default: generated)")
     run.set_defaults(handler=_cmd_run)
 
@@ -69,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="the governance audit log").add_subparsers(
         dest="audit_command", required=True
     )
-    for name, handler, text in (("show", _cmd_audit_show, "print the entries"),
-                                ("verify", _cmd_audit_verify, "check the hash chain")):
+    for name, handler, text in (
+        ("show", _cmd_audit_show, "print the entries"),
+        ("verify", _cmd_audit_verify, "check the hash chain"),
+    ):
         sub = audit.add_parser(name, help=text)
         _add_config(sub)
         sub.set_defaults(handler=handler)

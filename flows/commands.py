@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,8 +76,10 @@ def demo(config_path: Path, governance_path: Path, verbose: bool) -> int:
 
     config, state = _prepare(config_path)
     written = synth_federation(config)
-    print(f"demo federation {config.name}: {len(config.sites)} sites"
-          + (f", wrote {len(written)} data files" if written else ", data already present"))
+    print(
+        f"demo federation {config.name}: {len(config.sites)} sites"
+        + (f", wrote {len(written)} data files" if written else ", data already present")
+    )
     keys = demo_keys(load_governance(governance_path), state)
     return _run_and_report(config_path, governance_path, keys, None, verbose)
 
@@ -118,9 +121,10 @@ def preprocess_one(config_path: Path, site_id: str) -> int:
     config = load_federation(config_path)
     fingerprint = preprocess_site(config, config.site(site_id).id)
     if not fingerprint.contract.passed:
-        print(fingerprint.contract.describe(), file=sys.stderr)
         raise_contract(site_id, fingerprint.contract.describe())
-    print(f"{site_id}: {fingerprint.train_rows} train / {fingerprint.test_rows} test rows, data {fingerprint.data_hash}")
+    print(
+        f"{site_id}: {fingerprint.train_rows} train / {fingerprint.test_rows} test rows, data {fingerprint.data_hash}"
+    )
     return 0
 
 
@@ -135,6 +139,13 @@ def raise_contract(site_id: str, detail: str) -> None:
 def keys_generate(name: str, out: Path) -> int:
     from lineage.keys import generate_key_pair
 
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
+        raise ConfigError(
+            f"approver name {name!r} is not allowed",
+            fix="use lowercase letters, digits, '-' or '_' (up to 32 characters)",
+        )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder", fix="pass a folder with --out")
     private, public = out / f"{name}.key", out / f"{name}.pub"
     out.mkdir(parents=True, exist_ok=True)
     generate_key_pair(private, public)
@@ -146,8 +157,10 @@ def approve(config_path: Path, governance_path: Path, model: str, version: str, 
     config, _ = _prepare(config_path)
     governance = load_governance(governance_path)
     if model != config.model_name:
-        raise ConfigError(f"this federation registers {config.model_name!r}, not {model!r}",
-                          fix=f"quorum approve {config.model_name} --version {version} --key ...")
+        raise ConfigError(
+            f"this federation registers {config.model_name!r}, not {model!r}",
+            fix=f"quorum approve {config.model_name} --version {version} --key ...",
+        )
     from flows.context import load_context
     from lineage.keys import approver_for_private_key
     from lineage.registry import fetch_files, model_key, sign_version, signatures_key
@@ -164,8 +177,9 @@ def approve(config_path: Path, governance_path: Path, model: str, version: str, 
     [signature] = sign_version(ctx.store, model, version, [(approver, key)])
     set_version_tags(ctx.tracker, model, version, {f"signature.{approver}": signature.digest})
     ctx.audit.append("approval", approver, {"model": model, "version": version, "signature": signature.digest})
-    quorum = check_quorum(ctx.store.path(model_key(model, version)), ctx.store.path(signatures_key(model, version)),
-                          governance)
+    quorum = check_quorum(
+        ctx.store.path(model_key(model, version)), ctx.store.path(signatures_key(model, version)), governance
+    )
     print(f"{approver} signed {model} v{version}: {len(quorum.valid_approvers)} of {quorum.required} approvals")
     if quorum.met:
         from flows.promote import promote_approved
@@ -200,6 +214,16 @@ def ui(config_path: Path, port: int) -> int:
         raise QuorumError("the mlflow command is not installed", fix="run `make demo` to install the project")
     address = f"http://127.0.0.1:{port}"
     print(f"MLflow UI for {config.name}: {address}  (Ctrl-C to stop)")
-    command = [mlflow, "ui", "--backend-store-uri", state.tracking_uri, "--default-artifact-root",
-               state.mlflow_artifacts.resolve().as_uri(), "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        mlflow,
+        "ui",
+        "--backend-store-uri",
+        state.tracking_uri,
+        "--default-artifact-root",
+        state.mlflow_artifacts.resolve().as_uri(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     return subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": state.tracking_uri})

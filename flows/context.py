@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from configs.schema import FederationConfig, GovernanceConfig, load_federation, load_governance
@@ -34,7 +34,7 @@ class JobContext:
 
 
 def new_job_id(config: FederationConfig) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{config.name}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
@@ -65,6 +65,11 @@ def git_commit(folder: Path) -> str:
     commit = result.stdout.strip()
     if result.returncode != 0 or not commit:
         return "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                           capture_output=True, text=True, check=False).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     return f"{commit}{'-dirty' if dirty else ''}"

@@ -54,8 +54,12 @@ def _stage(ctx: JobContext, result: LifecycleResult, name: str) -> Iterator[str]
 
 
 def _lineage_tags(ctx: JobContext, prep: PreprocessResult, commit: str, run_id: str) -> dict[str, str]:
-    tags = {"quorum.job_id": ctx.job_id, "git_commit": commit, "config_hash": ctx.config.config_hash(),
-            "mlflow_run": run_id}
+    tags = {
+        "quorum.job_id": ctx.job_id,
+        "git_commit": commit,
+        "config_hash": ctx.config.config_hash(),
+        "mlflow_run": run_id,
+    }
     for site_id in prep.usable_sites:
         fp = prep.fingerprints[site_id]
         tags[f"data.{site_id}"] = fp.data_hash
@@ -67,8 +71,12 @@ def _start_parent(ctx: JobContext, commit: str) -> str:
     tracker = ctx.tracker
     run_id = tracker.start_run(
         f"lifecycle-{ctx.job_id}",
-        tags={"quorum.job_id": ctx.job_id, "git_commit": commit, "mlflow.source.git.commit": commit,
-              "config_hash": ctx.config.config_hash()},
+        tags={
+            "quorum.job_id": ctx.job_id,
+            "git_commit": commit,
+            "mlflow.source.git.commit": commit,
+            "config_hash": ctx.config.config_hash(),
+        },
     )
     tracker.log_params(run_id, _flatten(ctx.config.model_dump(mode="json", exclude={"sites", "source"})))
     tracker.log_params(run_id, {"sites": ",".join(ctx.config.site_ids), "job_id": ctx.job_id})
@@ -92,11 +100,18 @@ def run_lifecycle(ctx: JobContext, runner: SiteRunner, approver_keys: list[str])
     try:
         with _stage(ctx, result, "preprocess"):
             result.preprocess = prep = preprocess_flow(ctx.config, runner)
-        versions = {s: (prep.fingerprints[s].data_hash, prep.fingerprints[s].train_rows,
-                        {"features": feature_names(ctx.config.features), "schema_hash": prep.fingerprints[s].schema_hash})
-                    for s in prep.usable_sites}
+        versions = {
+            s: (
+                prep.fingerprints[s].data_hash,
+                prep.fingerprints[s].train_rows,
+                {"features": feature_names(ctx.config.features), "schema_hash": prep.fingerprints[s].schema_hash},
+            )
+            for s in prep.usable_sites
+        }
         ctx.tracker.log_data_versions(result.run_id, versions)
-        ctx.tracker.log_dict(result.run_id, {s: fp.to_dict() for s, fp in prep.fingerprints.items()}, "fingerprints.json")
+        ctx.tracker.log_dict(
+            result.run_id, {s: fp.to_dict() for s, fp in prep.fingerprints.items()}, "fingerprints.json"
+        )
         with _stage(ctx, result, "tune") as run_id:
             ctx.tracker.log_data_versions(run_id, versions)
             usable = {s: prep.fingerprints[s] for s in prep.usable_sites}
@@ -105,8 +120,13 @@ def run_lifecycle(ctx: JobContext, runner: SiteRunner, approver_keys: list[str])
             result.evaluation = evaluation = evaluate_flow(ctx, runner, tuning.weights, usable, run_id)
         with _stage(ctx, result, "promote") as run_id:
             result.promotion = promote_flow(
-                ctx, tuning.weights, tuning.feature_mean, evaluation.verdict,
-                _lineage_tags(ctx, prep, commit, result.run_id), run_id, keys,
+                ctx,
+                tuning.weights,
+                tuning.feature_mean,
+                evaluation.verdict,
+                _lineage_tags(ctx, prep, commit, result.run_id),
+                run_id,
+                keys,
             )
         with _stage(ctx, result, "monitor") as run_id:
             result.monitor = monitor_flow(ctx, runner, prep.usable_sites, run_id)

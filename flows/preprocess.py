@@ -61,7 +61,9 @@ def select_sites(config: FederationConfig, outcomes: dict[str, DataFingerprint |
 
 
 @flow(name="preprocess", validate_parameters=False)
-def preprocess_flow(config: FederationConfig, runner: SiteRunner, site_ids: list[str] | None = None) -> PreprocessResult:
+def preprocess_flow(
+    config: FederationConfig, runner: SiteRunner, site_ids: list[str] | None = None
+) -> PreprocessResult:
     logger = get_run_logger()
     outcomes = runner.preprocess(site_ids or list(config.site_ids))
     result = select_sites(config, outcomes)

@@ -56,13 +56,22 @@ def record_promotion(ctx: JobContext, version: str, quorum: QuorumResult, previo
         ctx.tracker,
         ctx.config.model_name,
         version,
-        {"quorum.signers": ",".join(quorum.valid_approvers), "quorum.required": str(quorum.required), "stage": CHAMPION},
+        {
+            "quorum.signers": ",".join(quorum.valid_approvers),
+            "quorum.required": str(quorum.required),
+            "stage": CHAMPION,
+        },
     )
     ctx.audit.append(
         "promotion",
         "coordinator",
-        {"model": ctx.config.model_name, "version": version, "previous": previous,
-         "signers": list(quorum.valid_approvers), "job_id": ctx.job_id},
+        {
+            "model": ctx.config.model_name,
+            "version": version,
+            "previous": previous,
+            "signers": list(quorum.valid_approvers),
+            "job_id": ctx.job_id,
+        },
     )
 
 
@@ -120,8 +129,11 @@ def promote_flow(
     files = ctx.store.path(model_key(name, version))
     quorum = check_quorum(files, ctx.store.path(signatures_key(name, version)), ctx.governance)
     if not quorum.met:
-        ctx.audit.append("awaiting_approval", "coordinator", {"model": name, "version": version,
-                                                              "valid": list(quorum.valid_approvers)})
+        ctx.audit.append(
+            "awaiting_approval",
+            "coordinator",
+            {"model": name, "version": version, "valid": list(quorum.valid_approvers)},
+        )
         logger.warning("%s v%s awaits approvals: %d of %d", name, version, len(quorum.valid_approvers), quorum.required)
         return PromotionResult(version, False, quorum, alias_version(ctx.tracker, name, CHAMPION))
     return make_champion(ctx, version)
@@ -129,5 +141,5 @@ def promote_flow(
 
 def describe_pending(result: PromotionResult, model_name: str) -> str:
     need = result.quorum.required - len(result.quorum.valid_approvers)
-    return f"{model_name} v{result.version} needs {need} more approval(s): quorum approve {model_name} --version {result.version} --key KEY"
-
+    command = f"quorum approve {model_name} --version {result.version} --key KEY"
+    return f"{model_name} v{result.version} needs {need} more approval(s): {command}"

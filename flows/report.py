@@ -18,8 +18,14 @@ def _figures(result: LifecycleResult) -> list[tuple[str, str, str]]:
         rows.append(("preprocess", "done", f"rows per site: {sites}{excluded}; contracts passed"))
     if result.tuning is not None:
         m = result.tuning.final_metrics
-        rows.append(("tune", "done", f"{len(result.tuning.rounds)} rounds FedAvg; accuracy {m.get('accuracy', 0):.3f}, "
-                     f"AUC {m.get('auc', 0):.3f}"))
+        rows.append(
+            (
+                "tune",
+                "done",
+                f"{len(result.tuning.rounds)} rounds FedAvg; accuracy {m.get('accuracy', 0):.3f}, "
+                f"AUC {m.get('auc', 0):.3f}",
+            )
+        )
     if result.evaluation is not None:
         verdict = result.evaluation.verdict
         gates = ", ".join(f"{g.name} {'ok' if g.passed else 'FAIL'}" for g in verdict.gates)
@@ -28,8 +34,10 @@ def _figures(result: LifecycleResult) -> list[tuple[str, str, str]]:
         p = result.promotion
         signers = ", ".join(p.quorum.valid_approvers)
         status = "champion" if p.champion else "awaiting approval"
-        detail = (f"v{p.version}; {len(p.quorum.valid_approvers)} valid signatures ({signers}), "
-                  f"quorum {p.quorum.required} verified")
+        detail = (
+            f"v{p.version}; {len(p.quorum.valid_approvers)} valid signatures ({signers}), "
+            f"quorum {p.quorum.required} verified"
+        )
         rows.append(("promote", status, detail))
     if result.monitor is not None:
         mon = result.monitor
@@ -49,8 +57,10 @@ def print_summary(result: LifecycleResult, console: Console | None = None) -> No
     console.print(table)
     promotion = result.promotion
     if promotion is not None and promotion.champion:
-        console.print(f"champion: [bold]{result.model_name}[/bold] version {promotion.version} "
-                      f"(MLflow alias 'champion', run {result.run_id})")
+        console.print(
+            f"champion: [bold]{result.model_name}[/bold] version {promotion.version} "
+            f"(MLflow alias 'champion', run {result.run_id})"
+        )
     elif promotion is not None:
         console.print(describe_pending(promotion, result.model_name))
     console.print("look at it: `quorum ui` (MLflow model browser), `quorum audit show`")

@@ -8,9 +8,9 @@ that is the coordinator's call (``min_sites``).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from abc import ABC, abstractmethod
 from typing import Any, TypeVar
 
 from prefect import task

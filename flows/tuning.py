@@ -103,8 +103,12 @@ def tune_flow(
         )
         logger.info(
             "round %d/%d: %d sites, train_loss %.4f, accuracy %.4f, auc %.4f",
-            server_round, ctx.config.training.rounds, len(accepted), train_loss,
-            metrics.get("accuracy", np.nan), metrics.get("auc", np.nan),
+            server_round,
+            ctx.config.training.rounds,
+            len(accepted),
+            train_loss,
+            metrics.get("accuracy", np.nan),
+            metrics.get("auc", np.nan),
         )
     return TuningResult(weights, tuple(records), feature_mean)
 

@@ -43,7 +43,7 @@ def directory_md5(folder: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    return [p for p in folder.rglob("*") if p.is_file()]
 
 
 def find_repo(path: Path) -> Path | None:

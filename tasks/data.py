@@ -36,9 +36,10 @@ def read_table(path: Path, site_id: str) -> pd.DataFrame:
             frame = pd.read_csv(path, encoding="utf-8", on_bad_lines="error", low_memory=False)
         else:
             frame = pd.read_parquet(path)
-    except UnicodeDecodeError as exc:
+    except UnicodeDecodeError:
         raise SiteDataError(
-            f"{where} is not UTF-8 text (byte {exc.start})", fix="re-export the file as UTF-8"
+            f"{where} is not UTF-8 text (first bad byte at offset {_first_bad_byte(path)})",
+            fix="re-export the file as UTF-8",
         ) from None
     except pd.errors.EmptyDataError:
         raise SiteDataError(f"{where} has no header or rows", fix="export the site's data again") from None
@@ -62,6 +63,14 @@ def require_columns(frame: pd.DataFrame, columns: Iterable[str], path: Path, sit
             f"site {site_id}: {path} lacks column(s) {', '.join(missing)}",
             fix="rename the columns in the file or set target/features in the config to the names the file uses",
         )
+
+
+def _first_bad_byte(path: Path) -> int:
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start
+    return -1
 
 
 def _stamp(path: Path) -> tuple[int, int]:

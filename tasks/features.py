@@ -67,7 +67,7 @@ def to_matrix(frame: pd.DataFrame, features: FeatureConfig) -> NDArray[np.float3
         median = np.nanmedian(values) if np.isfinite(values).any() else 0.0
         blocks.append(np.where(np.isnan(values), median, values)[:, None])
     for column, domain in features.categorical.items():
-        values = frame[column].to_numpy(dtype=object)
+        values = frame[column].astype("string").fillna("").to_numpy(dtype=object)  # a null matches no value
         blocks.append(np.stack([values == value for value in domain], axis=1).astype(np.float64))
     return np.hstack(blocks).astype(np.float32)
 
@@ -78,7 +78,7 @@ def split_train_test(frame: pd.DataFrame, test_fraction: float, seed: int) -> tu
     test_index: list[int] = []
     for _, part in frame.groupby(LABEL, sort=True):
         index = part.index.to_numpy()
-        take = int(round(len(index) * test_fraction))
+        take = round(len(index) * test_fraction)
         test_index += rng.permutation(index)[:take].tolist()
     is_test = frame.index.isin(test_index)
     return frame[~is_test].reset_index(drop=True), frame[is_test].reset_index(drop=True)

@@ -35,7 +35,7 @@ class ScaledMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scaled = (x - self.feature_mean) / self.feature_std
+        scaled = (x - self.get_buffer("feature_mean")) / self.get_buffer("feature_std")
         return self.net(scaled).squeeze(-1)  # type: ignore[no-any-return]
 
 
@@ -74,6 +74,8 @@ def initial_weights(
     torch.manual_seed(seed)
     model = build_model(num_features, hidden_sizes)
     with torch.no_grad():
-        model.feature_mean.copy_(torch.from_numpy(np.asarray(feature_mean, dtype=np.float32)))
-        model.feature_std.copy_(torch.from_numpy(np.maximum(np.asarray(feature_std, dtype=np.float32), 1e-6)))
+        model.get_buffer("feature_mean").copy_(torch.from_numpy(np.asarray(feature_mean, dtype=np.float32)))
+        model.get_buffer("feature_std").copy_(
+            torch.from_numpy(np.maximum(np.asarray(feature_std, dtype=np.float32), 1e-6))
+        )
     return get_weights(model)

@@ -79,6 +79,7 @@ def preprocess_site(config: FederationConfig, site_id: str) -> DataFingerprint:
         return DataFingerprint(site.id, "", len(raw), 0, 0, schema_hash(config.features), contract, None)
     frame = clean(raw, site, config.features)
     train, test = split_train_test(frame, config.training.test_fraction, seed=config.seed)
+    moments = Moments.of(to_matrix(train, config.features))  # before writing: a failure here keeps the old data
     _write_processed(site.processed_dir, {TRAIN_FILE: train, TEST_FILE: test})
     from lineage.dvc import directory_md5
 
@@ -90,7 +91,7 @@ def preprocess_site(config: FederationConfig, site_id: str) -> DataFingerprint:
         test_rows=len(test),
         schema_hash=schema_hash(config.features),
         contract=contract,
-        moments=Moments.of(to_matrix(train, config.features)),
+        moments=moments,
     )
 
 
@@ -126,9 +127,7 @@ def load_split(
     return to_matrix(frame, config.features), labels, frame[GROUP].to_numpy(dtype=str)
 
 
-def train_site(
-    config: FederationConfig, site_id: str, weights: Weights, server_round: int
-) -> SiteUpdate:
+def train_site(config: FederationConfig, site_id: str, weights: Weights, server_round: int) -> SiteUpdate:
     from tasks.training import LocalTrainingConfig, train_local
 
     site = config.site(site_id)
@@ -170,7 +169,9 @@ def monitor_site(config: FederationConfig, site_id: str, champion: Weights | Non
     raw = drop_pii(read_table(site.current_path, site.id), site)
     present = [c for c in config.features.columns if c in raw.columns]
     require_columns(raw, [site.target], site.current_path, site.id)
-    current = clean(raw.reindex(columns=[*config.features.columns, site.target, *_protected(site)]), site, config.features)
+    current = clean(
+        raw.reindex(columns=[*config.features.columns, site.target, *_protected(site)]), site, config.features
+    )
     current = current.drop(columns=[c for c in config.features.columns if c not in present])
     scores: tuple[NDArray[np.float64] | None, NDArray[np.float64] | None] = (None, None)
     if champion is not None and len(present) == len(config.features.columns):

@@ -30,10 +30,18 @@ class SiteProfile:
 
 
 PROFILES = (
-    SiteProfile(rows=2400, age_mean=44, income_mean=58_000, urban_share=0.7, online_share=0.5, churn_shift=0.0, drift=False),
-    SiteProfile(rows=1500, age_mean=51, income_mean=47_000, urban_share=0.3, online_share=0.3, churn_shift=0.3, drift=True),
-    SiteProfile(rows=900, age_mean=38, income_mean=64_000, urban_share=0.8, online_share=0.7, churn_shift=-0.2, drift=False),
-    SiteProfile(rows=1800, age_mean=47, income_mean=52_000, urban_share=0.5, online_share=0.4, churn_shift=0.1, drift=True),
+    SiteProfile(
+        rows=2400, age_mean=44, income_mean=58_000, urban_share=0.7, online_share=0.5, churn_shift=0.0, drift=False
+    ),
+    SiteProfile(
+        rows=1500, age_mean=51, income_mean=47_000, urban_share=0.3, online_share=0.3, churn_shift=0.3, drift=True
+    ),
+    SiteProfile(
+        rows=900, age_mean=38, income_mean=64_000, urban_share=0.8, online_share=0.7, churn_shift=-0.2, drift=False
+    ),
+    SiteProfile(
+        rows=1800, age_mean=47, income_mean=52_000, urban_share=0.5, online_share=0.4, churn_shift=0.1, drift=True
+    ),
 )
 FIRST = ("Ada", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivo", "Jun", "Kofi", "Lena")
 LAST = ("Smith", "Okafor", "Novak", "Garcia", "Kim", "Muller", "Rossi", "Silva", "Tanaka", "Ivanova")

@@ -61,7 +61,7 @@ def train_local(
             optimizer.step()
             total_loss += float(loss.detach())
             batches += 1
-    return TrainResult(get_weights(model), int(len(x)), total_loss / max(batches, 1))
+    return TrainResult(get_weights(model), len(x), total_loss / max(batches, 1))
 
 
 def predict_scores(

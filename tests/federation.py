@@ -18,7 +18,11 @@ FEATURES = {
 
 
 def write_federation(
-    root: Path, site_ids: Sequence[str] = ("alpha", "beta", "gamma"), *, rounds: int = 2, min_sites: int = 2,
+    root: Path,
+    site_ids: Sequence[str] = ("alpha", "beta", "gamma"),
+    *,
+    rounds: int = 2,
+    min_sites: int = 2,
     gates: dict[str, object] | None = None,
 ) -> Path:
     """A federation.yaml over synthetic sites below ``root``; returns the config path."""
@@ -41,10 +45,22 @@ def write_federation(
         "contract": {"min_rows": 50, "numeric_ranges": {"age": [18, 110]}, "label_rate": [0.02, 0.7]},
         "sites": sites,
         "model": {"hidden_sizes": [8]},
-        "training": {"rounds": rounds, "local_epochs": 2, "batch_size": 64, "learning_rate": 0.2,
-                     "min_sites": min_sites},
-        "gates": gates or {"min_accuracy": 0.5, "min_auc": 0.6, "min_site_accuracy": 0.4,
-                           "max_selection_rate_gap": 0.5, "min_sites": min_sites, "min_examples": 50},
+        "training": {
+            "rounds": rounds,
+            "local_epochs": 2,
+            "batch_size": 64,
+            "learning_rate": 0.2,
+            "min_sites": min_sites,
+        },
+        "gates": gates
+        or {
+            "min_accuracy": 0.5,
+            "min_auc": 0.6,
+            "min_site_accuracy": 0.4,
+            "max_selection_rate_gap": 0.5,
+            "min_sites": min_sites,
+            "min_examples": 50,
+        },
         "drift": {"min_rows": 30, "min_sites_to_retrain": 1},
     }
     path = root / "federation.yaml"
@@ -53,7 +69,9 @@ def write_federation(
     return path
 
 
-def write_governance(root: Path, approvers: Sequence[str] = ("ann", "ben", "cyd"), quorum: int = 2) -> tuple[Path, list[str]]:
+def write_governance(
+    root: Path, approvers: Sequence[str] = ("ann", "ben", "cyd"), quorum: int = 2
+) -> tuple[Path, list[str]]:
     """governance.yaml plus a key pair per approver; returns the path and the private keys."""
     keys = root / "keys"
     keys.mkdir(parents=True, exist_ok=True)

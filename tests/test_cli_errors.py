@@ -33,8 +33,9 @@ FEDERATION = {
         for site_id in ("a", "b")
     },
 }
-PROFILE = SiteProfile(rows=300, age_mean=45, income_mean=50_000, urban_share=0.5, online_share=0.4,
-                      churn_shift=0.0, drift=False)
+PROFILE = SiteProfile(
+    rows=300, age_mean=45, income_mean=50_000, urban_share=0.5, online_share=0.4, churn_shift=0.0, drift=False
+)
 
 
 def write_config(folder: Path, data: dict[str, object]) -> Path:
@@ -164,9 +165,7 @@ def test_failed_contract_leaves_the_previous_processed_data_untouched(
 # --- keys --------------------------------------------------------------------------------------
 
 
-def test_generating_a_key_twice_refuses_and_keeps_the_first(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_generating_a_key_twice_refuses_and_keeps_the_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "keys"
     code, out, _ = run(capsys, "keys", "generate", "--name", "x", "--out", str(out_dir))
     assert code == 0 and "x.key" in out
@@ -180,10 +179,6 @@ def test_generating_a_key_twice_refuses_and_keeps_the_first(
     assert set(first) == {"x.key", "x.pub"}
 
 
-# --- known gaps (strict xfail: remove the mark once fixed) -------------------------------------
-
-
-@pytest.mark.xfail(strict=True, reason="preprocess_one prints the contract detail to stderr before the error block")
 def test_failed_contract_is_reported_once_under_the_error_headline(
     federation: FederationConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -199,7 +194,6 @@ def test_failed_contract_is_reported_once_under_the_error_headline(
     assert err.count("3 values fall outside") == 1
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="to_matrix fails on <NA> in a categorical column")
 def test_missing_categories_within_the_null_allowance_preprocess(
     federation: FederationConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -214,7 +208,6 @@ def test_missing_categories_within_the_null_allowance_preprocess(
     assert code == 0, err
 
 
-@pytest.mark.xfail(strict=True, raises=FileExistsError, reason="keys_generate calls out.mkdir() outside QuorumError")
 def test_key_folder_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # a typo that points --out at an existing file
     not_a_folder = tmp_path / "keys"

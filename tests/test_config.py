@@ -325,10 +325,6 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     assert isinstance(config, FederationConfig)
 
 
-# --- known gaps (strict xfail: remove the mark once the schema is fixed) ------------------------
-
-
-@pytest.mark.xfail(strict=True, reason="FederationConfig does not check that site ids are unique")
 def test_duplicate_site_ids_are_rejected(tmp_path: Path) -> None:
     # an `id:` inside a site entry overrides its mapping key, so two entries can claim one id
     text = edited(MINIMAL, {"sites.b.id": "a", "sites.b.root": "../sites/b"})
@@ -337,7 +333,6 @@ def test_duplicate_site_ids_are_rejected(tmp_path: Path) -> None:
     assert "a" in config_error(load_federation, path).message
 
 
-@pytest.mark.xfail(strict=True, reason="gates.min_sites is not checked against the number of sites")
 def test_gate_min_sites_above_the_number_of_sites_is_rejected(tmp_path: Path) -> None:
     # with more required sites than configured, every model fails the `sites` gate forever
     path = write(tmp_path, "federation.yaml", edited(MINIMAL, {"gates.min_sites": 3}))

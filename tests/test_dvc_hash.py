@@ -22,7 +22,7 @@ pytestmark = [
 
 DVC_YAML = """\
 vars:
-  - params.yaml:sites
+  - sites.yaml:sites
 stages:
   preprocess:
     foreach: ${sites}
@@ -44,14 +44,14 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "XDG_CONFIG_HOME": str(home / ".config"),
         "XDG_CACHE_HOME": str(home / ".cache"),
         "GIT_CONFIG_NOSYSTEM": "1",
+        "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache"),  # not /var/tmp/dvc, from `dvc init` on
     }.items():
         monkeypatch.setenv(name, value)
     root = tmp_path / "project"
     root.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     dvc(root, "init", "-q")
-    dvc(root, "config", "core.site_cache_dir", str(tmp_path / "dvc-site-cache"))
-    (root / "params.yaml").write_text("sites:\n  a:\n    note: first site\n", encoding="utf-8")
+    (root / "sites.yaml").write_text("sites:\n  a:\n    note: first site\n", encoding="utf-8")
     (root / "dvc.yaml").write_text(DVC_YAML, encoding="utf-8")
     out = root / "sites" / "a" / "processed"
     (out / "nested").mkdir(parents=True)
@@ -106,3 +106,14 @@ def test_changed_output_changes_both_hashes_alike(repo: Path) -> None:
 
     [locked] = lock_outs(repo, "preprocess@a")
     assert locked["md5"] == directory_md5(out) != first
+
+
+def test_dot_files_are_hashed_like_dvc_does(repo: Path) -> None:
+    out = repo / "sites" / "a" / "processed"
+    (out / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+
+    dvc(repo, "commit", "-f", "-q", "preprocess@a")
+
+    [locked] = lock_outs(repo, "preprocess@a")
+    assert locked["nfiles"] == 4
+    assert locked["md5"] == directory_md5(out)

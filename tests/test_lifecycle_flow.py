@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from configs.schema import load_federation, load_governance
+from lineage.artifacts import LocalArtifactStore
 from lineage.registry import verify_version
 from lineage.state import StateLayout
-from lineage.artifacts import LocalArtifactStore
 from tests.federation import write_federation, write_governance
 
 CANARIES = ("Zorblax Quintavius", "zorblax.canary@leak.invalid", "+1-555-0199-7731")
@@ -47,8 +47,9 @@ def test_champion_exists_and_its_signatures_verify(lifecycle_run) -> None:  # ty
     client = MlflowClient(tracking_uri=state.tracking_uri, registry_uri=state.tracking_uri)
 
     champion = client.get_model_version_by_alias(config.model_name, "champion")
-    quorum = verify_version(LocalArtifactStore(state.artifacts), load_governance(governance_path),
-                            config.model_name, str(champion.version))
+    quorum = verify_version(
+        LocalArtifactStore(state.artifacts), load_governance(governance_path), config.model_name, str(champion.version)
+    )
 
     assert result.promotion.champion and str(champion.version) == result.promotion.version
     assert set(quorum.valid_approvers) == {"ann", "ben"}
@@ -79,8 +80,11 @@ def test_mlflow_run_holds_dataset_inputs_and_round_metrics(lifecycle_run) -> Non
 def test_no_pii_leaves_the_sites(lifecycle_run, prefect_harness: Path) -> None:  # type: ignore[no-untyped-def]
     root, config_path, _, _ = lifecycle_run
     site_roots = [site.root for site in load_federation(config_path).sites]
-    outside = [p for p in [*root.rglob("*"), *prefect_harness.rglob("*")]
-               if p.is_file() and not any(r in p.parents for r in site_roots)]
+    outside = [
+        p
+        for p in [*root.rglob("*"), *prefect_harness.rglob("*")]
+        if p.is_file() and not any(r in p.parents for r in site_roots)
+    ]
 
     leaks = [(p, c) for p in outside for c in CANARIES if c.encode() in p.read_bytes()]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -125,7 +126,7 @@ def test_histogram_auc_matches_sklearn(seed: int) -> None:
 def test_merged_site_counts_give_the_pooled_auc_exactly() -> None:
     labels, scores = sample(7, 2400)
     cuts = [0, 300, 1100, 2400]  # three sites of different sizes
-    sites = [counts_from_scores(labels[lo:hi], scores[lo:hi]) for lo, hi in zip(cuts, cuts[1:], strict=False)]
+    sites = [counts_from_scores(labels[lo:hi], scores[lo:hi]) for lo, hi in itertools.pairwise(cuts)]
 
     merged = merge(sites)
     pooled = counts_from_scores(labels, scores)
@@ -175,6 +176,7 @@ def counts(tp: int, fp: int, tn: int, fn: int, mean_loss: float = 0.3) -> Binary
 
 
 GOOD_GROUP = counts(20, 5, 20, 5)  # n=50, accuracy 0.8, AUC 0.8, selection rate 0.5, TPR 0.8
+LOSSY_GROUP = counts(20, 5, 20, 5, mean_loss=0.6)
 
 
 def site(site_id: str, female: BinaryCounts = GOOD_GROUP, male: BinaryCounts = GOOD_GROUP) -> SiteEvaluation:
@@ -211,7 +213,7 @@ FAILING = {
     "auc-floor": (GOOD, None, {"min_auc": 0.85}, "auc", "auc 0.8000 < 0.8500"),
     # mean log loss 0.6 over a ceiling of 0.5
     "log-loss-ceiling": (
-        report(site("a", counts(20, 5, 20, 5, 0.6), counts(20, 5, 20, 5, 0.6)), site("b", *[counts(20, 5, 20, 5, 0.6)] * 2)),
+        report(site("a", LOSSY_GROUP, LOSSY_GROUP), site("b", LOSSY_GROUP, LOSSY_GROUP)),
         None,
         {},
         "log_loss",
@@ -219,7 +221,7 @@ FAILING = {
     ),
     # site b (small) is at 0.55 while the pooled accuracy stays above 0.7
     "worst-site": (
-        report(site("a", counts(40, 10, 40, 10), counts(40, 10, 40, 10)), site("b", counts(11, 9, 11, 9), counts(11, 9, 11, 9))),
+        report(site("a", *[counts(40, 10, 40, 10)] * 2), site("b", *[counts(11, 9, 11, 9)] * 2)),
         None,
         {},
         "worst_site_accuracy[b]",
@@ -227,7 +229,7 @@ FAILING = {
     ),
     # women are selected at 0.6, men at 0.32, with equal true-positive rates
     "selection-rate-gap": (
-        report(site("a", counts(20, 10, 15, 5), counts(16, 0, 30, 4)), site("b", counts(20, 10, 15, 5), counts(16, 0, 30, 4))),
+        report(*[site(s, counts(20, 10, 15, 5), counts(16, 0, 30, 4)) for s in ("a", "b")]),
         None,
         {},
         "selection_rate_gap",
@@ -242,7 +244,13 @@ FAILING = {
         "tpr_gap 0.1000 > 0.0500",
     ),
     # site b's data broke its contract
-    "data-contract": (report(site("a"), site("b"), failed_contract="b"), None, {}, "data_contracts", "data contract failed at b"),
+    "data-contract": (
+        report(site("a"), site("b"), failed_contract="b"),
+        None,
+        {},
+        "data_contracts",
+        "data contract failed at b",
+    ),
     # only one site evaluated where two are required
     "too-few-sites": (report(site("a")), None, {}, "sites", "sites 1.0000 < 2.0000"),
     # 200 examples where 1000 are required
@@ -294,8 +302,9 @@ def test_disabled_gates_are_skipped() -> None:
 def test_a_nan_metric_fails_its_gate() -> None:
     only_negatives = counts(0, 5, 45, 0)  # one class: the AUC is undefined
 
-    verdict = decide(report(site("a", only_negatives, only_negatives), site("b", only_negatives, only_negatives)), None,
-                     POLICY)
+    verdict = decide(
+        report(site("a", only_negatives, only_negatives), site("b", only_negatives, only_negatives)), None, POLICY
+    )
 
     assert "auc" in failed_names(verdict)
 
