@@ -143,6 +143,19 @@ class DriftConfig(BaseModel):
     min_rows: int = Field(default=30, ge=1)
 
 
+class DeploymentConfig(BaseModel):
+    """Where the servers listen and when scheduled work runs (``quorum up``, ``infra/prefect.yaml``)."""
+
+    model_config = _FROZEN
+
+    prefect_port: int = Field(default=4200, ge=1024, le=65535)
+    mlflow_port: int = Field(default=5000, ge=1024, le=65535)
+    retrain_cron: str = Field(default="0 3 * * 1", min_length=9)
+    monitor_interval_s: int = Field(default=3600, ge=60)
+    round_deadline_s: float = Field(default=120.0, gt=0)
+    session_start_timeout_s: float = Field(default=180.0, gt=0)
+
+
 class FederationConfig(BaseModel):
     """The whole federation: its sites, shared schema and every knob of the lifecycle."""
 
@@ -159,6 +172,7 @@ class FederationConfig(BaseModel):
     training: TrainingConfig = TrainingConfig()
     gates: GatePolicy = GatePolicy()
     drift: DriftConfig = DriftConfig()
+    deployment: DeploymentConfig = DeploymentConfig()
     source: Path | None = None
 
     @field_validator("sites", mode="before")

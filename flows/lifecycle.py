@@ -10,11 +10,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow
 
 from flows.context import JobContext, git_commit, load_context
 from flows.evaluate import EvaluationResult, evaluate_flow
+from flows.jobs import JobRecord, load_job, save_job
 from flows.monitor import MonitorResult, monitor_flow
 from flows.preprocess import PreprocessResult, preprocess_flow
 from flows.promote import PromotionResult, promote_flow
@@ -93,13 +95,33 @@ def _flatten(data: object, prefix: str = "") -> dict[str, object]:
     return {prefix.rstrip("."): data}
 
 
-def run_lifecycle(ctx: JobContext, runner: SiteRunner, approver_keys: list[str]) -> LifecycleResult:
+def _preprocess_or_resume(ctx: JobContext, runner: SiteRunner, result: LifecycleResult, resume: bool) -> None:
+    """Run stage 1, or take a resumed job's settled sites and MLflow run from its record."""
+    if resume:
+        record = load_job(ctx.store, ctx.job_id)
+        result.run_id, result.preprocess = record.run_id, record.preprocess
+        result.stage_status["preprocess"] = "resumed"
+        return
+    result.run_id = _start_parent(ctx, git_commit(CODE_ROOT))
+    with _stage(ctx, result, "preprocess"):
+        result.preprocess = preprocess_flow(ctx.config, runner)
+    source = ctx.config.source
+    save_job(
+        ctx.store, JobRecord(ctx.job_id, result.run_id, str(source), str(ctx.governance.source), result.preprocess)
+    )
+
+
+def run_lifecycle(
+    ctx: JobContext, runner: SiteRunner, approver_keys: list[str], *, resume: bool = False
+) -> LifecycleResult:
     commit = git_commit(CODE_ROOT)
     keys = [(approver_for_private_key(Path(k), ctx.governance), Path(k)) for k in approver_keys]
-    result = LifecycleResult(ctx.job_id, _start_parent(ctx, commit), ctx.config.model_name)
+    result = LifecycleResult(ctx.job_id, "", ctx.config.model_name)
+    runner.start(ctx.config.site_ids)
     try:
-        with _stage(ctx, result, "preprocess"):
-            result.preprocess = prep = preprocess_flow(ctx.config, runner)
+        _preprocess_or_resume(ctx, runner, result, resume)
+        prep = result.preprocess
+        assert prep is not None
         versions = {
             s: (
                 prep.fingerprints[s].data_hash,
@@ -115,7 +137,7 @@ def run_lifecycle(ctx: JobContext, runner: SiteRunner, approver_keys: list[str])
         with _stage(ctx, result, "tune") as run_id:
             ctx.tracker.log_data_versions(run_id, versions)
             usable = {s: prep.fingerprints[s] for s in prep.usable_sites}
-            result.tuning = tuning = tune_flow(ctx, runner, usable, run_id)
+            result.tuning = tuning = tune_flow(ctx, runner, usable, run_id, resume)
         with _stage(ctx, result, "evaluate") as run_id:
             result.evaluation = evaluation = evaluate_flow(ctx, runner, tuning.weights, usable, run_id)
         with _stage(ctx, result, "promote") as run_id:
@@ -131,8 +153,11 @@ def run_lifecycle(ctx: JobContext, runner: SiteRunner, approver_keys: list[str])
         with _stage(ctx, result, "monitor") as run_id:
             result.monitor = monitor_flow(ctx, runner, prep.usable_sites, run_id)
     except BaseException:
-        ctx.tracker.end_run(result.run_id, failed=True)
+        if result.run_id:
+            ctx.tracker.end_run(result.run_id, failed=True)
         raise
+    finally:
+        runner.close()
     ctx.tracker.end_run(result.run_id)
     return result
 
@@ -143,7 +168,21 @@ def lifecycle(
     governance_path: str = "configs/governance.yaml",
     approver_keys: list[str] | None = None,
     job_id: str | None = None,
+    runner: Literal["local", "pool"] = "local",
+    resume: bool = False,
 ) -> LifecycleResult:
-    """Run every stage for one federation; sites run in-process (the embedded default)."""
+    """Run every stage for one federation.
+
+    ``runner="local"`` runs the sites in this process (the embedded default); ``"pool"`` runs each
+    site's work on its own work pool through one session per site. ``resume`` continues job
+    ``job_id`` from its last completed round.
+    """
     ctx = load_context(config_path, governance_path, job_id)
-    return run_lifecycle(ctx, LocalRunner(ctx.config), list(approver_keys or []))
+    site_runner: SiteRunner
+    if runner == "pool":
+        from flows.pool import PoolRunner
+
+        site_runner = PoolRunner(ctx, str(ctx.config.source))
+    else:
+        site_runner = LocalRunner(ctx.config)
+    return run_lifecycle(ctx, site_runner, list(approver_keys or []), resume=resume)

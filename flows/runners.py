@@ -46,6 +46,12 @@ class SiteFailure:
 class SiteRunner(ABC):
     """Runs one kind of site work at many sites and returns each site's result or its failure."""
 
+    def start(self, site_ids: Sequence[str]) -> None:  # noqa: B027 - optional hook
+        """Prepare the sites for a job (the pool runner starts their sessions here)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the sites at the end of a job."""
+
     @abstractmethod
     def preprocess(self, site_ids: Sequence[str]) -> dict[str, site_work.DataFingerprint | SiteFailure]: ...
 

@@ -15,6 +15,7 @@ from configs.errors import NotEnoughSites
 from evaluation.metrics import merge, summarize
 from evaluation.report import SiteEvaluation
 from flows.context import JobContext
+from flows.jobs import last_checkpoint
 from flows.runners import SiteFailure, SiteRunner
 from tasks.aggregate import fedavg, weighted_loss_avg
 from tasks.features import feature_names, merge_moments
@@ -80,15 +81,34 @@ def _round_metrics(evaluations: dict[str, SiteEvaluation | SiteFailure]) -> dict
     return {k: v for k, v in pooled.items() if k in ("accuracy", "auc", "log_loss", "f1")}
 
 
+def _resume_point(ctx: JobContext, weights: Weights, resume: bool) -> tuple[int, Weights, list[RoundRecord]]:
+    """Where a (possibly resumed) job starts: after the last checkpointed round, never recomputing one."""
+    if not resume:
+        return 1, weights, []
+    done, checkpoint, manifests = last_checkpoint(ctx.store, ctx.job_id)
+    records = [
+        RoundRecord(m["server_round"], tuple(m["sites"]), dict(m["rejected"]), m["train_loss"], dict(m["metrics"]))
+        for m in manifests
+    ]
+    return done + 1, checkpoint if checkpoint is not None else weights, records
+
+
 @flow(name="tune", validate_parameters=False)
 def tune_flow(
-    ctx: JobContext, runner: SiteRunner, fingerprints: dict[str, DataFingerprint], run_id: str
+    ctx: JobContext,
+    runner: SiteRunner,
+    fingerprints: dict[str, DataFingerprint],
+    run_id: str,
+    resume: bool = False,
 ) -> TuningResult:
     logger = get_run_logger()
     site_ids = sorted(fingerprints)
     weights, feature_mean = _start_weights(ctx, fingerprints)
-    records = []
-    for server_round in range(1, ctx.config.training.rounds + 1):
+    first, weights, records = _resume_point(ctx, weights, resume)
+    rounds = ctx.config.training.rounds
+    if first > 1:
+        logger.info("resuming job %s after round %d of %d", ctx.job_id, first - 1, rounds)
+    for server_round in range(first, rounds + 1):
         replies = runner.train(site_ids, weights, server_round)
         accepted, rejected = _accept(ctx, server_round, replies, weights)
         weights = fedavg([(u.weights, u.num_examples) for u in accepted.values()])
@@ -101,10 +121,12 @@ def tune_flow(
         ctx.tracker.log_metrics(
             run_id, {f"site.{s}.train_loss": u.train_loss for s, u in accepted.items()}, step=server_round
         )
+        for site_id, reason in rejected.items():
+            logger.warning("round %d: reply of %s rejected: %s", server_round, site_id, reason)
         logger.info(
             "round %d/%d: %d sites, train_loss %.4f, accuracy %.4f, auc %.4f",
             server_round,
-            ctx.config.training.rounds,
+            rounds,
             len(accepted),
             train_loss,
             metrics.get("accuracy", np.nan),

@@ -1,0 +1,80 @@
+"""The request/reply exchange of one job, laid out in the artifact store.
+
+``jobs/JOB/requests/NNNNNN.json`` holds request NNNNNN and ``requests/latest.json`` the newest one;
+``jobs/JOB/replies/NNNNNN/SITE.json`` (plus ``SITE.npz`` for weights) holds a site's reply. Objects
+are written atomically and weights are named with their sha256, so the two sides only ever need to
+poll one small file and can verify everything they read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from configs.errors import QuorumError
+from lineage.artifacts import ArtifactCorrupt, LocalArtifactStore
+from tasks.messages import Request
+
+
+@dataclass(frozen=True)
+class JobExchange:
+    store: LocalArtifactStore
+    job_id: str
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(("jobs", self.job_id, *parts))
+
+    def post(self, request: Request, weights: Sequence[Any] | None = None) -> Request:
+        """Write the request's weights (if any) and then the request, newest pointer last."""
+        if weights is not None:
+            key = self._key("requests", f"{request.seq:06d}.npz")
+            digest = self.store.put_weights(key, weights)
+            request = replace(request, weights_key=key, weights_sha256=digest)
+        payload = request.to_dict()
+        self.store.put_json(self._key("requests", f"{request.seq:06d}.json"), payload)
+        self.store.put_json(self._key("requests", "latest.json"), payload)
+        return request
+
+    def latest(self) -> Request | None:
+        key = self._key("requests", "latest.json")
+        if not self.store.exists(key):
+            return None
+        data = self.store.get_json(key)
+        return Request.from_dict(data) if isinstance(data, dict) else None
+
+    def next_seq(self) -> int:
+        latest = self.latest()
+        return 1 if latest is None else latest.seq + 1
+
+    def request_weights(self, request: Request) -> list[Any]:
+        if request.weights_key is None:
+            raise ArtifactCorrupt(f"request {request.seq} carries no weights", fix="re-run the job")
+        return self.store.get_weights(request.weights_key, request.weights_sha256)
+
+    def reply(self, seq: int, site_id: str, payload: dict[str, Any], weights: Sequence[Any] | None = None) -> None:
+        if weights is not None:
+            key = self._key("replies", f"{seq:06d}", f"{site_id}.npz")
+            payload = {**payload, "weights_key": key, "weights_sha256": self.store.put_weights(key, weights)}
+        self.store.put_json(self._key("replies", f"{seq:06d}", f"{site_id}.json"), payload)
+
+    def fail(self, seq: int, site_id: str, error: QuorumError) -> None:
+        self.reply(seq, site_id, {"failure": {"headline": error.headline, "message": error.message, "fix": error.fix}})
+
+    def read_reply(self, seq: int, site_id: str) -> dict[str, Any] | None:
+        key = self._key("replies", f"{seq:06d}", f"{site_id}.json")
+        if not self.store.exists(key):
+            return None
+        data = self.store.get_json(key)
+        return data if isinstance(data, dict) else {"failure": {"headline": "bad reply", "message": "not JSON object"}}
+
+    def reply_weights(self, payload: dict[str, Any]) -> list[Any]:
+        return self.store.get_weights(str(payload["weights_key"]), str(payload["weights_sha256"]))
+
+    def replied(self, site_id: str) -> int:
+        """The newest request this site already answered: where a restarted session picks up."""
+        folder = self.store.path(self._key("replies"))
+        if not folder.is_dir():
+            return 0
+        answered = [int(p.parent.name) for p in folder.glob(f"*/{site_id}.json") if p.parent.name.isdigit()]
+        return max(answered, default=0)

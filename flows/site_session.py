@@ -1,0 +1,97 @@
+"""The site session: one long-lived flow run per site per job, on that site's own work pool.
+
+Starting a flow run on a process worker costs a new Python process plus polling (9-12 s here), so a
+session starts once per job and then serves every request of the job through the artifact store:
+it waits for the coordinator's newest request, verifies the weights' sha256, does the site work on
+its own data and writes its reply. A restarted session resumes at the newest request; requests it
+missed are already settled without it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from configs.errors import ConfigError, QuorumError
+from configs.schema import FederationConfig, load_federation
+from flows.exchange import JobExchange
+from lineage.artifacts import LocalArtifactStore
+from tasks import site as site_work
+from tasks.messages import Request
+
+SITE_ROOT_ENV = "QUORUM_SITE_ROOT"
+POLL_S = 0.05
+
+
+def check_site_root(config: FederationConfig, site_id: str) -> None:
+    """A worker is given exactly one data root; refuse work for any other site's data."""
+    allowed = os.environ.get(SITE_ROOT_ENV)
+    root = config.site(site_id).root
+    if allowed and Path(allowed).resolve() != root.resolve():
+        raise ConfigError(
+            f"this worker serves data root {allowed}, but site {site_id}'s root is {root}",
+            fix=f"start a worker for site {site_id} with {SITE_ROOT_ENV}={root} (quorum up does this)",
+        )
+
+
+def handle(config: FederationConfig, site_id: str, exchange: JobExchange, request: Request) -> None:
+    """Do one request's work for this site and write the reply (or the expected failure)."""
+    try:
+        if request.kind == "preprocess":
+            exchange.reply(request.seq, site_id, site_work.preprocess_site(config, site_id).to_dict())
+        elif request.kind == "train":
+            update = site_work.train_site(config, site_id, exchange.request_weights(request), request.server_round)
+            payload = {
+                "site_id": site_id,
+                "server_round": update.server_round,
+                "num_examples": update.num_examples,
+                "train_loss": update.train_loss,
+                "job_id": request.job_id,
+            }
+            exchange.reply(request.seq, site_id, payload, update.weights)
+        elif request.kind == "evaluate":
+            result = site_work.evaluate_site(config, site_id, exchange.request_weights(request))
+            exchange.reply(request.seq, site_id, result.to_dict())
+        elif request.kind == "monitor":
+            champion = exchange.request_weights(request) if request.weights_key else None
+            exchange.reply(request.seq, site_id, site_work.monitor_site(config, site_id, champion).to_dict())
+    except QuorumError as error:
+        exchange.fail(request.seq, site_id, error)
+
+
+def serve(
+    config: FederationConfig, site_id: str, exchange: JobExchange, idle_timeout_s: float, poll_s: float = POLL_S
+) -> int:
+    """Answer requests until the coordinator says stop or stays silent for ``idle_timeout_s``."""
+    logger = get_run_logger()
+    done = exchange.replied(site_id)
+    served, idle_since = 0, time.monotonic()
+    while time.monotonic() - idle_since < idle_timeout_s:
+        request = exchange.latest()
+        if request is None or request.seq <= done:
+            time.sleep(poll_s)
+            continue
+        if request.kind == "stop":
+            break
+        if site_id in request.sites:
+            started = time.monotonic()
+            handle(config, site_id, exchange, request)
+            served += 1
+            logger.info(
+                "%s %s round %d in %.2fs", site_id, request.kind, request.server_round, time.monotonic() - started
+            )
+        done, idle_since = request.seq, time.monotonic()
+    return served
+
+
+@flow(name="site-session")
+def site_session(config_path: str, site_id: str, job_id: str, store_root: str, idle_timeout_s: float = 900.0) -> int:
+    """Serve one job at one site; runs on the site's own work pool."""
+    config = load_federation(config_path)
+    check_site_root(config, site_id)
+    exchange = JobExchange(LocalArtifactStore(Path(store_root)), job_id)
+    get_run_logger().info("site %s joined job %s (cwd %s)", site_id, job_id, os.getcwd())
+    return serve(config, site_id, exchange, idle_timeout_s)

@@ -1,0 +1,107 @@
+"""The wire format between the coordinator and site sessions, through the artifact store.
+
+Every message is JSON; weights travel as a separate ``.npz`` object named in the JSON with its
+sha256, so a reader checks what it loads. Decoding validates the shape of each message: a site
+reply is input from another machine and is treated as such.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from configs.errors import ReplyRejected
+from evaluation.metrics import BinaryCounts
+from evaluation.report import SiteEvaluation
+from tasks.contract import ContractSummary
+from tasks.features import Moments
+
+Kind = Literal["preprocess", "train", "evaluate", "monitor", "stop"]
+KINDS: tuple[str, ...] = ("preprocess", "train", "evaluate", "monitor", "stop")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One piece of work the coordinator asks of the sampled sites."""
+
+    job_id: str
+    seq: int
+    kind: Kind
+    sites: tuple[str, ...]
+    server_round: int = 0
+    weights_key: str | None = None
+    weights_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "seq": self.seq,
+            "kind": self.kind,
+            "sites": list(self.sites),
+            "server_round": self.server_round,
+            "weights_key": self.weights_key,
+            "weights_sha256": self.weights_sha256,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Request:
+        try:
+            kind = str(data["kind"])
+            if kind not in KINDS:
+                raise ValueError(f"unknown kind {kind!r}")
+            return cls(
+                job_id=str(data["job_id"]),
+                seq=int(data["seq"]),
+                kind=kind,  # type: ignore[arg-type]
+                sites=tuple(str(s) for s in data["sites"]),
+                server_round=int(data.get("server_round", 0)),
+                weights_key=data.get("weights_key"),
+                weights_sha256=data.get("weights_sha256"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReplyRejected(f"malformed request: {exc}", fix="the coordinator and site run different versions") from exc
+
+
+def fingerprint_to_dict(fp: Any) -> dict[str, Any]:
+    return dict(fp.to_dict())
+
+
+def fingerprint_from_dict(data: Mapping[str, Any]) -> Any:
+    from tasks.site import DataFingerprint
+
+    try:
+        moments = data.get("moments")
+        return DataFingerprint(
+            site_id=str(data["site_id"]),
+            data_hash=str(data["data_hash"]),
+            raw_rows=int(data["raw_rows"]),
+            train_rows=int(data["train_rows"]),
+            test_rows=int(data["test_rows"]),
+            schema_hash=str(data["schema_hash"]),
+            contract=ContractSummary.from_dict(data["contract"]),
+            moments=None
+            if moments is None
+            else Moments(
+                int(moments["count"]),
+                tuple(float(v) for v in moments["total"]),
+                tuple(float(v) for v in moments["total_sq"]),
+            ),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReplyRejected(f"malformed data fingerprint: {exc}", fix="check the site's Quorum version") from exc
+
+
+def evaluation_to_dict(evaluation: SiteEvaluation) -> dict[str, Any]:
+    return evaluation.to_dict()
+
+
+def evaluation_from_dict(data: Mapping[str, Any]) -> SiteEvaluation:
+    try:
+        return SiteEvaluation(
+            site_id=str(data["site_id"]),
+            overall=BinaryCounts.from_dict(data["overall"]),
+            groups={str(k): BinaryCounts.from_dict(v) for k, v in data["groups"].items()},
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ReplyRejected(f"malformed evaluation counts: {exc}", fix="check the site's Quorum version") from exc
