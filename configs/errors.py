@@ -74,6 +74,26 @@ class QuorumNotMet(SignatureError):
     headline = "Approval quorum not met"
 
 
+class ProvenanceError(SignatureError):
+    """The provenance statement is missing, malformed, names another model, or disagrees with the files."""
+
+    headline = "Provenance check failed"
+
+
+class NotPermitted(QuorumError, PermissionError):
+    """Governance does not let this approver (or this key) do what was asked."""
+
+    headline = "Not permitted by governance"
+    exit_code = 6
+
+
+class ChampionError(QuorumError):
+    """The registry has no champion to act on, or its history does not allow the request."""
+
+    headline = "No suitable champion"
+    exit_code = 9
+
+
 class AuditLogError(QuorumError):
     headline = "Audit log is not intact"
     exit_code = 7

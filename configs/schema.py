@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -232,20 +233,38 @@ class FederationConfig(BaseModel):
 
 
 class Approver(BaseModel):
+    """One approver and the key that speaks for them.
+
+    ``expires`` is the first day the key is no longer accepted; ``revoked`` withdraws it at once.
+    Both act at verification time, on every signature the key ever made: key-mode signatures
+    carry no trusted timestamp, so "signed before it expired" cannot be proven and is not believed.
+    """
+
     model_config = _FROZEN
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
     role: str = "approver"
     public_key: Path
+    expires: date | None = None
+    revoked: bool = False
+
+    def key_problem(self, today: date) -> str | None:
+        """Why this approver's key may not be used on ``today``, or None when it may."""
+        if self.revoked:
+            return f"key of approver {self.name} is revoked in governance"
+        if self.expires is not None and today >= self.expires:
+            return f"key of approver {self.name} expired on {self.expires.isoformat()}"
+        return None
 
 
 class GovernanceConfig(BaseModel):
-    """Who may approve a model and how many distinct approvals promotion needs."""
+    """Who may approve a model, how many distinct approvals promotion needs, and who may roll back."""
 
     model_config = _FROZEN
 
     quorum: int = Field(ge=1)
     approvers: tuple[Approver, ...] = Field(min_length=1)
+    rollback: tuple[str, ...] | None = None
     source: Path | None = None
 
     @model_validator(mode="after")
@@ -256,7 +275,21 @@ class GovernanceConfig(BaseModel):
             raise ValueError(f"approver names must be distinct: {', '.join(dupes)}")
         if self.quorum > len(self.approvers):
             raise ValueError(f"quorum is {self.quorum} but only {len(self.approvers)} approvers are listed")
+        active = [a.name for a in self.approvers if not a.revoked]
+        if self.quorum > len(active):
+            raise ValueError(
+                f"quorum is {self.quorum} but only {len(active)} approvers are not revoked "
+                f"({', '.join(active) or 'none'}); add a new approver or lower the quorum"
+            )
+        unknown = sorted(set(self.rollback or ()) - set(names))
+        if unknown:
+            raise ValueError(f"rollback names unknown approvers: {', '.join(unknown)} (allowed: {', '.join(names)})")
         return self
+
+    @property
+    def rollback_approvers(self) -> tuple[str, ...]:
+        """Who may roll the champion back: the ``rollback`` list, or every approver when it is absent."""
+        return self.rollback if self.rollback is not None else tuple(a.name for a in self.approvers)
 
     def approver(self, name: str) -> Approver:
         for approver in self.approvers:

@@ -45,7 +45,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="sign the new version with this approver private key (repeatable)",
     )
     run.add_argument("--job-id", help="name the job (default: generated)")
+    run.add_argument(
+        "--runner",
+        choices=("local", "pool"),
+        default="local",
+        help="local: sites in this process (default); pool: each site on its own work pool (quorum up)",
+    )
+    run.add_argument("--resume", metavar="JOB", help="continue JOB from its last completed round")
     run.set_defaults(handler=_cmd_run)
+
+    up = commands.add_parser("up", help="start Prefect and MLflow servers, the pools, deployments and site workers")
+    _add_config(up, governance=True)
+    up.add_argument("--prefect-file", default="infra/prefect.yaml", help="deployments to deploy")
+    up.set_defaults(handler=_cmd_up)
+    for name, handler, text in (
+        ("status", _cmd_status, "show servers, pools, workers and the last runs"),
+        ("down", _cmd_down, "stop exactly the processes `quorum up` started"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        _add_config(sub)
+        sub.set_defaults(handler=handler)
+
+    infra = commands.add_parser("infra", help="deployment files").add_subparsers(dest="infra_command", required=True)
+    render = infra.add_parser("render", help="write infra/prefect.yaml for a federation config")
+    _add_config(render, governance=True)
+    render.add_argument("--out", default="infra/prefect.yaml")
+    render.add_argument(
+        "--no-demo-keys",
+        action="store_true",
+        help="do not let the scheduled lifecycle sign with the demo approver keys",
+    )
+    render.set_defaults(handler=_cmd_render)
 
     data = commands.add_parser("data", help="site data helpers").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the deterministic demo data into each site's folder")
@@ -62,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = keys.add_parser("generate", help="create an approver key pair (private key mode 0600)")
     gen.add_argument("--name", required=True, help="approver name")
     gen.add_argument("--out", default=".quorum/keys", help="folder for NAME.key and NAME.pub")
+    gen.add_argument("--config", help="federation config whose audit log records the new key (default: no record)")
     gen.set_defaults(handler=_cmd_keys_generate)
 
     approve = commands.add_parser("approve", help="sign a registered model version; promote it once the quorum is met")
@@ -70,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("--key", required=True, help="your approver private key")
     _add_config(approve, governance=True)
     approve.set_defaults(handler=_cmd_approve)
+
+    rollback = commands.add_parser("rollback", help="make the previous signed champion current again")
+    rollback.add_argument("model", help="registered model name")
+    rollback.add_argument("--to", dest="to_version", metavar="VERSION", help="an earlier champion (default: the last)")
+    rollback.add_argument("--key", required=True, help="private key of an approver allowed to roll back")
+    rollback.add_argument("--reason", default="", help="why, for the audit log")
+    _add_config(rollback, governance=True)
+    rollback.set_defaults(handler=_cmd_rollback)
+
+    deploy = commands.add_parser("deploy", help="verify the champion at a site, load it and record what the site runs")
+    deploy.add_argument("--site", required=True, help="site id")
+    _add_config(deploy, governance=True)
+    deploy.set_defaults(handler=_cmd_deploy)
 
     audit = commands.add_parser("audit", help="the governance audit log").add_subparsers(
         dest="audit_command", required=True
@@ -111,7 +155,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from flows import commands
 
-    return commands.run(Path(args.config), Path(args.governance), args.approve_with, args.job_id, args.verbose)
+    return commands.run(
+        Path(args.config), Path(args.governance), args.approve_with, args.job_id, args.verbose, args.runner, args.resume
+    )
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.up(Path(args.config), Path(args.governance), Path(args.prefect_file))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.status(Path(args.config))
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.down(Path(args.config))
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.render_infra(Path(args.config), Path(args.governance), Path(args.out), not args.no_demo_keys)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -129,13 +199,27 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 def _cmd_keys_generate(args: argparse.Namespace) -> int:
     from flows import commands
 
-    return commands.keys_generate(args.name, Path(args.out))
+    return commands.keys_generate(args.name, Path(args.out), Path(args.config) if args.config else None)
 
 
 def _cmd_approve(args: argparse.Namespace) -> int:
     from flows import commands
 
     return commands.approve(Path(args.config), Path(args.governance), args.model, args.version, Path(args.key))
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.rollback(
+        Path(args.config), Path(args.governance), args.model, Path(args.key), args.to_version, args.reason, args.verbose
+    )
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.deploy(Path(args.config), Path(args.governance), args.site, args.verbose)
 
 
 def _cmd_audit_show(args: argparse.Namespace) -> int:

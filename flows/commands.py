@@ -45,7 +45,15 @@ def _quiet_console(verbose: bool) -> None:
 
 
 class _OurLines(logging.Filter):
-    CHATTER = ("Beginning", "Finished in state", "Created ", "Executing", "Encountered exception", "Running hook")
+    CHATTER = (
+        "Beginning",
+        "Finished in state",
+        "Created ",
+        "Executing",
+        "Encountered exception",
+        "Running hook",
+        "View at",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -84,21 +92,125 @@ def demo(config_path: Path, governance_path: Path, verbose: bool) -> int:
     return _run_and_report(config_path, governance_path, keys, None, verbose)
 
 
-def run(config_path: Path, governance_path: Path, approve_with: list[str], job_id: str | None, verbose: bool) -> int:
-    _prepare(config_path)
+def run(
+    config_path: Path,
+    governance_path: Path,
+    approve_with: list[str],
+    job_id: str | None,
+    verbose: bool,
+    runner: str = "local",
+    resume: str | None = None,
+) -> int:
+    config, state = _prepare(config_path)
     load_governance(governance_path)
-    return _run_and_report(config_path, governance_path, approve_with, job_id, verbose)
+    if runner == "pool":
+        _use_stack(config, state)
+    return _run_and_report(config_path, governance_path, approve_with, resume or job_id, verbose, runner, bool(resume))
+
+
+def _use_stack(config: FederationConfig, state: StateLayout) -> None:
+    """Point this process at the servers `quorum up` started (before Prefect is imported)."""
+    from flows.stack import Stack
+
+    stack = Stack(config, state)
+    if not stack.service("prefect-server").alive():
+        raise QuorumError("the Prefect server of this federation is not running", fix="run `quorum up` first")
+    os.environ["PREFECT_API_URL"] = stack.prefect_url
+    os.environ["MLFLOW_TRACKING_URI"] = stack.mlflow_url
 
 
 def _run_and_report(
-    config_path: Path, governance_path: Path, keys: list[str], job_id: str | None, verbose: bool
+    config_path: Path,
+    governance_path: Path,
+    keys: list[str],
+    job_id: str | None,
+    verbose: bool,
+    runner: str = "local",
+    resume: bool = False,
 ) -> int:
     from flows.lifecycle import lifecycle
-    from flows.report import print_summary
+    from flows.report import RoundProgress, print_summary
 
     _quiet_console(verbose)
-    result = lifecycle(str(config_path.resolve()), str(governance_path.resolve()), keys, job_id)
+    with RoundProgress():
+        result = lifecycle(
+            config_path=str(config_path.resolve()),
+            governance_path=str(governance_path.resolve()),
+            approver_keys=keys,
+            job_id=job_id,
+            runner="pool" if runner == "pool" else "local",
+            resume=resume,
+        )
     print_summary(result)
+    return 0
+
+
+def up(config_path: Path, governance_path: Path, prefect_file: Path) -> int:
+    config, state = _prepare(config_path)
+    from flows.stack import Stack
+
+    stack = Stack(config, state)
+    os.environ["PREFECT_API_URL"] = stack.prefect_url  # before anything imports Prefect
+    project = Path.cwd().resolve()
+    print(f"starting Prefect on {stack.prefect_url} and MLflow on {stack.mlflow_url} ...")
+    stack.start_servers()
+    from flows.stack import deploy, ensure_pools, wait_for_workers
+
+    pools = ensure_pools(config)
+    if not prefect_file.exists():
+        render_infra(config_path, governance_path, prefect_file)
+    print(f"deploying {prefect_file} ...")
+    deploy(prefect_file, project, stack.base_env())
+    stack.start_workers(project)
+    wait_for_workers(pools, timeout_s=120)
+    print(f"pools ready: {', '.join(pools)}")
+    print(
+        f"Prefect UI: http://127.0.0.1:{config.deployment.prefect_port}   "
+        f"MLflow UI: {stack.mlflow_url}\nstop everything with `quorum down`"
+    )
+    return 0
+
+
+def status(config_path: Path) -> int:
+    config, state = _prepare(config_path)
+    from flows.stack import Stack
+
+    stack = Stack(config, state)
+    for service in stack.services():
+        print(f"{service.name:<24} {'running pid ' + str(service.pid()) if service.alive() else 'stopped'}")
+    if not stack.service("prefect-server").alive():
+        print("the Prefect server is not running: `quorum up` starts everything")
+        return 0
+    os.environ["PREFECT_API_URL"] = stack.prefect_url
+    from flows.deployments import COORDINATOR_POOL, site_pool
+    from flows.stack import pool_report
+
+    pools, runs = pool_report([COORDINATOR_POOL, *(site_pool(s) for s in config.site_ids)])
+    for name, pool_status in pools.items():
+        print(f"pool {name:<19} {pool_status}")
+    for name, pool, state_name, started in runs:
+        print(f"run  {name:<24} {pool:<16} {state_name:<10} {started}")
+    return 0
+
+
+def down(config_path: Path) -> int:
+    config, state = _prepare(config_path)
+    from flows.stack import Stack
+
+    stopped = Stack(config, state).stop()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def render_infra(config_path: Path, governance_path: Path, out: Path, demo_keys: bool = True) -> int:
+    from flows.deployments import render, write
+
+    config, state = _prepare(config_path)
+    governance = load_governance(governance_path)
+    keys = [state.keys / f"{a.name}.key" for a in governance.approvers] if demo_keys else []
+    assert governance.source is not None
+    write(render(config, governance.source, Path.cwd(), keys), out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -136,7 +248,8 @@ def raise_contract(site_id: str, detail: str) -> None:
     )
 
 
-def keys_generate(name: str, out: Path) -> int:
+def keys_generate(name: str, out: Path, config_path: Path | None = None) -> int:
+    """Create a key pair; with a federation config, also record the new key in its audit log."""
     from lineage.keys import generate_key_pair
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
@@ -148,8 +261,17 @@ def keys_generate(name: str, out: Path) -> int:
         raise ConfigError(f"{out} exists and is not a folder", fix="pass a folder with --out")
     private, public = out / f"{name}.key", out / f"{name}.pub"
     out.mkdir(parents=True, exist_ok=True)
+    config = None if config_path is None else load_federation(config_path)
     generate_key_pair(private, public)
     print(f"private key: {private} (mode 0600, keep it secret)\npublic key:  {public} (add it to governance.yaml)")
+    if config is not None:
+        from lineage.audit import AuditLog
+        from lineage.keys import public_key_fingerprint
+
+        fingerprint = public_key_fingerprint(public)
+        details = {"approver": name, "fingerprint": fingerprint, "public_key": str(public.resolve())}
+        AuditLog(StateLayout(config.state_dir).audit_log).append("key_generated", name, details)
+        print(f"recorded in the audit log of {config.name}: key_generated {name} sha256:{fingerprint}")
     return 0
 
 
@@ -168,12 +290,15 @@ def approve(config_path: Path, governance_path: Path, model: str, version: str, 
     from lineage.tracking import set_version_tags
 
     approver = approver_for_private_key(key, governance)
+    _require_usable_key(governance, approver)
     ctx = load_context(str(config_path), str(governance_path))
     try:
         ctx.tracker.client.get_model_version(model, version)
     except Exception as exc:  # MLflow raises RestException for an unknown version
         raise ConfigError(f"{model} has no version {version}", fix="see the versions with `quorum ui`") from exc
-    fetch_files(ctx.tracker, ctx.store, model, version)
+    from lineage.provenance import verify_provenance
+
+    verify_provenance(fetch_files(ctx.tracker, ctx.store, model, version), model, version)  # sign only what it claims
     [signature] = sign_version(ctx.store, model, version, [(approver, key)])
     set_version_tags(ctx.tracker, model, version, {f"signature.{approver}": signature.digest})
     ctx.audit.append("approval", approver, {"model": model, "version": version, "signature": signature.digest})
@@ -186,6 +311,59 @@ def approve(config_path: Path, governance_path: Path, model: str, version: str, 
 
         promote_approved(ctx, version)
         print(f"{model} v{version} is now the champion")
+    return 0
+
+
+def _require_usable_key(governance: GovernanceConfig, approver: str) -> None:
+    from configs.errors import NotPermitted
+    from lineage.signing import today_utc
+
+    problem = governance.approver(approver).key_problem(today_utc())
+    if problem:
+        raise NotPermitted(f"{problem}; its signatures would not count", fix="sign with a current, unrevoked key")
+
+
+def rollback(
+    config_path: Path,
+    governance_path: Path,
+    model: str,
+    key: Path,
+    to_version: str | None,
+    reason: str,
+    verbose: bool = False,
+) -> int:
+    config, _ = _prepare(config_path)
+    load_governance(governance_path)
+    if model != config.model_name:
+        raise ConfigError(
+            f"this federation registers {config.model_name!r}, not {model!r}",
+            fix=f"quorum rollback {config.model_name} --key ...",
+        )
+    from flows.context import load_context
+    from flows.governance import rollback_flow
+
+    _quiet_console(verbose)
+    result = rollback_flow(load_context(str(config_path), str(governance_path)), key, to_version, reason)
+    print(
+        f"{model} v{result.to_version} is the champion again, v{result.from_version} is rolled back "
+        f"(signed by {', '.join(result.quorum.valid_approvers)}; provenance sha256:{result.provenance_sha256})\n"
+        "sites load it with `quorum deploy --site ID`"
+    )
+    return 0
+
+
+def deploy(config_path: Path, governance_path: Path, site_id: str, verbose: bool = False) -> int:
+    config, _ = _prepare(config_path)
+    load_governance(governance_path)
+    config.site(site_id)
+    from flows.deploy import deploy_flow
+
+    _quiet_console(verbose)
+    deployment = deploy_flow(str(config_path.resolve()), str(governance_path.resolve()), site_id)
+    print(
+        f"{site_id} runs {deployment.model} v{deployment.version} "
+        f"(signed by {', '.join(deployment.signers)}; provenance sha256:{deployment.provenance_sha256})"
+    )
     return 0
 
 

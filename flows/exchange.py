@@ -8,6 +8,7 @@ poll one small file and can verify everything they read.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -70,6 +71,18 @@ class JobExchange:
 
     def reply_weights(self, payload: dict[str, Any]) -> list[Any]:
         return self.store.get_weights(str(payload["weights_key"]), str(payload["weights_sha256"]))
+
+    def beat(self, site_id: str) -> None:
+        """A session's sign of life, so the coordinator stops waiting for a site whose worker died."""
+        self.store.put_json(self._key("sessions", f"{site_id}.json"), {"site_id": site_id, "at": time.time()})
+
+    def silent_for(self, site_id: str) -> float | None:
+        """Seconds since the site's session last beat; ``None`` if it never started."""
+        key = self._key("sessions", f"{site_id}.json")
+        if not self.store.exists(key):
+            return None
+        data: Any = self.store.get_json(key)
+        return time.time() - float(data["at"])
 
     def replied(self, site_id: str) -> int:
         """The newest request this site already answered: where a restarted session picks up."""

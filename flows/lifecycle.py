@@ -23,6 +23,7 @@ from flows.promote import PromotionResult, promote_flow
 from flows.runners import LocalRunner, SiteRunner
 from flows.tuning import TuningResult, tune_flow
 from lineage.keys import approver_for_private_key
+from lineage.provenance import SiteEvidence
 from tasks.features import feature_names
 
 CODE_ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +68,11 @@ def _lineage_tags(ctx: JobContext, prep: PreprocessResult, commit: str, run_id: 
         tags[f"data.{site_id}"] = fp.data_hash
         tags[f"rows.{site_id}"] = str(fp.train_rows + fp.test_rows)
     return tags
+
+
+def _site_evidence(prep: PreprocessResult) -> list[SiteEvidence]:
+    """Each fingerprinted site's data hash and contract outcome, for the model's provenance."""
+    return [SiteEvidence(s, fp.data_hash, fp.contract.passed) for s, fp in prep.fingerprints.items()]
 
 
 def _start_parent(ctx: JobContext, commit: str) -> str:
@@ -149,6 +155,7 @@ def run_lifecycle(
                 _lineage_tags(ctx, prep, commit, result.run_id),
                 run_id,
                 keys,
+                site_evidence=_site_evidence(prep),
             )
         with _stage(ctx, result, "monitor") as run_id:
             result.monitor = monitor_flow(ctx, runner, prep.usable_sites, run_id)

@@ -25,10 +25,11 @@ from tasks.site import DataFingerprint, SiteUpdate
 
 SESSION_FLOW = "site-session"
 POLL_S = 0.02
+GONE_AFTER_S = 6.0  # a session that has not beaten for this long is gone (it beats every second between requests)
 
 
 def session_deployment(site_id: str) -> str:
-    return f"{SESSION_FLOW}/site-{site_id}"
+    return f"{SESSION_FLOW}/session-{site_id}"
 
 
 class PoolRunner(SiteRunner):
@@ -86,18 +87,27 @@ class PoolRunner(SiteRunner):
                     reply = self.exchange.read_reply(request.seq, site_id)
                     if reply is not None:
                         replies[site_id] = _failure(site_id, reply) or reply
+                    elif self._gone(site_id):
+                        replies[site_id] = self._silent(site_id, "stopped answering (its session is gone)")
             if len(replies) < len(site_ids):
                 time.sleep(POLL_S)
         self._first_request = False
         for site_id in site_ids:
-            replies.setdefault(site_id, self._silent(site_id))
+            if site_id not in replies:
+                replies[site_id] = self._silent(site_id)
         return replies
 
-    def _silent(self, site_id: str) -> SiteFailure:
+    def _gone(self, site_id: str) -> bool:
+        """A session that beat before and has since been silent for several beats has died."""
+        silent = self.exchange.silent_for(site_id)
+        return silent is not None and silent > GONE_AFTER_S
+
+    def _silent(self, site_id: str, what: str = "") -> SiteFailure:
+        what = what or f"did not answer within {self._deadline_s():.0f}s"
         return SiteFailure(
             site_id,
             "Site did not answer",
-            f"site {site_id} did not answer within {self._deadline_s():.0f}s",
+            f"site {site_id} {what}",
             f"start its worker: `quorum up`, or `prefect worker start --pool site-{site_id}` where its data is",
         )
 
@@ -129,6 +139,7 @@ class PoolRunner(SiteRunner):
                 self.exchange.reply_weights(reply),
                 int(reply["num_examples"]),
                 float(reply["train_loss"]),
+                float(reply.get("train_s", 0.0)),
             )
 
         return self._decode(self._dispatch("train", site_ids, weights, server_round), decode)

@@ -1,8 +1,9 @@
 """Stage 5 (promotion): register the candidate, collect signatures, and make it champion.
 
 The champion alias moves only when the verdict passed and a quorum of distinct approvers signed the
-version's files. Moving it, tagging the version and recording the audit entry form one Prefect
-transaction: if any step fails the alias is put back, so no model is ever half-promoted.
+version's files, which include its provenance statement (written before anyone signs). Moving it,
+tagging the version and recording the audit entry form one Prefect transaction: if any step fails
+the alias is put back, so no model is ever half-promoted.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prefect.transactions import Transaction, get_transaction, transaction
 from configs.errors import GateFailed
 from evaluation.gates import Verdict
 from flows.context import JobContext
+from lineage.provenance import BuildFacts, SiteEvidence, build_statement, provenance_digest, write_provenance
 from lineage.registry import fetch_files, model_key, sign_version, signatures_key, verify_version
 from lineage.signing import QuorumResult, check_quorum
 from lineage.tracking import CANDIDATE, CHAMPION, alias_version, log_model, register, set_alias, set_version_tags
@@ -52,6 +54,7 @@ def _restore_champion_alias(txn: Transaction) -> None:
 
 @task(cache_policy=NO_CACHE)
 def record_promotion(ctx: JobContext, version: str, quorum: QuorumResult, previous: str | None) -> None:
+    provenance = provenance_digest(ctx.store.path(model_key(ctx.config.model_name, version)))
     set_version_tags(
         ctx.tracker,
         ctx.config.model_name,
@@ -60,6 +63,7 @@ def record_promotion(ctx: JobContext, version: str, quorum: QuorumResult, previo
             "quorum.signers": ",".join(quorum.valid_approvers),
             "quorum.required": str(quorum.required),
             "stage": CHAMPION,
+            "previous_champion": previous or "none",
         },
     )
     ctx.audit.append(
@@ -70,13 +74,14 @@ def record_promotion(ctx: JobContext, version: str, quorum: QuorumResult, previo
             "version": version,
             "previous": previous,
             "signers": list(quorum.valid_approvers),
+            "provenance_sha256": provenance,
             "job_id": ctx.job_id,
         },
     )
 
 
 def make_champion(ctx: JobContext, version: str) -> PromotionResult:
-    """Verify the quorum again, then move the alias, tag and audit as one transaction."""
+    """Verify quorum and provenance again, then move the alias, tag and audit as one transaction."""
     quorum = verify_version(ctx.store, ctx.governance, ctx.config.model_name, version)
     with transaction() as txn:
         txn.set("ctx", ctx)
@@ -113,7 +118,13 @@ def promote_flow(
     lineage_tags: dict[str, str],
     run_id: str,
     approver_keys: Sequence[tuple[str, Path]] = (),
+    site_evidence: Sequence[SiteEvidence] = (),
 ) -> PromotionResult:
+    """Register a passed candidate, write its provenance, sign it, and promote it once the quorum is met.
+
+    ``site_evidence`` is each site's data hash and contract outcome for the provenance statement;
+    when a caller has none, the data hashes in ``lineage_tags`` (sites that passed) are used.
+    """
     logger = get_run_logger()
     if not verdict.passed:
         raise GateFailed(
@@ -123,10 +134,12 @@ def promote_flow(
     tags = {**lineage_tags, "verdict": "passed", "verdict.gates": json.dumps([g.name for g in verdict.gates])}
     version = _register_candidate(ctx, weights, feature_mean, run_id, tags)
     name = ctx.config.model_name
-    fetch_files(ctx.tracker, ctx.store, name, version)
+    files = fetch_files(ctx.tracker, ctx.store, name, version)
+    facts = _build_facts(ctx, verdict, lineage_tags, run_id, site_evidence)
+    provenance = write_provenance(files, build_statement(files, name, version, facts))
+    set_version_tags(ctx.tracker, name, version, {"provenance.sha256": provenance})
     signatures = sign_version(ctx.store, name, version, approver_keys)
     set_version_tags(ctx.tracker, name, version, {f"signature.{s.approver}": s.digest for s in signatures})
-    files = ctx.store.path(model_key(name, version))
     quorum = check_quorum(files, ctx.store.path(signatures_key(name, version)), ctx.governance)
     if not quorum.met:
         ctx.audit.append(
@@ -137,6 +150,25 @@ def promote_flow(
         logger.warning("%s v%s awaits approvals: %d of %d", name, version, len(quorum.valid_approvers), quorum.required)
         return PromotionResult(version, False, quorum, alias_version(ctx.tracker, name, CHAMPION))
     return make_champion(ctx, version)
+
+
+def _build_facts(
+    ctx: JobContext, verdict: Verdict, lineage_tags: dict[str, str], run_id: str, evidence: Sequence[SiteEvidence]
+) -> BuildFacts:
+    sites = tuple(evidence) or tuple(
+        SiteEvidence(key.removeprefix("data."), value, contract_passed=True)
+        for key, value in lineage_tags.items()
+        if key.startswith("data.")
+    )
+    return BuildFacts(
+        job_id=ctx.job_id,
+        config_hash=lineage_tags.get("config_hash", ctx.config.config_hash()),
+        git_commit=lineage_tags.get("git_commit", "unknown"),
+        mlflow_run_id=lineage_tags.get("mlflow_run", run_id),
+        mlflow_model_run_id=run_id,
+        sites=sites,
+        verdict=verdict.to_dict(),
+    )
 
 
 def describe_pending(result: PromotionResult, model_name: str) -> str:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from types import TracebackType
+from typing import Any
+
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from flows.lifecycle import LifecycleResult
@@ -64,3 +69,39 @@ def print_summary(result: LifecycleResult, console: Console | None = None) -> No
     elif promotion is not None:
         console.print(describe_pending(promotion, result.model_name))
     console.print("look at it: `quorum ui` (MLflow model browser), `quorum audit show`")
+
+
+class RoundProgress(logging.Handler):
+    """A progress bar per training job, fed by the tune flow's per-round log records.
+
+    The flow only logs (that is what the Prefect UI shows); the terminal view listens to the same
+    records, so the flow needs no knowledge of who is watching.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.progress = Progress(
+            TextColumn("tuning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}")
+        )
+        self.task: TaskID | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not (isinstance(record.msg, str) and record.msg.startswith("round %d/%d") and record.args):
+            return
+        args: tuple[Any, ...] = record.args if isinstance(record.args, tuple) else ()
+        server_round, rounds = int(args[0]), int(args[1])
+        detail = f"accuracy {float(args[4]):.3f}, AUC {float(args[5]):.3f}" if len(args) >= 6 else ""
+        if self.task is None:
+            self.task = self.progress.add_task("tune", total=rounds, detail=detail)
+        self.progress.update(self.task, completed=server_round, detail=detail)
+
+    def __enter__(self) -> RoundProgress:
+        self.progress.start()
+        logging.getLogger("prefect.flow_runs").addHandler(self)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        logging.getLogger("prefect.flow_runs").removeHandler(self)
+        self.progress.stop()

@@ -10,20 +10,24 @@ missed are already settled without it.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
 from configs.errors import ConfigError, QuorumError
 from configs.schema import FederationConfig, load_federation
+from flows.deployments import SITE_ROOT_ENV
 from flows.exchange import JobExchange
 from lineage.artifacts import LocalArtifactStore
 from tasks import site as site_work
 from tasks.messages import Request
 
-SITE_ROOT_ENV = "QUORUM_SITE_ROOT"
 POLL_S = 0.05
+HEARTBEAT_S = 1.0
 
 
 def check_site_root(config: FederationConfig, site_id: str) -> None:
@@ -49,6 +53,7 @@ def handle(config: FederationConfig, site_id: str, exchange: JobExchange, reques
                 "server_round": update.server_round,
                 "num_examples": update.num_examples,
                 "train_loss": update.train_loss,
+                "train_s": update.train_s,
                 "job_id": request.job_id,
             }
             exchange.reply(request.seq, site_id, payload, update.weights)
@@ -62,6 +67,25 @@ def handle(config: FederationConfig, site_id: str, exchange: JobExchange, reques
         exchange.fail(request.seq, site_id, error)
 
 
+@contextmanager
+def _heartbeat(exchange: JobExchange, site_id: str) -> Iterator[None]:
+    """Beat every second from a thread, also while a long request is being worked on."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            exchange.beat(site_id)
+            stop.wait(HEARTBEAT_S)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{site_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def serve(
     config: FederationConfig, site_id: str, exchange: JobExchange, idle_timeout_s: float, poll_s: float = POLL_S
 ) -> int:
@@ -69,22 +93,31 @@ def serve(
     logger = get_run_logger()
     done = exchange.replied(site_id)
     served, idle_since = 0, time.monotonic()
-    while time.monotonic() - idle_since < idle_timeout_s:
-        request = exchange.latest()
-        if request is None or request.seq <= done:
-            time.sleep(poll_s)
-            continue
-        if request.kind == "stop":
-            break
-        if site_id in request.sites:
-            started = time.monotonic()
-            handle(config, site_id, exchange, request)
-            served += 1
-            logger.info(
-                "%s %s round %d in %.2fs", site_id, request.kind, request.server_round, time.monotonic() - started
-            )
-        done, idle_since = request.seq, time.monotonic()
+    with _heartbeat(exchange, site_id):
+        while time.monotonic() - idle_since < idle_timeout_s:
+            request = exchange.latest()
+            if request is None or request.seq <= done:
+                time.sleep(poll_s)
+                continue
+            if request.kind == "stop":
+                break
+            if site_id in request.sites:
+                started = time.monotonic()
+                handle(config, site_id, exchange, request)
+                served += 1
+                logger.info(
+                    "%s %s round %d in %.2fs", site_id, request.kind, request.server_round, time.monotonic() - started
+                )
+            done, idle_since = request.seq, time.monotonic()
     return served
+
+
+def warm_up() -> None:
+    """Import the heavy libraries before the first request, not inside a round's deadline."""
+    import evidently  # noqa: F401
+    import great_expectations  # noqa: F401
+
+    import tasks.training  # noqa: F401  (torch)
 
 
 @flow(name="site-session")
@@ -93,5 +126,6 @@ def site_session(config_path: str, site_id: str, job_id: str, store_root: str, i
     config = load_federation(config_path)
     check_site_root(config, site_id)
     exchange = JobExchange(LocalArtifactStore(Path(store_root)), job_id)
+    warm_up()
     get_run_logger().info("site %s joined job %s (cwd %s)", site_id, job_id, os.getcwd())
     return serve(config, site_id, exchange, idle_timeout_s)

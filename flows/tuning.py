@@ -12,6 +12,7 @@ import numpy as np
 from prefect import flow, get_run_logger
 
 from configs.errors import NotEnoughSites
+from configs.schema import FederationConfig
 from evaluation.metrics import merge, summarize
 from evaluation.report import SiteEvaluation
 from flows.context import JobContext
@@ -44,10 +45,10 @@ class TuningResult:
         return self.rounds[-1].metrics if self.rounds else {}
 
 
-def _start_weights(ctx: JobContext, fingerprints: dict[str, DataFingerprint]) -> tuple[Weights, list[float]]:
+def start_weights(cfg: FederationConfig, fingerprints: dict[str, DataFingerprint]) -> tuple[Weights, list[float]]:
+    """Seeded initial weights with input scaling from the sites' merged feature moments."""
     moments = [fp.moments for fp in fingerprints.values() if fp.moments is not None]
     mean, std = merge_moments(moments)
-    cfg = ctx.config
     weights = initial_weights(len(feature_names(cfg.features)), cfg.model.hidden_sizes, mean, std, cfg.seed)
     return weights, mean.tolist()
 
@@ -103,7 +104,7 @@ def tune_flow(
 ) -> TuningResult:
     logger = get_run_logger()
     site_ids = sorted(fingerprints)
-    weights, feature_mean = _start_weights(ctx, fingerprints)
+    weights, feature_mean = start_weights(ctx.config, fingerprints)
     first, weights, records = _resume_point(ctx, weights, resume)
     rounds = ctx.config.training.rounds
     if first > 1:
@@ -114,7 +115,7 @@ def tune_flow(
         weights = fedavg([(u.weights, u.num_examples) for u in accepted.values()])
         train_loss = weighted_loss_avg([(u.train_loss, u.num_examples) for u in accepted.values()])
         metrics = _round_metrics(runner.evaluate(site_ids, weights))
-        record = RoundRecord(server_round, tuple(accepted), rejected, train_loss, metrics)
+        record = RoundRecord(server_round, tuple(sorted(accepted)), rejected, train_loss, metrics)
         records.append(record)
         _checkpoint(ctx, record, weights)
         ctx.tracker.log_metrics(run_id, {"train_loss": train_loss, **metrics}, step=server_round)

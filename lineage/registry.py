@@ -1,19 +1,23 @@
-"""Model versions as files anyone can verify: fetch, sign, check the quorum, load.
+"""Model versions as files anyone can verify: fetch, sign, check the quorum and provenance, load.
 
-A version's files are copied once from the MLflow registry into the artifact store; every
-signature is over exactly those files, and nothing is loaded before the quorum verifies.
+A version's files are copied once from the MLflow registry into the artifact store; its provenance
+statement is written into that folder before anyone signs, so every signature is over exactly the
+model files plus their provenance, and nothing is loaded before both verify.
 """
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from configs.errors import SignatureError
 from configs.schema import GovernanceConfig
 from lineage.artifacts import LocalArtifactStore
+from lineage.provenance import verify_provenance
 from lineage.signing import QuorumResult, Signature, require_quorum, sign_model
 from lineage.tracking import Tracker, download_version
 
@@ -53,25 +57,69 @@ def sign_version(
     return [sign_model(files, key, folder / f"{approver}.sig", approver) for approver, key in keys]
 
 
-def verify_version(store: LocalArtifactStore, governance: GovernanceConfig, name: str, version: str) -> QuorumResult:
-    """Raise unless distinct approvers named in governance signed these exact files."""
+def verify_files(
+    files: Path, signatures: Path, governance: GovernanceConfig, name: str, version: str, now: date | None = None
+) -> QuorumResult:
+    """Raise unless a quorum signed these exact files and their provenance is about ``name`` v``version``.
+
+    Signatures first: only once they hold is the provenance statement authentic enough to read.
+    """
+    quorum = require_quorum(files, signatures, governance, now)
+    verify_provenance(files, name, version)
+    return quorum
+
+
+def verify_version(
+    store: LocalArtifactStore, governance: GovernanceConfig, name: str, version: str, now: date | None = None
+) -> QuorumResult:
+    """``verify_files`` on the version's folder in the artifact store."""
     files = store.path(model_key(name, version))
     if not files.is_dir():
         raise SignatureError(
             f"no files for {name} version {version} in the artifact store", fix="run the promote stage again"
         )
-    return require_quorum(files, store.path(signatures_key(name, version)), governance)
+    return verify_files(files, store.path(signatures_key(name, version)), governance, name, version, now)
 
 
 def load_verified_weights(
     tracker: Tracker, store: LocalArtifactStore, governance: GovernanceConfig, name: str, version: str
 ) -> Weights:
-    """What a site does before using a model: fetch, verify the quorum, then load."""
+    """What the coordinator does before using a model: fetch, verify quorum and provenance, then load."""
+    files = fetch_files(tracker, store, name, version)
+    verify_version(store, governance, name, version)
+    return load_weights(files)
+
+
+def install_verified(
+    store: LocalArtifactStore, governance: GovernanceConfig, name: str, version: str, destination: Path
+) -> QuorumResult:
+    """Copy a version's files and signatures to ``destination`` and verify the copy there.
+
+    What a site does: it verifies the very bytes it will load, in its own folder, so a later change
+    to the shared store cannot reach a model already in use. ``destination`` appears only once its
+    copy verified (built under a temporary name, then renamed over any earlier copy).
+    """
+    staging = destination.with_name(f".{destination.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        for key, folder in ((model_key(name, version), "files"), (signatures_key(name, version), "signatures")):
+            source = store.path(key)
+            if not source.is_dir():
+                raise SignatureError(
+                    f"no {folder} for {name} version {version} in the artifact store", fix="run the promote stage again"
+                )
+            shutil.copytree(source, staging / folder, symlinks=True)
+        quorum = verify_files(staging / "files", staging / "signatures", governance, name, version)
+        shutil.rmtree(destination, ignore_errors=True)
+        staging.rename(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return quorum
+
+
+def load_weights(files: Path) -> Weights:
+    """Load a model folder's weights; call only on a folder that was just verified."""
     import mlflow.pytorch
 
     from tasks.model import get_weights
 
-    files = fetch_files(tracker, store, name, version)
-    verify_version(store, governance, name, version)
-    model = mlflow.pytorch.load_model(str(files))
-    return get_weights(model)
+    return get_weights(mlflow.pytorch.load_model(str(files)))

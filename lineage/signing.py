@@ -20,6 +20,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from configs.errors import ConfigError, QuorumNotMet, SignatureError
 from configs.schema import Approver, GovernanceConfig
 
 SIGNATURE_SUFFIX = ".sig"
+_CHANGED = "model differs from what was signed"
 # What model-signing leaves out by default; anything else left out weakens the signature.
 _DEFAULT_IGNORED = frozenset({".git", ".gitattributes", ".github", ".gitignore"})
 
@@ -93,22 +95,28 @@ def verify_signature(model_dir: Path, signature_path: Path, public_key: Path) ->
         )
 
 
-def check_quorum(model_dir: Path, signatures_dir: Path, governance: GovernanceConfig) -> QuorumResult:
+def check_quorum(
+    model_dir: Path, signatures_dir: Path, governance: GovernanceConfig, now: date | None = None
+) -> QuorumResult:
     """Count distinct approvers with a valid signature; explain every signature that is not.
 
     An approval counts once per approver and once per key, so neither a second file from the
-    same person nor two governance entries sharing one key can inflate the count.
+    same person nor two governance entries sharing one key can inflate the count. A revoked or
+    expired key (as of ``now``, by default today in UTC) approves nothing.
     """
     model_dir, signatures_dir = Path(model_dir), Path(signatures_dir)
+    today = now or today_utc()
     _require_model_dir(model_dir)
     _require_outside(model_dir, signatures_dir)
     valid: list[str] = []
     counted_keys: dict[str, str] = {}
     rejected: list[tuple[str, str]] = []
     for signature_path in _signature_files(signatures_dir):
-        reason = _quorum_problem(model_dir, signature_path, governance)
+        reason = _quorum_problem(model_dir, signature_path, governance, today)
         name = _claimed_approver(signature_path)
-        if reason is None and name not in valid:
+        if reason is None and name in valid:
+            reason = f"approver {name} is already counted; one approver approves once"
+        elif reason is None:
             reason = _shared_key_problem(governance.approver(name), counted_keys)
             if reason is None:
                 valid.append(name)
@@ -117,9 +125,12 @@ def check_quorum(model_dir: Path, signatures_dir: Path, governance: GovernanceCo
     return QuorumResult(valid_approvers=tuple(valid), rejected=tuple(rejected), required=governance.quorum)
 
 
-def require_quorum(model_dir: Path, signatures_dir: Path, governance: GovernanceConfig) -> QuorumResult:
+def require_quorum(
+    model_dir: Path, signatures_dir: Path, governance: GovernanceConfig, now: date | None = None
+) -> QuorumResult:
     """Like ``check_quorum`` but a promotion gate: raise ``QuorumNotMet`` explaining the shortfall."""
-    result = check_quorum(model_dir, signatures_dir, governance)
+    today = now or today_utc()
+    result = check_quorum(model_dir, signatures_dir, governance, today)
     if result.met:
         return result
     valid = ", ".join(result.valid_approvers) or "none"
@@ -127,11 +138,16 @@ def require_quorum(model_dir: Path, signatures_dir: Path, governance: Governance
     message = f"{result.required} of {len(governance.approvers)} approvals needed, {count} valid: {valid}"
     if result.rejected:
         message += "; rejected: " + ", ".join(f"{name} ({reason})" for name, reason in result.rejected)
-    missing = [a.name for a in governance.approvers if a.name not in result.valid_approvers]
-    raise QuorumNotMet(
-        message,
-        fix=f"run `quorum approve` as one of: {', '.join(missing)} (signatures go in {signatures_dir})",
-    )
+    missing = [
+        a.name for a in governance.approvers if a.name not in result.valid_approvers and a.key_problem(today) is None
+    ]
+    fix = f"run `quorum approve` as one of: {', '.join(missing)} (signatures go in {signatures_dir})"
+    if any(reason.startswith(_CHANGED) for _, reason in result.rejected):
+        fix = (
+            f"the files in {model_dir} changed after they were signed: treat this version as tampered and restore "
+            f"it from a trusted copy or re-run the lifecycle; only if the change was intended, {fix}"
+        )
+    raise QuorumNotMet(message, fix=fix)
 
 
 def _sign_to(model_dir: Path, private_key: Path, signature_path: Path) -> None:
@@ -224,14 +240,20 @@ def _summarize(exc: BaseException) -> str:
         return text
     if not isinstance(diffs, list):
         return text
-    return "model differs from what was signed: " + "; ".join(str(d).split(": Expected", 1)[0] for d in diffs)
+    return f"{_CHANGED}: " + "; ".join(str(d).split(": Expected", 1)[0] for d in diffs)
 
 
-def _quorum_problem(model_dir: Path, signature_path: Path, governance: GovernanceConfig) -> str | None:
+def today_utc() -> date:
+    """The date key expiry is judged against when no ``now`` is given."""
+    return datetime.now(UTC).date()
+
+
+def _quorum_problem(model_dir: Path, signature_path: Path, governance: GovernanceConfig, today: date) -> str | None:
     name = _claimed_approver(signature_path)
     if name not in {a.name for a in governance.approvers}:
         return "not an approver in governance"
-    return _verification_problem(model_dir, signature_path, governance.approver(name).public_key)
+    approver = governance.approver(name)
+    return approver.key_problem(today) or _verification_problem(model_dir, signature_path, approver.public_key)
 
 
 def _shared_key_problem(approver: Approver, counted_keys: dict[str, str]) -> str | None:

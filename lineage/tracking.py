@@ -113,9 +113,18 @@ def log_model(
     with torch.no_grad():
         output = torch.sigmoid(model(torch.from_numpy(input_example))).numpy()
     signature = infer_signature(input_example, output)
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracker.uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example)
+    finally:
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI, which open_tracker honours: left in place,
+        # every later federation opened in this process would write into this one's store
+        if exported is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = exported
     return str(info.model_uri)
 
 
@@ -127,7 +136,8 @@ def register(tracker: Tracker, name: str, model_uri: str, run_id: str, tags: Map
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Federated model trained by Quorum")
-    version = client.create_model_version(name, model_uri, run_id=run_id, tags=dict(tags))
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags=dict(tags), model_id=model_id)
     return str(version.version)
 
 
@@ -181,6 +191,7 @@ def _quiet_mlflow() -> None:
     """MLflow's alembic migrations and integrations log at INFO/WARNING on first use."""
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("alembic", "mlflow", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

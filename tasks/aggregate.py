@@ -1,7 +1,8 @@
 """Aggregation strategies as small pure functions over ``(weights, num_examples)`` replies.
 
-Inputs are never mutated; the result is a fresh list of arrays. Accumulation runs layer by layer
-into one buffer, so extra memory stays at about one model whatever the number of sites.
+Inputs are never mutated; the result is a fresh list of arrays. Accumulation runs over fixed-size
+slices of one layer at a time, in float64, so extra memory is the result (one model) plus two slice
+buffers whatever the number of sites or the size of a layer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from numpy.typing import NDArray
 from configs.errors import ReplyRejected
 
 Weights = list[NDArray[np.float32]]
+_SLICE = 1 << 20  # elements summed at a time: two float64 buffers of 8 MB, whatever the layer size
 
 
 def fedavg(replies: Sequence[tuple[Sequence[NDArray[np.float32]], int]]) -> Weights:
@@ -23,13 +25,22 @@ def fedavg(replies: Sequence[tuple[Sequence[NDArray[np.float32]], int]]) -> Weig
     total = sum(num_examples for _, num_examples in replies)
     if total <= 0:
         raise ReplyRejected("site replies hold no training examples", fix="check the sites' training splits")
-    layers = len(replies[0][0])
     averaged: Weights = []
-    for layer in range(layers):
-        acc = np.zeros(replies[0][0][layer].shape, dtype=np.float64)
-        for weights, num_examples in replies:
-            acc += np.asarray(weights[layer], dtype=np.float64) * (num_examples / total)
-        averaged.append(acc.astype(np.float32))
+    for layer, reference in enumerate(replies[0][0]):
+        out = np.empty(reference.shape, dtype=np.float32)
+        flat_out = out.reshape(-1)
+        parts = [(np.asarray(weights[layer]).reshape(-1), num_examples / total) for weights, num_examples in replies]
+        acc = np.empty(min(_SLICE, flat_out.size), dtype=np.float64)
+        scaled = np.empty_like(acc)
+        for start in range(0, flat_out.size, _SLICE):
+            stop = min(start + _SLICE, flat_out.size)
+            into, term = acc[: stop - start], scaled[: stop - start]
+            into.fill(0.0)
+            for flat, share in parts:
+                np.multiply(flat[start:stop], share, out=term, dtype=np.float64)
+                into += term
+            flat_out[start:stop] = into
+        averaged.append(out)
     return averaged
 
 

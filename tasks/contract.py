@@ -13,6 +13,7 @@ module: commands that never check a contract should not pay for it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -235,6 +236,8 @@ def _import_great_expectations() -> Any:
             f"great_expectations cannot be imported: {exc}",
             fix="install it in this environment: pip install 'great_expectations>=1,<2'",
         ) from exc
+    # its INFO lines (temporary data-docs folders per context) say nothing a site operator can act on
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     return gx
 
 

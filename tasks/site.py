@@ -7,6 +7,7 @@ fingerprint, a model update with its example count, evaluation counts, or a drif
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,7 @@ class SiteUpdate:
     weights: list[NDArray[np.float32]]
     num_examples: int
     train_loss: float
+    train_s: float = 0.0  # local training time, to tell coordination overhead from work
 
 
 def preprocess_site(config: FederationConfig, site_id: str) -> DataFingerprint:
@@ -142,8 +144,10 @@ def train_site(config: FederationConfig, site_id: str, weights: Weights, server_
         balanced=config.training.positive_weight == "balanced",
         seed=config.seed * 100_003 + server_round * 1_009 + index,
     )
+    started = time.perf_counter()
     result = train_local(weights, features, labels, local)
-    return SiteUpdate(site_id, server_round, result.weights, result.num_examples, result.train_loss)
+    elapsed = time.perf_counter() - started
+    return SiteUpdate(site_id, server_round, result.weights, result.num_examples, result.train_loss, elapsed)
 
 
 def evaluate_site(config: FederationConfig, site_id: str, weights: Weights) -> SiteEvaluation:

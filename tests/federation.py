@@ -24,6 +24,8 @@ def write_federation(
     rounds: int = 2,
     min_sites: int = 2,
     gates: dict[str, object] | None = None,
+    extra: dict[str, object] | None = None,
+    name: str = "federation.yaml",
 ) -> Path:
     """A federation.yaml over synthetic sites below ``root``; returns the config path."""
     sites = {
@@ -63,7 +65,8 @@ def write_federation(
         },
         "drift": {"min_rows": 30, "min_sites_to_retrain": 1},
     }
-    path = root / "federation.yaml"
+    config.update(extra or {})
+    path = root / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     synth_federation(load_federation(path))
     return path

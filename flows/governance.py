@@ -1,0 +1,155 @@
+"""Governance actions on the champion: roll back to an earlier signed champion.
+
+The champion's history is read from the audit log rather than from MLflow tags: the log is
+hash-chained and verified on every read, whereas anyone with registry access can edit a tag. The
+registry alias must agree with the log's last champion; if it does not, someone moved it outside
+Quorum, and guessing which of the two to trust is exactly what a rollback must not do.
+
+A rollback re-verifies the target (quorum with today's keys, provenance, file digests) before it
+moves anything, and moves the alias, tags the versions and appends the audit entry in one Prefect
+transaction, like a promotion: if any step fails the alias is put back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.transactions import transaction
+
+from configs.errors import ChampionError, NotPermitted
+from configs.schema import GovernanceConfig
+from flows.context import JobContext
+from flows.promote import move_champion_alias
+from lineage.audit import AuditEntry
+from lineage.keys import approver_for_private_key
+from lineage.provenance import provenance_digest
+from lineage.registry import model_key, verify_version
+from lineage.signing import QuorumResult, today_utc
+from lineage.tracking import CHAMPION, alias_version, set_version_tags, version_tags
+
+ROLLED_BACK = "rolled_back"
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    model_name: str
+    from_version: str
+    to_version: str
+    approver: str
+    quorum: QuorumResult
+    provenance_sha256: str
+
+
+def champion_history(entries: Sequence[AuditEntry], model_name: str) -> list[str]:
+    """The champion versions still on record, oldest first: a promotion pushes, a rollback pops."""
+    history: list[str] = []
+    for entry in entries:
+        if entry.details.get("model") != model_name:
+            continue
+        if entry.event == "promotion" and history[-1:] != [str(entry.details["version"])]:
+            history.append(str(entry.details["version"]))  # promoting the champion again changes nothing
+        elif entry.event == "rollback":
+            target = str(entry.details["to"])
+            while history and history[-1] != target:
+                history.pop()
+            if not history:
+                history.append(target)
+    return history
+
+
+def rollback_target(history: Sequence[str], current: str | None, to_version: str | None) -> str:
+    """Which version a rollback makes champion again; refuses anything that was not an earlier champion.
+
+    Rolling back "to" a version that never was champion would be a promotion without its gates.
+    """
+    if current is None:
+        raise ChampionError("there is no champion to roll back", fix="promote a version first")
+    if not history or history[-1] != current:
+        recorded = f"v{history[-1]}" if history else "no champion"
+        raise ChampionError(
+            f"the champion alias points at v{current} but the audit log records {recorded}; "
+            "the alias was moved outside Quorum",
+            fix="check `quorum audit show` and the MLflow UI, then promote the intended version with `quorum approve`",
+        )
+    earlier = list(history[:-1])
+    if not earlier:
+        raise ChampionError(f"v{current} is the first champion; there is no earlier one", fix="nothing to roll back to")
+    if to_version is None:
+        return earlier[-1]
+    if to_version not in earlier:
+        raise ChampionError(
+            f"v{to_version} is not an earlier champion (earlier champions still on record: "
+            f"{', '.join('v' + v for v in earlier)})",
+            fix=f"pass one of them with --to, or omit --to to return to v{earlier[-1]}",
+        )
+    return to_version
+
+
+def require_rollback_right(governance: GovernanceConfig, approver: str, today: date) -> None:
+    """Raise unless ``approver`` may roll back: listed under ``rollback`` and holding a usable key."""
+    if approver not in governance.rollback_approvers:
+        allowed = ", ".join(governance.rollback_approvers) or "nobody"
+        raise NotPermitted(
+            f"approver {approver} may not roll back the champion (allowed: {allowed})",
+            fix="ask an approver listed under `rollback` in governance.yaml",
+        )
+    problem = governance.approver(approver).key_problem(today)
+    if problem:
+        raise NotPermitted(f"{problem}; it cannot authorise a rollback", fix="use a current, unrevoked key")
+
+
+@task(cache_policy=NO_CACHE)
+def record_rollback(ctx: JobContext, result: RollbackResult, reason: str) -> None:
+    name = result.model_name
+    set_version_tags(ctx.tracker, name, result.to_version, {"stage": CHAMPION, "rolled_back_from": result.from_version})
+    set_version_tags(ctx.tracker, name, result.from_version, {"stage": ROLLED_BACK, "rolled_back_by": result.approver})
+    ctx.audit.append(
+        "rollback",
+        result.approver,
+        {
+            "model": name,
+            "from": result.from_version,
+            "to": result.to_version,
+            "signers": list(result.quorum.valid_approvers),
+            "provenance_sha256": result.provenance_sha256,
+            "reason": reason,
+        },
+    )
+
+
+@flow(name="rollback", validate_parameters=False)
+def rollback_flow(ctx: JobContext, key: Path, to_version: str | None = None, reason: str = "") -> RollbackResult:
+    """Make an earlier signed champion current again, authorised by an approver's private key."""
+    name = ctx.config.model_name
+    today = today_utc()
+    approver = approver_for_private_key(key, ctx.governance)
+    require_rollback_right(ctx.governance, approver, today)
+    current = alias_version(ctx.tracker, name, CHAMPION)
+    target = rollback_target(champion_history(ctx.audit.entries(), name), current, to_version)
+    assert current is not None  # rollback_target refuses a missing champion
+    _require_registered(ctx, target)
+    quorum = verify_version(ctx.store, ctx.governance, name, target, today)
+    digest = provenance_digest(ctx.store.path(model_key(name, target)))
+    result = RollbackResult(name, current, target, approver, quorum, digest)
+    with transaction() as txn:
+        txn.set("ctx", ctx)
+        move_champion_alias(ctx, target)
+        record_rollback(ctx, result, reason)
+    get_run_logger().info("%s rolled %s back from v%s to v%s", approver, name, current, target)
+    return result
+
+
+def _require_registered(ctx: JobContext, version: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version_tags(ctx.tracker, ctx.config.model_name, version)
+    except MlflowException as exc:
+        raise ChampionError(
+            f"{ctx.config.model_name} v{version} is no longer in the model registry", fix="see `quorum ui`"
+        ) from exc

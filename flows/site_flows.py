@@ -1,0 +1,68 @@
+"""Flows a site runs on its own work pool outside a training job: preprocessing and drift monitoring.
+
+Both are deployments per site (``infra/prefect.yaml``): a user triggers them from the Prefect UI or
+they run on their schedule. They read only the site's own folder; what they report upward is the
+same summary the lifecycle gets (a fingerprint, a drift summary).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from configs.errors import ContractFailed
+from configs.schema import load_federation, load_governance
+from flows.site_session import check_site_root
+from lineage.artifacts import LocalArtifactStore
+from lineage.state import StateLayout
+from tasks import site as site_work
+
+
+@flow(name="site-preprocess")
+def preprocess_site_flow(config_path: str, site_id: str) -> dict[str, Any]:
+    """Validate and prepare this site's data; returns its fingerprint (hashes and counts only)."""
+    config = load_federation(config_path)
+    check_site_root(config, site_id)
+    fingerprint = site_work.preprocess_site(config, site_id)
+    if not fingerprint.contract.passed:
+        raise ContractFailed(
+            f"site {site_id}: " + "; ".join(fingerprint.contract.describe().splitlines()),
+            fix="fix the data at the site; its previous processed data is unchanged",
+        )
+    get_run_logger().info(
+        "%s: %d train / %d test rows, data %s",
+        site_id,
+        fingerprint.train_rows,
+        fingerprint.test_rows,
+        fingerprint.data_hash,
+    )
+    return fingerprint.to_dict()
+
+
+@flow(name="site-monitor")
+def monitor_site_flow(config_path: str, governance_path: str, site_id: str) -> dict[str, Any]:
+    """Drift of this site's current window against its training snapshot, scored by the verified champion."""
+    from lineage.registry import load_verified_weights
+    from lineage.tracking import CHAMPION, alias_version, open_tracker
+
+    config = load_federation(config_path)
+    check_site_root(config, site_id)
+    state = StateLayout(config.state_dir)
+    store = LocalArtifactStore(state.artifacts)
+    tracker = open_tracker(state, config.name)
+    version = alias_version(tracker, config.model_name, CHAMPION)
+    champion = None
+    if version is not None:
+        champion = load_verified_weights(tracker, store, load_governance(governance_path), config.model_name, version)
+    summary = site_work.monitor_site(config, site_id, champion)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    store.put_json(f"monitoring/{site_id}/{stamp}.json", {"champion_version": version, **summary.to_dict()})
+    get_run_logger().info(
+        "%s: drift share %.0f%% (%s)",
+        site_id,
+        100 * summary.drift_share,
+        ", ".join(summary.drifted_columns) or "no drifted columns",
+    )
+    return summary.to_dict()

@@ -1,0 +1,178 @@
+"""Real dispatch: a Prefect server and MLflow server on free loopback ports, one worker per site pool,
+and `quorum run --runner pool` as a user would type it. Every process started here is stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from configs.schema import load_federation
+from flows.deployments import render, write
+from flows.stack import Stack, deploy, ensure_pools, wait_for_workers
+from lineage.state import StateLayout
+from tests.federation import write_federation, write_governance
+
+pytestmark = pytest.mark.integration
+QUORUM = str(Path(sys.executable).with_name("quorum"))
+SITES = ("alpha", "beta")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _federation(
+    root: Path, prefect_port: int, mlflow_port: int, *, rounds: int, min_sites: int, name: str, start_s: float = 90
+) -> Path:
+    deployment = {
+        "prefect_port": prefect_port,
+        "mlflow_port": mlflow_port,
+        "round_deadline_s": 8,
+        "session_start_timeout_s": start_s,
+    }
+    gates = {
+        "min_accuracy": 0.5,
+        "min_auc": 0.55,
+        "min_site_accuracy": 0.4,
+        "max_selection_rate_gap": 0.6,
+        "max_regression": None,
+        "min_sites": 1,
+        "min_examples": 50,
+    }
+    return write_federation(
+        root,
+        SITES,
+        rounds=rounds,
+        min_sites=min_sites,
+        gates=gates,
+        extra={"deployment": deployment, "drift": {"min_rows": 30}},
+        name=name,
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("pool")
+    config_path = _federation(root, _free_port(), _free_port(), rounds=3, min_sites=1, name="federation.yaml")
+    governance_path, keys = write_governance(root)
+    config = load_federation(config_path)
+    state = StateLayout(config.state_dir).ensure()
+    running = Stack(config, state)
+    saved = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = running.prefect_url
+    try:
+        running.start_servers()
+        pools = ensure_pools(config)
+        prefect_file = root / "prefect.yaml"
+        write(render(config, governance_path, root, []), prefect_file)
+        deploy(prefect_file, root, running.base_env())
+        running.start_workers(root)
+        wait_for_workers(pools, timeout_s=120)
+        yield {"root": root, "config": config_path, "governance": governance_path, "keys": keys, "stack": running}
+    finally:
+        running.stop()
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
+
+
+def _quorum_run(env: dict[str, Any], config: Path, job_id: str, **popen: Any) -> subprocess.Popen[str]:
+    command = [
+        QUORUM,
+        "run",
+        "--runner",
+        "pool",
+        "--config",
+        str(config),
+        "--governance",
+        str(env["governance"]),
+        "--job-id",
+        job_id,
+        "--approve-with",
+        env["keys"][0],
+        "--approve-with",
+        env["keys"][1],
+    ]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    return subprocess.Popen(
+        command, cwd=env["root"], env=clean, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen
+    )
+
+
+def _flow_runs(api: str, job_id: str) -> list[dict[str, Any]]:
+    response = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [f"job:{job_id}"]}}})
+    response.raise_for_status()
+    return list(response.json())
+
+
+def _logs(api: str, flow_run_id: str) -> list[str]:
+    response = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}})
+    response.raise_for_status()
+    return [entry["message"] for entry in response.json()]
+
+
+def test_lifecycle_runs_each_site_on_its_own_pool(stack: dict[str, Any]) -> None:
+    process = _quorum_run(stack, stack["config"], "pool-job-1")
+    out, err = process.communicate(timeout=600)
+    api = stack["stack"].prefect_url
+    sessions = _flow_runs(api, "pool-job-1")
+    config = load_federation(stack["config"])
+
+    assert process.returncode == 0, err + out
+    assert "champion" in out and "Traceback" not in err
+    assert sorted(run["parameters"]["site_id"] for run in sessions) == sorted(SITES)
+    for run in sessions:
+        site = config.site(run["parameters"]["site_id"])
+        assert run["work_pool_name"] == f"site-{site.id}"
+        assert run["state_type"] == "COMPLETED"
+        assert any(f"(cwd {site.root})" in line for line in _logs(api, run["id"]))
+        assert (site.processed_dir / "train.parquet").is_file()
+
+
+def test_job_finishes_when_a_site_worker_is_killed_mid_job(stack: dict[str, Any]) -> None:
+    config_path = _federation(stack["root"], *_ports(stack), rounds=6, min_sites=1, name="long.yaml")
+    store = StateLayout(load_federation(config_path).state_dir).artifacts / "jobs" / "pool-job-2" / "rounds"
+    process = _quorum_run(stack, config_path, "pool-job-2")
+    deadline = time.monotonic() + 300
+    while not (store / "0002" / "manifest.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    worker = stack["stack"].service("worker-beta")
+    os.killpg(worker.pid(), signal.SIGKILL)
+
+    out, err = process.communicate(timeout=600)
+    manifests = [json.loads((store / f"{r:04d}" / "manifest.json").read_text()) for r in range(1, 7)]
+
+    assert process.returncode == 0, err + out
+    assert manifests[0]["sites"] == ["alpha", "beta"]
+    assert manifests[-1]["sites"] == ["alpha"] and "beta" in manifests[-1]["rejected"]
+
+
+def test_a_site_without_worker_fails_the_job_with_a_clear_message(stack: dict[str, Any]) -> None:
+    # runs after the killed-worker test: site beta has no worker any more
+    config_path = _federation(stack["root"], *_ports(stack), rounds=2, min_sites=2, name="strict.yaml", start_s=20)
+    process = _quorum_run(stack, config_path, "pool-job-3")
+
+    _out, err = process.communicate(timeout=600)
+
+    assert process.returncode != 0
+    assert "site beta did not answer" in err and "prefect worker start --pool site-beta" in err
+    assert "Traceback" not in err
+
+
+def _ports(stack: dict[str, Any]) -> tuple[int, int]:
+    config = load_federation(stack["config"])
+    return config.deployment.prefect_port, config.deployment.mlflow_port
