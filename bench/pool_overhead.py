@@ -88,7 +88,7 @@ def _with_stack(config_path: Path, governance_path: Path) -> tuple[tuple[float, 
     """One real Prefect server for both runners (Prefect binds its API address at first import)."""
     from configs.schema import load_federation
     from flows.deployments import render, write
-    from flows.stack import Stack, deploy, ensure_pools, wait_for_workers
+    from flows.stack import Stack, deploy
     from lineage.state import StateLayout
 
     config = load_federation(config_path)
@@ -98,11 +98,11 @@ def _with_stack(config_path: Path, governance_path: Path) -> tuple[tuple[float, 
     os.environ["MLFLOW_TRACKING_URI"] = state.tracking_uri
     try:
         stack.start_servers()
-        pools = ensure_pools(config)
+        pools = stack.ensure_pools()
         write(render(config, governance_path, WORK, []), WORK / "prefect.yaml")
         deploy(WORK / "prefect.yaml", WORK, stack.base_env())
         stack.start_workers(WORK)
-        wait_for_workers(pools, timeout_s=120)
+        stack.wait_for_workers(pools, timeout_s=120)
         return _pool(config_path, governance_path), _local(config_path, governance_path)
     finally:
         stack.stop()

@@ -100,12 +100,15 @@ def run(
     verbose: bool,
     runner: str = "local",
     resume: str | None = None,
+    force: bool = False,
 ) -> int:
+    """Run the lifecycle; unless ``force``, stop after preprocessing when nothing changed since the champion."""
     config, state = _prepare(config_path)
     load_governance(governance_path)
     if runner == "pool":
         _use_stack(config, state)
-    return _run_and_report(config_path, governance_path, approve_with, resume or job_id, verbose, runner, bool(resume))
+    job = resume or job_id
+    return _run_and_report(config_path, governance_path, approve_with, job, verbose, runner, bool(resume), not force)
 
 
 def _use_stack(config: FederationConfig, state: StateLayout) -> None:
@@ -127,6 +130,7 @@ def _run_and_report(
     verbose: bool,
     runner: str = "local",
     resume: bool = False,
+    only_if_changed: bool = False,
 ) -> int:
     from flows.lifecycle import lifecycle
     from flows.report import RoundProgress, print_summary
@@ -140,6 +144,7 @@ def _run_and_report(
             job_id=job_id,
             runner="pool" if runner == "pool" else "local",
             resume=resume,
+            only_if_changed=only_if_changed,
         )
     print_summary(result)
     return 0
@@ -154,15 +159,15 @@ def up(config_path: Path, governance_path: Path, prefect_file: Path) -> int:
     project = Path.cwd().resolve()
     print(f"starting Prefect on {stack.prefect_url} and MLflow on {stack.mlflow_url} ...")
     stack.start_servers()
-    from flows.stack import deploy, ensure_pools, wait_for_workers
+    from flows.stack import deploy
 
-    pools = ensure_pools(config)
+    pools = stack.ensure_pools()
     if not prefect_file.exists():
         render_infra(config_path, governance_path, prefect_file)
     print(f"deploying {prefect_file} ...")
     deploy(prefect_file, project, stack.base_env())
     stack.start_workers(project)
-    wait_for_workers(pools, timeout_s=120)
+    stack.wait_for_workers(pools, timeout_s=120)
     print(f"pools ready: {', '.join(pools)}")
     print(
         f"Prefect UI: http://127.0.0.1:{config.deployment.prefect_port}   "
@@ -178,19 +183,46 @@ def status(config_path: Path) -> int:
     stack = Stack(config, state)
     for service in stack.services():
         print(f"{service.name:<24} {'running pid ' + str(service.pid()) if service.alive() else 'stopped'}")
+    print_data_status(config, state)
     if not stack.service("prefect-server").alive():
         print("the Prefect server is not running: `quorum up` starts everything")
         return 0
     os.environ["PREFECT_API_URL"] = stack.prefect_url
     from flows.deployments import COORDINATOR_POOL, site_pool
-    from flows.stack import pool_report
 
-    pools, runs = pool_report([COORDINATOR_POOL, *(site_pool(s) for s in config.site_ids)])
+    pools, runs = stack.pool_report([COORDINATOR_POOL, *(site_pool(s) for s in config.site_ids)])
     for name, pool_status in pools.items():
         print(f"pool {name:<19} {pool_status}")
     for name, pool, state_name, started in runs:
         print(f"run  {name:<24} {pool:<16} {state_name:<10} {started}")
     return 0
+
+
+def print_data_status(config: FederationConfig, state: StateLayout) -> None:
+    """Which sites' committed data versions differ from the ones the champion was trained on."""
+    from lineage.staleness import champion_data, committed_data, compare_data, stale_sites
+
+    current, source = committed_data({site.id: site.root for site in config.sites})
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not state.mlflow_db.exists():
+        print(f"data: no champion of {config.model_name} yet (no tracking store), nothing can be stale")
+        return
+    from lineage.staleness import champion_tags
+    from lineage.tracking import open_tracker
+
+    version, tags = champion_tags(open_tracker(state, config.name), config.model_name)
+    if version is None:
+        print(f"data: no champion of {config.model_name} yet, nothing can be stale")
+        return
+    states = compare_data(config.site_ids, champion_data(tags), current)
+    print(f"data versions ({source}) against champion {config.model_name} v{version}:")
+    for site_state in states:
+        print(f"  {site_state.describe(version)}")
+    stale = stale_sites(states)
+    if stale:
+        print(
+            f"stale sites: {', '.join(stale)}; the scheduled lifecycle retrains on its next run, "
+            "or run `quorum run` now"
+        )
 
 
 def down(config_path: Path) -> int:

@@ -16,13 +16,19 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from configs.errors import QuorumError, ToolError
 from configs.schema import FederationConfig
 from flows.deployments import COORDINATOR_POOL, SITE_ROOT_ENV, site_pool
 from lineage.state import StateLayout
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
 
 HOST = "127.0.0.1"
 
@@ -168,6 +174,64 @@ class Stack:
             service.pid_file.unlink(missing_ok=True)
         return stopped
 
+    @contextmanager
+    def client(self) -> Iterator[SyncPrefectClient]:
+        """A client of this stack's server, whatever API this process was configured with before."""
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: self.prefect_url}), get_client(sync_client=True) as client:
+            yield client
+
+    def ensure_pools(self) -> list[str]:
+        """One process work pool per site plus the coordinator's; existing pools are kept as they are."""
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.exceptions import ObjectAlreadyExists
+
+        names = [COORDINATOR_POOL, *(site_pool(s) for s in self.config.site_ids)]
+        with self.client() as client:
+            for name in names:
+                with contextlib.suppress(ObjectAlreadyExists):
+                    client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+        return names
+
+    def wait_for_workers(self, pools: list[str], timeout_s: float) -> dict[str, str]:
+        """Wait until every pool reports READY (a live worker polls it)."""
+        deadline = time.monotonic() + timeout_s
+        statuses: dict[str, str] = {}
+        with self.client() as client:
+            while time.monotonic() < deadline:
+                statuses = {name: str(getattr(client.read_work_pool(name).status, "value", "")) for name in pools}
+                if all(status == "READY" for status in statuses.values()):
+                    return statuses
+                time.sleep(1)
+        waiting = ", ".join(name for name, status in statuses.items() if status != "READY")
+        raise ToolError(
+            f"no live worker on pool(s) {waiting} after {timeout_s:.0f}s",
+            fix=f"see the worker logs under {self.folder}",
+        )
+
+    def pool_report(
+        self, pools: list[str], last_runs: int = 5
+    ) -> tuple[dict[str, str], list[tuple[str, str, str, str]]]:
+        """Pool statuses and the newest started flow runs (name, pool, state, start time)."""
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+        from prefect.client.schemas.objects import StateType
+        from prefect.client.schemas.sorting import FlowRunSort
+        from prefect.exceptions import ObjectNotFound
+
+        started = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED])))
+        with self.client() as client:
+            statuses = {}
+            for name in pools:
+                try:
+                    statuses[name] = str(getattr(client.read_work_pool(name).status, "value", "unknown"))
+                except ObjectNotFound:
+                    statuses[name] = "missing"
+            runs = client.read_flow_runs(flow_run_filter=started, sort=FlowRunSort.START_TIME_DESC, limit=last_runs)
+        rows = [(r.name, r.work_pool_name or "-", r.state_name or "-", str(r.start_time or "-")[:19]) for r in runs]
+        return statuses, rows
+
 
 def _require_free(port: int, owner: Service) -> None:
     if owner.alive():
@@ -211,20 +275,6 @@ def _stop_group(pid: int, grace_s: float = 10.0) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def ensure_pools(config: FederationConfig) -> list[str]:
-    """One process work pool per site plus the coordinator's; existing pools are kept as they are."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
-
-    names = [COORDINATOR_POOL, *(site_pool(s) for s in config.site_ids)]
-    with get_client(sync_client=True) as client:
-        for name in names:
-            with contextlib.suppress(ObjectAlreadyExists):
-                client.create_work_pool(WorkPoolCreate(name=name, type="process"))
-    return names
-
-
 def deploy(prefect_file: Path, project: Path, env: dict[str, str]) -> None:
     """``prefect deploy --all`` of the rendered file, so what runs is exactly what the file says."""
     prefect = str(Path(sys.executable).parent / "prefect")
@@ -239,41 +289,3 @@ def deploy(prefect_file: Path, project: Path, env: dict[str, str]) -> None:
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
         raise ToolError(f"prefect deploy failed for {prefect_file}:\n{tail}", fix="fix the file and run quorum up")
-
-
-def wait_for_workers(pools: list[str], timeout_s: float) -> dict[str, str]:
-    """Wait until every pool reports READY (a live worker polls it)."""
-    from prefect.client.orchestration import get_client
-
-    deadline = time.monotonic() + timeout_s
-    statuses: dict[str, str] = {}
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            statuses = {name: str(getattr(client.read_work_pool(name).status, "value", "")) for name in pools}
-            if all(status == "READY" for status in statuses.values()):
-                return statuses
-            time.sleep(1)
-    waiting = ", ".join(name for name, status in statuses.items() if status != "READY")
-    raise ToolError(
-        f"no live worker on pool(s) {waiting} after {timeout_s:.0f}s", fix="see the worker logs under .quorum/services/"
-    )
-
-
-def pool_report(pools: list[str], last_runs: int = 5) -> tuple[dict[str, str], list[tuple[str, str, str, str]]]:
-    """Pool statuses and the newest flow runs (name, deployment pool, state, start time)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-    from prefect.client.schemas.objects import StateType
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    with get_client(sync_client=True) as client:
-        statuses = {}
-        for name in pools:
-            try:
-                statuses[name] = str(getattr(client.read_work_pool(name).status, "value", "unknown"))
-            except Exception:  # a missing pool: report it rather than fail the whole status
-                statuses[name] = "missing"
-        started = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED])))
-        runs = client.read_flow_runs(flow_run_filter=started, sort=FlowRunSort.START_TIME_DESC, limit=last_runs)
-        rows = [(r.name, r.work_pool_name or "-", r.state_name or "-", str(r.start_time or "-")[:19]) for r in runs]
-    return statuses, rows

@@ -11,15 +11,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from configs.schema import load_federation
 from flows.deployments import render, write
-from flows.stack import Stack, deploy, ensure_pools, wait_for_workers
+from flows.stack import Stack, deploy
 from lineage.state import StateLayout
 from tests.federation import write_federation, write_governance
 
@@ -73,17 +75,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     running = Stack(config, state)
     saved = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = running.prefect_url
+    # an earlier module's session prefect_harness in this worker overrides the environment in-process
+    scope = ExitStack()
+    scope.enter_context(temporary_settings(updates={PREFECT_API_URL: running.prefect_url}))
     try:
         running.start_servers()
-        pools = ensure_pools(config)
+        pools = running.ensure_pools()
         prefect_file = root / "prefect.yaml"
         write(render(config, governance_path, root, []), prefect_file)
         deploy(prefect_file, root, running.base_env())
         running.start_workers(root)
-        wait_for_workers(pools, timeout_s=120)
+        running.wait_for_workers(pools, timeout_s=120)
         yield {"root": root, "config": config_path, "governance": governance_path, "keys": keys, "stack": running}
     finally:
         running.stop()
+        scope.close()
         if saved is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
