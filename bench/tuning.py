@@ -7,7 +7,7 @@ MLP 32-64-64-1, SGD lr 0.05, batch 64, 1 local epoch, 10 rounds of FedAvg with e
 (a) Quorum: ``tasks.training.train_local`` per site and ``tasks.aggregate.fedavg`` per round, the
     functions the LocalRunner's tasks call, run sequentially without Prefect.
     With ``--prefect``, also the site work as the runners call it on processed site folders:
-    ``tasks.site.train_site`` sequentially (parquet read per round), then the real ``LocalRunner``
+    ``tasks.site.train_site`` sequentially (site split cached after its first read), then the real ``LocalRunner``
     inside a Prefect flow (starts a temporary Prefect server: slow to start, so it is opt-in).
 (b) Plain torch: the same rounds with state dicts, ``torch.randperm`` and in-place averaging.
 
@@ -140,7 +140,7 @@ def plain_accuracy(model: torch.nn.Module, sites: list[tuple[Split, Split]]) -> 
 def prefect_rounds(sites: list[tuple[Split, Split]]) -> dict[str, tuple[float, float]]:
     """Wall time and accuracy of the site work as the runners call it, on processed site folders.
 
-    ``train_site`` sequentially (reads the site's parquet and builds its matrix every round, no Prefect),
+    ``train_site`` sequentially (the site's parquet is read and its matrix built once, then cached; no Prefect),
     then the LocalRunner's train tasks in a Prefect flow (a thread pool), FedAvg between rounds. Runs
     against a throw-away Prefect home and temporary server, so no real Prefect state is touched.
     """

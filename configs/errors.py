@@ -40,6 +40,13 @@ class UnknownSite(QuorumError, KeyError):
         return self.message
 
 
+class UnknownModelVersion(QuorumError, LookupError):
+    """A command named a registered model or version the tracking store does not hold."""
+
+    headline = "Unknown model version"
+    exit_code = 2
+
+
 class SiteDataError(QuorumError, ValueError):
     headline = "Site data cannot be used"
     exit_code = 3
@@ -97,6 +104,13 @@ class ChampionError(QuorumError):
 class AuditLogError(QuorumError):
     headline = "Audit log is not intact"
     exit_code = 7
+
+
+class NotDeployed(QuorumError):
+    """Work that goes through a Prefect deployment (retraining on drift) was asked for without a server."""
+
+    headline = "Needs the deployed stack"
+    exit_code = 10
 
 
 class ToolError(QuorumError, RuntimeError):

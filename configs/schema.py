@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from configs.errors import ConfigError, UnknownSite
 
@@ -35,7 +36,18 @@ class SiteConfig(BaseModel):
     target: str = "label"
     id_column: str | None = None
     pii_columns: tuple[str, ...] = ()
+    # drop: PII columns are removed; hash: replaced by HMAC-SHA256 under a salt kept at the site
+    # (<root>/.salt), so site-local joins on them still work while no raw value survives
+    pii_mode: Literal["drop", "hash"] = "drop"
     protected_attribute: str | None = None
+    # where `quorum data push` sends this site's processed data: a folder (relative to the config
+    # file) or a DVC remote URL; by default <root>/.dvc-remote, inside the site's own folder
+    dvc_remote: str | None = None
+
+    @property
+    def remote_url(self) -> str:
+        """The site's own DVC remote: only this site's data is ever pushed there."""
+        return self.dvc_remote if self.dvc_remote is not None else str(self.root / ".dvc-remote")
 
     @property
     def data_path(self) -> Path:
@@ -86,11 +98,21 @@ class ContractConfig(BaseModel):
     max_null_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     numeric_ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
     label_rate: tuple[float, float] = (0.01, 0.99)
+    # per-column overrides of max_null_fraction (a profile writes the observed rate plus a margin)
+    null_fractions: dict[str, float] = Field(default_factory=dict)
+    # narrower allowed values than features.categorical for some columns; never values outside it
+    categorical_domains: dict[str, tuple[str, ...]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _ordered_bounds(self) -> ContractConfig:
         if self.min_rows > self.max_rows:
             raise ValueError(f"min_rows ({self.min_rows}) must not exceed max_rows ({self.max_rows})")
+        fractions = [name for name, value in self.null_fractions.items() if not 0.0 <= value <= 1.0]
+        if fractions:
+            raise ValueError(f"null_fractions must lie in [0, 1]: {', '.join(fractions)}")
+        empty = [name for name, domain in self.categorical_domains.items() if not domain]
+        if empty:
+            raise ValueError(f"categorical_domains need at least one allowed value: {', '.join(empty)}")
         bad = [name for name, (low, high) in self.numeric_ranges.items() if low > high]
         if bad:
             raise ValueError(f"numeric_ranges need [low, high] with low <= high: {', '.join(bad)}")
@@ -106,10 +128,28 @@ class ModelConfig(BaseModel):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
-class TrainingConfig(BaseModel):
+Strategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"]
+Aggregation = Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"]
+
+
+class PrivacyConfig(BaseModel):
+    """DP-FedAvg: clip each site's update, noise the average, stop when the epsilon budget would be spent."""
+
     model_config = _FROZEN
 
-    strategy: Literal["fedavg"] = "fedavg"
+    enabled: bool = False
+    clip_norm: float = Field(default=1.0, gt=0.0)
+    noise_multiplier: float = Field(default=1.0, gt=0.0)
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    epsilon_budget: float = Field(default=10.0, gt=0.0)
+
+
+class TrainingConfig(BaseModel):
+    """How sites train and how the coordinator combines their updates; the defaults are plain FedAvg."""
+
+    model_config = _FROZEN
+
+    strategy: Strategy = "fedavg"
     rounds: int = Field(default=5, ge=1, le=1000)
     local_epochs: int = Field(default=1, ge=1, le=100)
     batch_size: int = Field(default=64, ge=1)
@@ -117,6 +157,73 @@ class TrainingConfig(BaseModel):
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     min_sites: int = Field(default=1, ge=1)
     positive_weight: Literal["balanced", "none"] = "balanced"
+    proximal_mu: float = Field(default=0.0, ge=0.0, le=100.0)
+    server_lr: float | None = Field(default=None, gt=0.0, le=100.0)
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0, validation_alias=AliasChoices("beta1", "server_momentum"))
+    beta2: float = Field(default=0.99, ge=0.0, lt=1.0)
+    tau: float = Field(default=1e-3, gt=0.0, le=1.0)
+    aggregation: Aggregation = "mean"
+    trim_fraction: float = Field(default=0.1, ge=0.0, lt=0.5)
+    num_byzantine: int = Field(default=0, ge=0)
+    multi_krum_m: int = Field(default=1, ge=1)
+    sample_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_norm_ratio: float | None = Field(default=None, gt=1.0)
+    start_from: Literal["scratch", "champion", "checkpoint"] = "scratch"
+    checkpoint: Path | None = None
+    freeze_layers: int = Field(default=0, ge=0)
+    secure_aggregation: bool = False
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _compatible(self) -> TrainingConfig:
+        """Combinations that cannot work together, all reported at once, each with what to change."""
+        problems = []
+        if self.strategy == "fedprox" and self.proximal_mu == 0:
+            problems.append("strategy fedprox needs proximal_mu > 0 (e.g. 0.01)")
+        if self.strategy != "fedprox" and self.proximal_mu > 0:
+            problems.append(f"proximal_mu applies only to strategy fedprox (strategy is {self.strategy})")
+        if self.server_lr is not None and self.server_optimizer == "fedavg":
+            problems.append(f"server_lr applies only to strategies fedavgm, fedadam, fedyogi (not {self.strategy})")
+        if self.start_from == "checkpoint" and self.checkpoint is None:
+            problems.append("start_from checkpoint needs checkpoint: the path of an .npz of start weights")
+        if self.start_from != "checkpoint" and self.checkpoint is not None:
+            problems.append(f"checkpoint is set but start_from is {self.start_from} (set start_from: checkpoint)")
+        if self.freeze_layers and self.start_from == "scratch":
+            problems.append("freeze_layers keeps layers at their start values: use start_from champion or checkpoint")
+        if self.secure_aggregation:
+            if self.aggregation != "mean":
+                problems.append(
+                    f"secure_aggregation reveals only the sum of the updates, so aggregation must be mean "
+                    f"(not {self.aggregation}): robust rules need each update"
+                )
+            if self.privacy.enabled:
+                problems.append("secure_aggregation cannot be combined with privacy: clipping needs each update")
+            if self.max_norm_ratio is not None:
+                problems.append("secure_aggregation hides each update's norm: remove max_norm_ratio")
+        if self.privacy.enabled and self.aggregation != "mean":
+            problems.append(
+                f"privacy bounds one site's effect on the mean of clipped updates: aggregation must be mean "
+                f"(not {self.aggregation})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def server_optimizer(self) -> Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]:
+        """What the coordinator does with the aggregate: FedProx changes local training only."""
+        return "fedavg" if self.strategy in ("fedavg", "fedprox") else self.strategy  # type: ignore[return-value]
+
+    @property
+    def effective_server_lr(self) -> float:
+        """``server_lr``, or the usual default: 1 for FedAvgM, 0.01 for the adaptive optimizers (Reddi et al.)."""
+        if self.server_lr is not None:
+            return self.server_lr
+        return 1.0 if self.server_optimizer in ("fedavg", "fedavgm") else 0.01
+
+    def sites_per_round(self, num_sites: int) -> int:
+        """How many sites a round asks (``tasks.strategies.sample_sites`` draws exactly this many)."""
+        return min(num_sites, max(self.min_sites, math.ceil(self.sample_fraction * num_sites)))
 
 
 class GatePolicy(BaseModel):
@@ -134,6 +241,11 @@ class GatePolicy(BaseModel):
     max_tpr_gap: float | None = Field(default=None, ge=0.0, le=1.0)
     min_sites: int = Field(default=1, ge=1)
     min_examples: int = Field(default=1, ge=1)
+    max_calibration_error: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_site_regression: float | None = Field(default=None, ge=0.0, le=1.0)
+    site_regression_metric: Literal["auc", "accuracy"] = "auc"
+    fairness_per_site: bool = False
+    min_group_size: int = Field(default=20, ge=1)
 
 
 class DriftConfig(BaseModel):
@@ -142,6 +254,7 @@ class DriftConfig(BaseModel):
     drift_share: float = Field(default=0.3, ge=0.0, le=1.0)
     min_sites_to_retrain: int = Field(default=1, ge=1)
     min_rows: int = Field(default=30, ge=1)
+    html_report: bool = True
 
 
 class DeploymentConfig(BaseModel):
@@ -169,6 +282,7 @@ class FederationConfig(BaseModel):
     sites: tuple[SiteConfig, ...] = Field(min_length=1)
     features: FeatureConfig
     contract: ContractConfig = ContractConfig()
+    contract_file: Path | None = None  # a committed contract YAML (`quorum contract init`), instead of `contract:`
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     gates: GatePolicy = GatePolicy()
@@ -204,6 +318,7 @@ class FederationConfig(BaseModel):
             problems.append(
                 f"training.min_sites is {self.training.min_sites} but only {len(self.sites)} sites are configured"
             )
+        problems.extend(self._training_fits_the_federation())
         feature_set = set(self.features.columns)
         for site in self.sites:
             leaked = feature_set & set(site.pii_columns)
@@ -211,9 +326,54 @@ class FederationConfig(BaseModel):
                 problems.append(f"sites.{site.id}: PII columns may not be features: {', '.join(sorted(leaked))}")
             if site.target in feature_set:
                 problems.append(f"sites.{site.id}: target {site.target!r} is also listed as a feature")
+        problems.extend(self._contract_fits_the_features())
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _contract_fits_the_features(self) -> list[str]:
+        """A contract domain may narrow ``features.categorical`` but never contradict it."""
+        problems = []
+        for column, domain in self.contract.categorical_domains.items():
+            shared = self.features.categorical.get(column)
+            if shared is None:
+                problems.append(f"contract.categorical_domains.{column}: {column!r} is not in features.categorical")
+                continue
+            extra = [value for value in domain if value not in shared]
+            if extra:
+                problems.append(
+                    f"contract.categorical_domains.{column}: {', '.join(map(repr, extra))} not in "
+                    f"features.categorical.{column} ({', '.join(shared)})"
+                )
+        return problems
+
+    def _training_fits_the_federation(self) -> list[str]:
+        """Training knobs whose validity depends on how many sites and layers there are."""
+        training, problems = self.training, []
+        per_round = training.sites_per_round(len(self.sites))
+        round_size = (
+            f"a round asks {per_round} sites (sample_fraction {training.sample_fraction:g} of {len(self.sites)}, "
+            f"min_sites {training.min_sites})"
+        )
+        if training.aggregation in ("krum", "multi_krum") and per_round <= 2 * training.num_byzantine + 2:
+            problems.append(
+                f"training.aggregation {training.aggregation} with num_byzantine {training.num_byzantine} needs more "
+                f"than 2*num_byzantine+2 = {2 * training.num_byzantine + 2} sites per round, but {round_size}"
+            )
+        if training.aggregation == "multi_krum" and training.multi_krum_m > per_round - training.num_byzantine:
+            problems.append(
+                f"training.multi_krum_m {training.multi_krum_m} exceeds sites per round minus num_byzantine "
+                f"({per_round} - {training.num_byzantine}); {round_size}"
+            )
+        linear_layers = len(self.model.hidden_sizes) + 1
+        if training.freeze_layers >= linear_layers:
+            problems.append(
+                f"training.freeze_layers {training.freeze_layers} leaves nothing to train: the model has "
+                f"{linear_layers} Linear layers (freeze at most {linear_layers - 1})"
+            )
+        if training.secure_aggregation and training.min_sites < 2:
+            problems.append("training.secure_aggregation needs min_sites >= 2: a sum of one update is that update")
+        return problems
 
     def site(self, site_id: str) -> SiteConfig:
         for site in self.sites:
@@ -302,11 +462,48 @@ class GovernanceConfig(BaseModel):
 def load_federation(path: str | Path) -> FederationConfig:
     """Read, validate and resolve a federation config; every problem is reported at once."""
     source = Path(path).resolve()
-    raw = _read_yaml(source)
+    raw = _with_contract_file(_read_yaml(source), source)
     config = _validate(FederationConfig, raw, source)
     base = source.parent
-    sites = tuple(site.model_copy(update={"root": _resolve(base, site.root)}) for site in config.sites)
-    return config.model_copy(update={"sites": sites, "state_dir": _resolve(base, config.state_dir), "source": source})
+    sites = tuple(_resolve_site(base, site) for site in config.sites)
+    training = config.training
+    if training.checkpoint is not None:  # existence is checked where it is read: sites load this file too
+        training = training.model_copy(update={"checkpoint": _resolve(base, training.checkpoint)})
+    return config.model_copy(
+        update={
+            "sites": sites,
+            "state_dir": _resolve(base, config.state_dir),
+            "training": training,
+            "source": source,
+        }
+    )
+
+
+def _with_contract_file(raw: dict[str, Any], source: Path) -> dict[str, Any]:
+    """Inline the contract a ``contract_file:`` names, validated on its own so errors name that file."""
+    named = raw.get("contract_file")
+    if named is None:
+        return raw
+    if "contract" in raw:
+        raise ConfigError(
+            f"{source} sets both contract and contract_file", fix="keep one: the inline contract or the file"
+        )
+    path = _resolve(source.parent, Path(str(named)))
+    if not path.is_file():
+        raise ConfigError(
+            f"contract_file {path} (named in {source}) does not exist",
+            fix=f"fix the path, or create it with `quorum contract init --site ID --config {source}`",
+        )
+    contract = _validate(ContractConfig, _read_yaml(path), path)
+    return {**raw, "contract_file": str(path), "contract": contract.model_dump(mode="json")}
+
+
+def _resolve_site(base: Path, site: SiteConfig) -> SiteConfig:
+    """A site's root, and its DVC remote when that is a folder rather than a URL, relative to the config."""
+    update: dict[str, Any] = {"root": _resolve(base, site.root)}
+    if site.dvc_remote is not None and "://" not in site.dvc_remote:
+        update["dvc_remote"] = str(_resolve(base, Path(site.dvc_remote)))
+    return site.model_copy(update=update)
 
 
 def load_governance(path: str | Path) -> GovernanceConfig:

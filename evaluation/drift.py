@@ -1,23 +1,22 @@
 """Data and prediction drift per site, and the federation-wide decision to retrain.
 
-Each site compares its current window with its reference window using Evidently. Only
-statistics, column names and counts leave the site (a ``DriftSummary``); the full HTML
-report, which shows distributions and therefore data, is written next to the site's data
-and stays there. The verdicts (``site_is_drifting``, ``retrain_decision``) are pure so the
-coordinator can apply them to summaries without Evidently, pandas data or network access.
+Each site compares its current window with its reference window, column by column, with the
+tests Evidently picks by default (``evaluation.drift_stats`` computes them directly, which is
+several times faster than running Evidently's report). Only statistics, column names and counts
+leave the site (a ``DriftSummary``); Evidently's full HTML report, which shows distributions and
+therefore data, is written next to the site's data and stays there (``evaluation.drift_report``).
+The verdicts (``site_is_drifting``, ``retrain_decision``) are pure so the coordinator can apply
+them to summaries without Evidently, pandas data or network access.
 
-Evidently is imported inside ``check_drift`` only: its import takes seconds, and most
+Evidently is imported only when an HTML report is written: its import takes seconds, and most
 callers of this module (the coordinator, the CLI) only need the pure verdicts.
 """
 
 from __future__ import annotations
 
 import operator
-import os
-import uuid
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeGuard
@@ -27,6 +26,7 @@ import pandas as pd
 
 from configs.errors import ReplyRejected, SiteDataError, ToolError
 from configs.schema import DriftConfig
+from evaluation.drift_stats import Kind, column_test
 
 PREDICTION_COLUMN = "prediction"
 REPORT_FILENAME = "drift_report.html"
@@ -212,6 +212,11 @@ def _count_columns(metric: Mapping[str, Any], where: str) -> frozenset[str] | No
     return frozenset(columns)
 
 
+def value_drifts(report: Mapping[str, Any], where: str) -> tuple[FeatureDrift, ...]:
+    """Every per-column result in an Evidently snapshot dict, features and prediction alike."""
+    return _value_drifts(_metrics(report, where), where)
+
+
 def _value_drifts(metrics: Sequence[Mapping[str, Any]], where: str) -> tuple[FeatureDrift, ...]:
     found = tuple(_value_drift(metric, where) for metric in metrics if metric["config"]["type"] == _VALUE_DRIFT)
     names = [feature.column for feature in found]
@@ -266,6 +271,8 @@ def _share(features: Sequence[FeatureDrift]) -> float:
 
 # --- Checking a site's data ---------------------------------------------------------------
 
+Scores = tuple[np.ndarray, np.ndarray]
+
 
 def check_drift(
     reference: pd.DataFrame,
@@ -284,31 +291,39 @@ def check_drift(
     A column that cannot be compared (missing, empty, wrong type, the same constant in
     both windows) is skipped and listed in ``problems`` so one bad column does not hide
     drift in the others; only when nothing is left to compare does the check fail.
+
+    The statistics are Evidently's default tests computed directly (``evaluation.drift_stats``),
+    one column at a time so at most one column's values are copied at once. Evidently itself runs
+    only for the HTML report, written to ``report_dir`` when one is given and ``config.html_report``
+    is on, and its verdicts must then agree with ours.
     """
     _require_rows(site_id, "current", len(current), config)
     _require_rows(site_id, "reference", len(reference), config)
-    columns, problems = _checkable_columns(reference, current, numeric, categorical)
-    if not columns:
+    features, kinds, problems = _checked_columns(reference, current, numeric, categorical)
+    if not features:
         raise SiteDataError(
             f"site '{site_id}': no column can be checked for drift: " + "; ".join(problems),
             fix="make the reference and current windows share the configured feature columns",
         )
-    ref_frame = reference.loc[:, list(columns)].reset_index(drop=True)
-    cur_frame = current.loc[:, list(columns)].reset_index(drop=True)
-    scored, score_problems = _attach_scores(ref_frame, cur_frame, reference_scores, current_scores)
-    with_prediction = scored is not None
-    if scored is not None:
-        ref_frame, cur_frame = scored
-    snapshot = _run_evidently(ref_frame, cur_frame, columns, with_prediction, config, site_id)
-    report = snapshot.dict()
-    features, share = summary_from_report(
-        report, site_id=site_id, rows_reference=len(reference), rows_current=len(current)
+    rows = (len(reference), len(current))
+    prediction, scores, score_problems = _prediction_drift(kinds, reference_scores, current_scores, rows)
+    if report_dir is not None and config.html_report:
+        from evaluation.drift_report import write_html_report
+
+        expected = features if prediction is None else (*features, prediction)
+        write_html_report(
+            reference,
+            current,
+            kinds,
+            scores,
+            expected=expected,
+            config=config,
+            site_id=site_id,
+            report_dir=Path(report_dir),
+        )
+    return DriftSummary(
+        site_id, len(reference), len(current), features, _share(features), prediction, problems + score_problems
     )
-    features = tuple(replace(f, note=_column_note(f.column, columns[f.column], ref_frame, cur_frame)) for f in features)
-    prediction = _prediction_result(report, ref_frame, cur_frame) if with_prediction else None
-    if report_dir is not None:
-        _save_html(snapshot, Path(report_dir))
-    return DriftSummary(site_id, len(reference), len(current), features, share, prediction, problems + score_problems)
 
 
 def _require_rows(site_id: str, window: str, rows: int, config: DriftConfig) -> None:
@@ -319,167 +334,109 @@ def _require_rows(site_id: str, window: str, rows: int, config: DriftConfig) -> 
         )
 
 
-def _checkable_columns(
+def _checked_columns(
     reference: pd.DataFrame, current: pd.DataFrame, numeric: Sequence[str], categorical: Sequence[str]
-) -> tuple[dict[str, str], tuple[str, ...]]:
-    """Columns Evidently can compare, with their kind, and a message for each one it cannot."""
-    columns: dict[str, str] = {}
+) -> tuple[tuple[FeatureDrift, ...], dict[str, Kind], tuple[str, ...]]:
+    """Each comparable column's result and kind, and a message for each column that cannot be compared."""
+    features: list[FeatureDrift] = []
+    kinds: dict[str, Kind] = {}
     problems: list[str] = []
     seen: set[str] = set()
     both = set(numeric) & set(categorical)
-    for name, kind in [*((n, "numeric") for n in numeric), *((n, "categorical") for n in categorical)]:
+    listed: list[tuple[str, Kind]] = [*((n, "numeric") for n in numeric), *((n, "categorical") for n in categorical)]
+    for name, kind in listed:
         if name in seen:
             continue
         seen.add(name)
-        problem = (
-            f"column '{name}' is listed as both numeric and categorical"
-            if name in both
-            else _column_problem(name, kind, reference, current)
-        )
-        if problem:
-            problems.append(problem)
+        if name in both:
+            problems.append(f"column '{name}' is listed as both numeric and categorical")
+            continue
+        result = _column(name, kind, reference, current)
+        if isinstance(result, str):
+            problems.append(result)
         else:
-            columns[name] = kind
-    return columns, tuple(problems)
+            features.append(result)
+            kinds[name] = kind
+    return tuple(features), kinds, tuple(problems)
 
 
-def _column_problem(name: str, kind: str, reference: pd.DataFrame, current: pd.DataFrame) -> str:
-    """Why Evidently would fail or say nothing useful about this column; empty if it is fine."""
+def _column(name: str, kind: Kind, reference: pd.DataFrame, current: pd.DataFrame) -> FeatureDrift | str:
+    """The column's drift result, or why it cannot be compared."""
     for window, frame in (("current", current), ("reference", reference)):
         if name not in frame.columns:
             return f"column '{name}' missing from {window} window"
         if kind == "numeric" and not pd.api.types.is_numeric_dtype(frame[name]):
             return f"column '{name}' is not numeric in the {window} window (dtype {frame[name].dtype})"
-        if _present(frame[name]).empty:
+    return _test(name, kind, reference[name], current[name])
+
+
+def _test(name: str, kind: Kind, reference: pd.Series, current: pd.Series) -> FeatureDrift | str:
+    ref, cur = _present(reference), _present(current)
+    for window, values in (("current", cur), ("reference", ref)):
+        if values.empty:
             return f"column '{name}' has no values in the {window} window"
-    if pd.concat([_present(reference[name]), _present(current[name])]).nunique() == 1:
+    ref_values, cur_values = pd.unique(ref.to_numpy()), pd.unique(cur.to_numpy())
+    distinct = len(pd.unique(np.concatenate([ref_values, cur_values])))
+    if distinct == 1:
         return f"column '{name}' holds one constant value in both windows; nothing to compare"
-    return ""
+    notes = []
+    if len(cur_values) == 1:
+        notes.append("constant in current window")
+    elif len(ref_values) == 1:
+        notes.append("constant in reference window")
+    new = distinct - len(ref_values)
+    if kind == "categorical" and new:
+        notes.append(f"new categories in current window: {new} values")  # a count: values never leave the site
+    missing = len(current) - len(cur)
+    if missing:
+        notes.append(f"missing values ignored in current window: {missing}")
+    test = column_test(ref, cur, kind, distinct)
+    return FeatureDrift(name, test.method, test.statistic, test.threshold, test.drifted, "; ".join(notes))
 
 
 def _present(series: pd.Series) -> pd.Series:
-    """The values Evidently compares: it drops missing and infinite values first."""
-    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
-        series = series.replace([np.inf, -np.inf], np.nan)
-    return series.dropna()
+    """The values Evidently compares: it drops missing and infinite values first (copying only if there are any)."""
+    if not pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+        return series.dropna() if series.hasnans else series
+    if isinstance(series.dtype, np.dtype):
+        values = np.asarray(series, dtype=np.float64)  # no copy for float64 columns
+    else:  # a nullable extension dtype: its missing values become NaN here
+        values = series.to_numpy(dtype=np.float64, na_value=np.nan)
+    finite = np.isfinite(values)
+    return series if finite.all() else series[finite]
 
 
-def _column_note(name: str, kind: str, reference: pd.DataFrame, current: pd.DataFrame) -> str:
-    """Context for reading a verdict; counts only, because notes leave the site."""
-    ref, cur = _present(reference[name]), _present(current[name])
-    notes = []
-    if cur.nunique() == 1:
-        notes.append("constant in current window")
-    elif ref.nunique() == 1:
-        notes.append("constant in reference window")
-    if kind == "categorical":
-        new = len(set(cur.unique()) - set(ref.unique()))
-        if new:
-            notes.append(f"new categories in current window: {new} values")
-    missing = len(current[name]) - len(cur)
-    if missing:
-        notes.append(f"missing values ignored in current window: {missing}")
-    return "; ".join(notes)
-
-
-def _attach_scores(
-    reference: pd.DataFrame,
-    current: pd.DataFrame,
+def _prediction_drift(
+    kinds: Mapping[str, Kind],
     reference_scores: np.ndarray | None,
     current_scores: np.ndarray | None,
-) -> tuple[tuple[pd.DataFrame, pd.DataFrame] | None, tuple[str, ...]]:
-    """The windows with the model scores added as a numeric column, so one Evidently run (and
-    one HTML report) covers features and prediction.
+    rows: tuple[int, int],
+) -> tuple[FeatureDrift | None, Scores | None, tuple[str, ...]]:
+    """Drift of the model's scores, as one more numeric column, with the scores it was computed on.
 
     Score problems are reported, not raised: feature drift is still worth having without them.
     """
     if reference_scores is None and current_scores is None:
-        return None, ()
+        return None, None, ()
     skip = "prediction drift not checked: "
     if reference_scores is None or current_scores is None:
-        return None, (skip + f"no scores for the {'reference' if reference_scores is None else 'current'} window",)
-    if PREDICTION_COLUMN in reference.columns:
-        return None, (skip + f"a feature is already named '{PREDICTION_COLUMN}'",)
-    frames = []
-    for window, frame, scores in (("reference", reference, reference_scores), ("current", current, current_scores)):
+        missing = "reference" if reference_scores is None else "current"
+        return None, None, (skip + f"no scores for the {missing} window",)
+    if PREDICTION_COLUMN in kinds:
+        return None, None, (skip + f"a feature is already named '{PREDICTION_COLUMN}'",)
+    windows = []
+    for window, scores, expected in (("reference", reference_scores, rows[0]), ("current", current_scores, rows[1])):
         try:
             values = np.asarray(scores, dtype=float)
         except (TypeError, ValueError):
-            return None, (skip + f"{window} scores are not numbers",)
-        if values.shape != (len(frame),):
-            return None, (skip + f"{window} scores have shape {values.shape}, expected one per row ({len(frame)})",)
-        frames.append(frame.assign(**{PREDICTION_COLUMN: values}))
-    problem = _column_problem(PREDICTION_COLUMN, "numeric", frames[0], frames[1])
-    if problem:
-        return None, (skip + problem,)
-    return (frames[0], frames[1]), ()
-
-
-def _prediction_result(report: Mapping[str, Any], reference: pd.DataFrame, current: pd.DataFrame) -> FeatureDrift:
-    where = "Evidently drift report"
-    found = [f for f in _value_drifts(_metrics(report, where), where) if f.column == PREDICTION_COLUMN]
-    if len(found) != 1:
-        raise ToolError(f"{where} has no drift result for the '{PREDICTION_COLUMN}' column")
-    return replace(found[0], note=_column_note(PREDICTION_COLUMN, "numeric", reference, current))
-
-
-def _run_evidently(
-    reference: pd.DataFrame,
-    current: pd.DataFrame,
-    columns: Mapping[str, str],
-    with_prediction: bool,
-    config: DriftConfig,
-    site_id: str,
-) -> Any:
-    """One Evidently run; its own threshold is set to ours so the HTML report agrees with the summary."""
-    with warnings.catch_warnings():
-        # Evidently's own imports raise deprecation warnings (numpy.core, litestar) users cannot act on.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from evidently import DataDefinition, Dataset, Report
-        from evidently.metrics import ValueDrift
-        from evidently.presets import DataDriftPreset
-
-    numeric = [name for name, kind in columns.items() if kind == "numeric"]
-    definition = DataDefinition(
-        numerical_columns=numeric + ([PREDICTION_COLUMN] if with_prediction else []),
-        categorical_columns=[name for name, kind in columns.items() if kind == "categorical"],
-    )
-    metrics: list[Any] = [DataDriftPreset(columns=list(columns), drift_share=config.drift_share)]
-    if with_prediction:
-        metrics.append(ValueDrift(column=PREDICTION_COLUMN))
-    try:
-        with warnings.catch_warnings():
-            # Constant columns make numpy/scipy warn about 0/0 in correlations and chi-square.
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return Report(metrics).run(
-                Dataset.from_pandas(current, data_definition=definition),
-                Dataset.from_pandas(reference, data_definition=definition),
-            )
-    except Exception as exc:  # Evidently raises bare ValueError/TypeError for data it rejects
-        raise ToolError(
-            f"Evidently failed to check drift for site '{site_id}': {type(exc).__name__}: {exc}",
-            fix="check the column types in the site's data against federation.yaml",
-        ) from exc
-
-
-def _save_html(snapshot: Any, report_dir: Path) -> Path:
-    """Write the report atomically so a crash never leaves a half-written report at the site.
-
-    Evidently's own ``save_html`` silently writes nothing when given a ``Path``, so the
-    HTML string is written here instead.
-    """
-    report_dir.mkdir(parents=True, exist_ok=True)
-    target = report_dir / REPORT_FILENAME
-    # A unique name in the same folder keeps os.replace atomic; open() keeps the umask's mode.
-    tmp = report_dir / f".{REPORT_FILENAME}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8") as out:
-            out.write(snapshot.get_html_str(as_iframe=False))
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+            return None, None, (skip + f"{window} scores are not numbers",)
+        if values.shape != (expected,):
+            return None, None, (skip + f"{window} scores have shape {values.shape}, expected one per row ({expected})",)
+        windows.append(values)
+    result = _test(PREDICTION_COLUMN, "numeric", pd.Series(windows[0]), pd.Series(windows[1]))
+    if isinstance(result, str):
+        return None, None, (skip + result,)
+    return result, (windows[0], windows[1]), ()
 
 
 # --- Verdicts (pure) ----------------------------------------------------------------------

@@ -7,14 +7,23 @@ its bound and the outcome. Applying a verdict (promotion, tags, audit) happens e
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from configs.schema import GatePolicy
-from evaluation.metrics import accuracy
-from evaluation.report import EvaluationReport, fairness_gaps
+from evaluation.metrics import BinaryCounts, accuracy, auc
+from evaluation.report import EvaluationReport, SiteEvaluation, fairness_gaps
 
-MIN_GROUP_SIZE = 20
+_FAILED_RELATION = {">=": "<", "<=": ">"}
+_TAG_UNSAFE = re.compile(r"[^\w.\-]+")
+
+
+def _number(value: float) -> str:
+    """Counts print as integers, rates with four decimals: what a reviewer reads in a tag or a table."""
+    if math.isfinite(value) and value == int(value) and (abs(value) >= 1 or value == 0):
+        return str(int(value))
+    return f"{value:.4f}"
 
 
 @dataclass(frozen=True)
@@ -24,12 +33,23 @@ class GateResult:
     bound: float
     passed: bool
     reason: str
+    relation: str = ""  # what passing requires: ">=" (a floor) or "<=" (a ceiling)
+
+    def summary(self) -> str:
+        """``pass 0.8100 >= 0.7000`` / ``FAIL 0.5500 < 0.6000``: the outcome with the numbers that decided it."""
+        outcome = "pass" if self.passed else "FAIL"
+        if not self.relation:
+            return f"{outcome} {_number(self.value)} (bound {_number(self.bound)})"
+        relation = self.relation if self.passed else _FAILED_RELATION.get(self.relation, self.relation)
+        return f"{outcome} {_number(self.value)} {relation} {_number(self.bound)}"
 
     def to_dict(self) -> dict[str, object]:
+        # An undefined metric (AUC of one class) is stored as null: JSON, the audit log and MLflow reject NaN.
         return {
             "name": self.name,
-            "value": self.value,
+            "value": None if math.isnan(self.value) else self.value,
             "bound": self.bound,
+            "relation": self.relation,
             "passed": self.passed,
             "reason": self.reason,
         }
@@ -49,6 +69,18 @@ class Verdict:
             return f"passed all {len(self.gates)} gates"
         return "failed: " + "; ".join(g.reason for g in self.failed)
 
+    def describe_failures(self) -> str:
+        """One line per failed gate, each naming its measured value and bound (the CLI shows this)."""
+        return "\n".join(f"  - {g.name}: {g.summary()} ({g.reason})" for g in self.failed)
+
+    def tags(self) -> dict[str, str]:
+        """The verdict as model-version tags: ``gate.<name>`` = ``pass 0.81 >= 0.70`` for every gate.
+
+        MLflow tag keys allow letters, digits and ``_ - . / : space``, so ``worst_site_accuracy[b]``
+        becomes ``gate.worst_site_accuracy.b``.
+        """
+        return {"gate." + _TAG_UNSAFE.sub(".", g.name).strip("."): g.summary() for g in self.gates}
+
     def to_dict(self) -> dict[str, object]:
         return {"passed": self.passed, "gates": [g.to_dict() for g in self.gates]}
 
@@ -61,13 +93,13 @@ class Verdict:
 def _at_least(name: str, value: float, bound: float) -> GateResult:
     ok = not math.isnan(value) and value >= bound
     relation = ">=" if ok else "<"
-    return GateResult(name, value, bound, ok, f"{name} {value:.4f} {relation} {bound:.4f}")
+    return GateResult(name, value, bound, ok, f"{name} {value:.4f} {relation} {bound:.4f}", ">=")
 
 
 def _at_most(name: str, value: float, bound: float) -> GateResult:
     ok = not math.isnan(value) and value <= bound
     relation = "<=" if ok else ">"
-    return GateResult(name, value, bound, ok, f"{name} {value:.4f} {relation} {bound:.4f}")
+    return GateResult(name, value, bound, ok, f"{name} {value:.4f} {relation} {bound:.4f}", "<=")
 
 
 def _quality_gates(candidate: EvaluationReport, policy: GatePolicy) -> list[GateResult]:
@@ -77,9 +109,12 @@ def _quality_gates(candidate: EvaluationReport, policy: GatePolicy) -> list[Gate
         ("auc", policy.min_auc),
         ("f1", policy.min_f1),
     ]
+    ceilings: list[tuple[str, float | None]] = [
+        ("log_loss", policy.max_log_loss),
+        ("calibration_error", policy.max_calibration_error),
+    ]
     gates = [_at_least(name, metrics[name], bound) for name, bound in floors if bound is not None]
-    if policy.max_log_loss is not None:
-        gates.append(_at_most("log_loss", metrics["log_loss"], policy.max_log_loss))
+    gates += [_at_most(name, metrics[name], bound) for name, bound in ceilings if bound is not None]
     return gates
 
 
@@ -100,13 +135,60 @@ def _regression_gate(
     return [_at_most("auc_drop_vs_champion", drop, policy.max_regression)]
 
 
-def _fairness_gates(candidate: EvaluationReport, policy: GatePolicy) -> list[GateResult]:
-    gaps = fairness_gaps(candidate.group_counts(), MIN_GROUP_SIZE)
-    bounds: list[tuple[str, str, float | None]] = [
-        ("selection_rate_gap", "selection_rate_gap", policy.max_selection_rate_gap),
-        ("tpr_gap", "tpr_gap", policy.max_tpr_gap),
+_SITE_METRICS: dict[str, Callable[[BinaryCounts], float]] = {"auc": auc, "accuracy": accuracy}
+
+
+def _site_regression_gate(
+    candidate: EvaluationReport, champion: EvaluationReport | None, policy: GatePolicy
+) -> list[GateResult]:
+    """No site may lose more than the margin against the champion on that same site's data.
+
+    A pooled gain can hide a site that got much worse (the pooled metric is dominated by large
+    sites). Sites without a defined value for both models (a test split of one class has no AUC)
+    cannot be compared and are left out; the gate is reported for the site that lost the most.
+    """
+    if champion is None or policy.max_site_regression is None:
+        return []
+    metric = _SITE_METRICS[policy.site_regression_metric]
+    before = {site.site_id: metric(site.overall) for site in champion.sites}
+    drops = {
+        site.site_id: before[site.site_id] - metric(site.overall)
+        for site in candidate.sites
+        if site.site_id in before and not math.isnan(before[site.site_id]) and not math.isnan(metric(site.overall))
+    }
+    if not drops:
+        return []
+    worst = max(sorted(drops), key=lambda site_id: drops[site_id])
+    name = f"site_{policy.site_regression_metric}_drop_vs_champion[{worst}]"
+    return [_at_most(name, drops[worst], policy.max_site_regression)]
+
+
+def _gap_gates(suffix: str, groups: dict[str, BinaryCounts], policy: GatePolicy) -> list[GateResult]:
+    gaps = fairness_gaps(groups, policy.min_group_size)
+    bounds: list[tuple[str, float | None]] = [
+        ("selection_rate_gap", policy.max_selection_rate_gap),
+        ("tpr_gap", policy.max_tpr_gap),
     ]
-    return [_at_most(name, gaps[key], bound) for name, key, bound in bounds if bound is not None]
+    return [_at_most(f"{key}{suffix}", gaps[key], bound) for key, bound in bounds if bound is not None]
+
+
+def _fairness_gates(candidate: EvaluationReport, policy: GatePolicy) -> list[GateResult]:
+    """Gaps across protected groups pooled over all sites and, with ``fairness_per_site``, at each site.
+
+    Pooling can hide a gap that only one site's population shows, or cancel opposite gaps at two
+    sites. A site where fewer than two groups reach ``min_group_size`` has no per-site gate: a rate
+    over a handful of people says nothing, and the pooled gate still covers its examples.
+    """
+    gates = _gap_gates("", candidate.group_counts(), policy)
+    if policy.fairness_per_site:
+        for site in candidate.sites:
+            if _usable_groups(site, policy.min_group_size) >= 2:
+                gates += _gap_gates(f"[{site.site_id}]", candidate.group_counts([site]), policy)
+    return gates
+
+
+def _usable_groups(site: SiteEvaluation, min_group_size: int) -> int:
+    return sum(counts.n >= min_group_size for counts in site.groups.values())
 
 
 def _data_gates(candidate: EvaluationReport, policy: GatePolicy) -> list[GateResult]:
@@ -119,6 +201,7 @@ def _data_gates(candidate: EvaluationReport, policy: GatePolicy) -> list[GateRes
         "every site passed its data contract"
         if not failed_contracts
         else f"data contract failed at {', '.join(failed_contracts)}",
+        "<=",
     )
     return [
         contract,
@@ -139,4 +222,5 @@ def decide(candidate: EvaluationReport, champion: EvaluationReport | None, polic
     """Apply every configured gate; the champion, when given, was evaluated on the same site data."""
     gates = [gate for group in _GATE_GROUPS for gate in group(candidate, policy)]
     gates += _regression_gate(candidate, champion, policy)
+    gates += _site_regression_gate(candidate, champion, policy)
     return Verdict(passed=all(g.passed for g in gates), gates=tuple(gates))

@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="local: sites in this process (default); pool: each site on its own work pool (quorum up)",
     )
     run.add_argument("--resume", metavar="JOB", help="continue JOB from its last completed round")
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="train even when every site's data and the config equal the champion's (default: stop after preprocess)",
+    )
     run.set_defaults(handler=_cmd_run)
 
     up = commands.add_parser("up", help="start Prefect and MLflow servers, the pools, deployments and site workers")
@@ -82,6 +87,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(synth)
     synth.add_argument("--overwrite", action="store_true", help="replace existing files")
     synth.set_defaults(handler=_cmd_synth)
+    push = data.add_parser("push", help="push one site's processed data to that site's own DVC remote")
+    _add_config(push)
+    push.add_argument("--site", required=True, help="site id")
+    push.set_defaults(handler=_cmd_data_push)
+    example = data.add_parser("example", help="write the site CSVs of a real example dataset (no download)")
+    example.add_argument("name", choices=("breast-cancer",), help="the example")
+    example.add_argument(
+        "--out",
+        default="data/examples/breast-cancer",
+        help="folder for <site>/raw/*.csv (default data/examples/breast-cancer, what configs/examples/ expects)",
+    )
+    example.set_defaults(handler=_cmd_data_example)
+
+    contract = commands.add_parser("contract", help="data contracts").add_subparsers(
+        dest="contract_command", required=True
+    )
+    init = contract.add_parser("init", help="profile a site's data and write a first contract to review and commit")
+    _add_config(init)
+    init.add_argument("--site", required=True, help="the site whose snapshot is profiled")
+    init.add_argument("--out", help="contract file (default: contracts/<federation name>.yaml beside the config)")
+    init.add_argument(
+        "--margin", type=float, default=0.1, help="widen observed numeric ranges by this fraction of the span"
+    )
+    init.add_argument("--overwrite", action="store_true", help="replace an existing contract file")
+    init.set_defaults(handler=_cmd_contract_init)
+
+    lineage = commands.add_parser("lineage", help="print what a registered model version was made from")
+    lineage.add_argument("model", help="registered model name")
+    lineage.add_argument("--version", required=True, help="model version number")
+    _add_config(lineage)
+    lineage.set_defaults(handler=_cmd_lineage)
 
     prep = commands.add_parser("preprocess", help="run one site's preprocessing (what `dvc repro` calls)")
     _add_config(prep)
@@ -114,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--site", required=True, help="site id")
     _add_config(deploy, governance=True)
     deploy.set_defaults(handler=_cmd_deploy)
+
+    drift = commands.add_parser(
+        "drift-check", help="decide on retraining from every site's newest drift summary (--trigger starts it)"
+    )
+    _add_config(drift, governance=True)
+    drift.add_argument(
+        "--trigger", action="store_true", help="start the lifecycle deployment when drift calls for it (quorum up)"
+    )
+    drift.add_argument(
+        "--check-sites", action="store_true", help="run every site's drift check here first (sites' data on this host)"
+    )
+    drift.set_defaults(handler=_cmd_drift_check)
 
     audit = commands.add_parser("audit", help="the governance audit log").add_subparsers(
         dest="audit_command", required=True
@@ -156,7 +204,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flows import commands
 
     return commands.run(
-        Path(args.config), Path(args.governance), args.approve_with, args.job_id, args.verbose, args.runner, args.resume
+        Path(args.config),
+        Path(args.governance),
+        args.approve_with,
+        args.job_id,
+        args.verbose,
+        args.runner,
+        args.resume,
+        force=args.force,
     )
 
 
@@ -190,6 +245,31 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return commands.synth(Path(args.config), overwrite=args.overwrite)
 
 
+def _cmd_data_push(args: argparse.Namespace) -> int:
+    from flows import data_commands
+
+    return data_commands.data_push(Path(args.config), args.site)
+
+
+def _cmd_data_example(args: argparse.Namespace) -> int:
+    from flows import data_commands
+
+    return data_commands.data_example(args.name, Path(args.out))
+
+
+def _cmd_contract_init(args: argparse.Namespace) -> int:
+    from flows import data_commands
+
+    out = Path(args.out) if args.out else None
+    return data_commands.contract_init(Path(args.config), args.site, out, args.margin, args.overwrite)
+
+
+def _cmd_lineage(args: argparse.Namespace) -> int:
+    from flows import data_commands
+
+    return data_commands.lineage(Path(args.config), args.model, args.version)
+
+
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     from flows import commands
 
@@ -220,6 +300,18 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     from flows import commands
 
     return commands.deploy(Path(args.config), Path(args.governance), args.site, args.verbose)
+
+
+def _cmd_drift_check(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.drift_check(
+        Path(args.config),
+        Path(args.governance),
+        trigger=args.trigger,
+        check_sites=args.check_sites,
+        verbose=args.verbose,
+    )
 
 
 def _cmd_audit_show(args: argparse.Namespace) -> int:

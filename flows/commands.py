@@ -399,6 +399,62 @@ def deploy(config_path: Path, governance_path: Path, site_id: str, verbose: bool
     return 0
 
 
+def drift_check(
+    config_path: Path, governance_path: Path, *, trigger: bool, check_sites: bool, verbose: bool = False
+) -> int:
+    """Print each site's drift and the decision; with ``trigger``, start the retraining it calls for.
+
+    Retraining is started through the lifecycle deployment, so it needs a Prefect server that has it:
+    the one `quorum up` started, or any server ``PREFECT_API_URL`` names. Without one, ``--trigger``
+    is refused before anything runs, instead of deciding and then failing to act.
+    """
+    config, state = _prepare(config_path)
+    load_governance(governance_path)
+    if trigger and not os.environ.get("PREFECT_API_URL"):
+        _use_running_stack(config, state)
+    from flows.drift_check import drift_check_flow
+
+    _quiet_console(verbose)
+    result = drift_check_flow(
+        str(config_path.resolve()), str(governance_path.resolve()), trigger=trigger, check_sites=check_sites
+    )
+    for site_id, summary in result.summaries.items():
+        drifted = ", ".join(summary.drifted_columns) or "none"
+        prediction = (
+            ""
+            if summary.prediction is None
+            else f", prediction {'drifted' if summary.prediction.drifted else 'stable'}"
+        )
+        print(f"{site_id:<16} drift share {summary.drift_share:.0%} (drifted: {drifted}{prediction})")
+        for problem in summary.problems:
+            print(f"{'':<16} note: {problem}")
+    for site_id, why in result.unavailable.items():
+        print(f"{site_id:<16} unknown: {why}")
+    print(result.reason)
+    if result.note:
+        print(result.note)
+    elif result.retrain and not trigger:
+        print("retraining not started: run `quorum drift-check --trigger` (needs `quorum up`) or `quorum run`")
+    return 0
+
+
+def _use_running_stack(config: FederationConfig, state: StateLayout) -> None:
+    """Point this process at the Prefect and MLflow servers of `quorum up`, or explain that retraining needs them."""
+    from configs.errors import NotDeployed
+    from flows.stack import Stack
+
+    stack = Stack(config, state)
+    if not stack.service("prefect-server").alive():
+        raise NotDeployed(
+            "retraining on drift starts the lifecycle deployment on the Prefect server, "
+            "and no server is running for this federation (local mode)",
+            fix="run `quorum up` first, then `quorum drift-check --trigger`; "
+            "without --trigger the check only reports its decision",
+        )
+    os.environ["PREFECT_API_URL"] = stack.prefect_url
+    os.environ["MLFLOW_TRACKING_URI"] = stack.mlflow_url
+
+
 def audit_show(config_path: Path) -> int:
     from lineage.audit import AuditLog
 

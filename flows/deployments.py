@@ -1,10 +1,10 @@
 """Rendering ``infra/prefect.yaml`` from a federation config.
 
 The file is what ``quorum up`` deploys and what a user edits: one pool per site (``site-<id>``)
-with that site's session, preprocessing and monitoring deployments, and the lifecycle on the
-``coordinator`` pool with the retraining schedule. Paths are written as ``{{ $QUORUM_PROJECT }}``
-placeholders that Prefect fills from the environment at deploy time, so the file is the same on
-every machine.
+with that site's session, preprocessing and monitoring deployments, and on the ``coordinator`` pool
+the lifecycle with the retraining schedule and the drift check that retrains on drift. Paths are
+written as ``{{ $QUORUM_PROJECT }}`` placeholders that Prefect fills from the environment at deploy
+time, so the file is the same on every machine.
 """
 
 from __future__ import annotations
@@ -50,7 +50,18 @@ def render(config: FederationConfig, governance_path: Path, project: Path, appro
                 "approver_keys": [_portable(k, project) for k in approver_keys],
             },
             "schedules": [{"cron": config.deployment.retrain_cron, "timezone": "UTC", "active": True}],
-        }
+        },
+        {
+            "name": "drift-check",
+            "description": (
+                "Reads every site's newest drift summary; starts the lifecycle when at least "
+                f"drift.min_sites_to_retrain ({config.drift.min_sites_to_retrain}) sites drift."
+            ),
+            "entrypoint": "flows.drift_check:drift_check_flow",
+            "work_pool": {"name": COORDINATOR_POOL, "job_variables": {"working_dir": PROJECT_VAR}},
+            "parameters": {"config_path": config_path, "governance_path": governance, "trigger": True},
+            "schedules": [{"interval": config.deployment.monitor_interval_s, "active": True}],
+        },
     ]
     for site in config.sites:
         pool = {"name": site_pool(site.id), "job_variables": {"working_dir": _portable(site.root, project)}}

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 from configs.errors import NotEnoughSites
 from evaluation.gates import Verdict, decide
 from evaluation.report import EvaluationReport, SiteEvaluation
+from evaluation.verdict_report import verdict_html
 from flows.context import JobContext
 from flows.runners import SiteFailure, SiteRunner
 from lineage.registry import load_verified_weights
@@ -66,6 +67,9 @@ def evaluate_flow(
         tracker.log_metrics(run_id, {f"champion.{k}": v for k, v in champion.metrics.items()})
     tracker.log_dict(run_id, verdict.to_dict(), "verdict.json")
     tracker.log_text(run_id, verdict.to_markdown(), "verdict.md")
+    title = f"{ctx.config.model_name} candidate, job {ctx.job_id}"
+    page = verdict_html(verdict, report, ctx.config.gates, champion, title)
+    tracker.log_text(run_id, page, "verdict.html")
     tracker.log_dict(run_id, {s.site_id: s.to_dict() for s in report.sites}, "site_counts.json")
     ctx.audit.append("gate_verdict", "coordinator", {"job_id": ctx.job_id, **verdict.to_dict()})
     get_run_logger().info("verdict: %s", verdict.headline())

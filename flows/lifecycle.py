@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from flows.context import JobContext, git_commit, load_context
 from flows.evaluate import EvaluationResult, evaluate_flow
@@ -40,6 +40,7 @@ class LifecycleResult:
     promotion: PromotionResult | None = None
     monitor: MonitorResult | None = None
     stage_status: dict[str, str] = field(default_factory=dict)
+    unchanged_since: str | None = None  # the champion version, when training was skipped: nothing changed
 
 
 @contextmanager
@@ -67,7 +68,24 @@ def _lineage_tags(ctx: JobContext, prep: PreprocessResult, commit: str, run_id: 
         fp = prep.fingerprints[site_id]
         tags[f"data.{site_id}"] = fp.data_hash
         tags[f"rows.{site_id}"] = str(fp.train_rows + fp.test_rows)
+    for site_id, fp in prep.fingerprints.items():
+        contract = fp.contract
+        outcome = "passed" if contract.passed else f"failed {len(contract.failed)} of"
+        tags[f"contract.{site_id}"] = f"{outcome} {contract.evaluated} expectations"
+    for site_id in set(prep.excluded) - set(prep.fingerprints):
+        tags[f"contract.{site_id}"] = "not checked: the site's data could not be read"
     return tags
+
+
+def _unchanged_champion(ctx: JobContext, prep: PreprocessResult) -> str | None:
+    """The champion's version when it was trained on exactly these sites' data and this config."""
+    from lineage.staleness import champion_tags, changes_since
+
+    version, tags = champion_tags(ctx.tracker, ctx.config.model_name)
+    if version is None:
+        return None
+    data = {s: prep.fingerprints[s].data_hash for s in prep.usable_sites}
+    return None if changes_since(tags, data, ctx.config.config_hash()) else version
 
 
 def _site_evidence(prep: PreprocessResult) -> list[SiteEvidence]:
@@ -118,7 +136,12 @@ def _preprocess_or_resume(ctx: JobContext, runner: SiteRunner, result: Lifecycle
 
 
 def run_lifecycle(
-    ctx: JobContext, runner: SiteRunner, approver_keys: list[str], *, resume: bool = False
+    ctx: JobContext,
+    runner: SiteRunner,
+    approver_keys: list[str],
+    *,
+    resume: bool = False,
+    only_if_changed: bool = False,
 ) -> LifecycleResult:
     commit = git_commit(CODE_ROOT)
     keys = [(approver_for_private_key(Path(k), ctx.governance), Path(k)) for k in approver_keys]
@@ -140,6 +163,13 @@ def run_lifecycle(
         ctx.tracker.log_dict(
             result.run_id, {s: fp.to_dict() for s, fp in prep.fingerprints.items()}, "fingerprints.json"
         )
+        if only_if_changed and not resume:
+            result.unchanged_since = _unchanged_champion(ctx, prep)
+        if result.unchanged_since is not None:
+            note = f"nothing changed since champion v{result.unchanged_since}: training skipped"
+            ctx.tracker.client.set_tag(result.run_id, "quorum.skipped", note)
+            ctx.tracker.end_run(result.run_id)
+            return result
         with _stage(ctx, result, "tune") as run_id:
             ctx.tracker.log_data_versions(run_id, versions)
             usable = {s: prep.fingerprints[s] for s in prep.usable_sites}
@@ -177,13 +207,25 @@ def lifecycle(
     job_id: str | None = None,
     runner: Literal["local", "pool"] = "local",
     resume: bool = False,
+    force: bool = False,
+    only_if_changed: bool | None = None,
+    reason: str = "",
 ) -> LifecycleResult:
     """Run every stage for one federation.
 
     ``runner="local"`` runs the sites in this process (the embedded default); ``"pool"`` runs each
     site's work on its own work pool through one session per site. ``resume`` continues job
     ``job_id`` from its last completed round.
+
+    ``only_if_changed`` stops after preprocessing when every site's data hash and the config equal
+    the champion's (retraining on the same data only spends compute and approvals); ``None`` means
+    "only when this run was started by its schedule". ``force`` trains regardless.
+
+    ``reason`` says why the run was started (the drift-check flow puts its retraining decision here,
+    so the Prefect UI shows it with the run's parameters); it changes nothing else.
     """
+    if reason:
+        get_run_logger().info("started because: %s", reason)
     ctx = load_context(config_path, governance_path, job_id)
     site_runner: SiteRunner
     if runner == "pool":
@@ -192,4 +234,18 @@ def lifecycle(
         site_runner = PoolRunner(ctx, str(ctx.config.source))
     else:
         site_runner = LocalRunner(ctx.config)
-    return run_lifecycle(ctx, site_runner, list(approver_keys or []), resume=resume)
+    check = not force and (_started_by_schedule() if only_if_changed is None else only_if_changed)
+    result = run_lifecycle(ctx, site_runner, list(approver_keys or []), resume=resume, only_if_changed=check)
+    if result.unchanged_since is not None:
+        get_run_logger().info(
+            "nothing changed since champion v%s: training skipped (force=True trains anyway)", result.unchanged_since
+        )
+    return result
+
+
+def _started_by_schedule() -> bool:
+    """Whether Prefect's scheduler created this flow run (not a user, the UI's Run button or a test)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return bool(context is not None and context.flow_run is not None and context.flow_run.auto_scheduled)

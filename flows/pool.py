@@ -10,7 +10,7 @@ go on without it is the round loop's decision (``min_sites``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from configs.errors import QuorumError, ReplyRejected
@@ -18,14 +18,15 @@ from evaluation.drift import DriftSummary
 from evaluation.report import SiteEvaluation
 from flows.context import JobContext
 from flows.exchange import JobExchange
-from flows.runners import SiteFailure, SiteRunner
-from tasks.messages import Request, evaluation_from_dict, fingerprint_from_dict
+from flows.runners import Reply, SecAggRound, SiteFailure, SiteRunner
+from tasks.messages import PUBLIC_KEY_BYTES, Request, evaluation_from_dict, fingerprint_from_dict
 from tasks.model import Weights
 from tasks.site import DataFingerprint, SiteUpdate
+from tasks.site_secagg import MaskedUpdate
 
 SESSION_FLOW = "site-session"
 POLL_S = 0.02
-GONE_AFTER_S = 6.0  # a session that has not beaten for this long is gone (it beats every second between requests)
+GONE_AFTER_S = 10.0  # a session that has not beaten for this long is gone (it beats every second between requests)
 
 
 def session_deployment(site_id: str) -> str:
@@ -75,9 +76,23 @@ class PoolRunner(SiteRunner):
         return deployment.session_start_timeout_s if self._first_request else deployment.round_deadline_s
 
     def _dispatch(
-        self, kind: str, site_ids: Sequence[str], weights: Weights | None = None, server_round: int = 0
+        self,
+        kind: str,
+        site_ids: Sequence[str],
+        weights: Weights | None = None,
+        server_round: int = 0,
+        secagg: SecAggRound | None = None,
+        dropped: Collection[str] = (),
     ) -> dict[str, dict[str, Any] | SiteFailure]:
-        request = Request(self.ctx.job_id, self.exchange.next_seq(), kind, tuple(site_ids), server_round)  # type: ignore[arg-type]
+        request = Request(
+            self.ctx.job_id,
+            self.exchange.next_seq(),
+            kind,  # type: ignore[arg-type]
+            tuple(site_ids),
+            server_round,
+            peers=None if secagg is None else secagg.wire_peers(),
+            dropped=tuple(sorted(dropped)),
+        )
         request = self.exchange.post(request, weights)
         deadline = time.monotonic() + self._deadline_s()
         replies: dict[str, dict[str, Any] | SiteFailure] = {}
@@ -121,7 +136,7 @@ class PoolRunner(SiteRunner):
                 continue
             try:
                 out[site_id] = decode(site_id, reply)
-            except (QuorumError, KeyError, TypeError, ValueError) as exc:
+            except (QuorumError, KeyError, TypeError, ValueError, AttributeError) as exc:
                 message = exc.message if isinstance(exc, QuorumError) else repr(exc)
                 out[site_id] = SiteFailure(site_id, "Malformed reply", f"site {site_id}: {message}", "")
         return out
@@ -130,19 +145,40 @@ class PoolRunner(SiteRunner):
         return self._decode(self._dispatch("preprocess", site_ids), lambda _, r: fingerprint_from_dict(r))
 
     def train(
-        self, site_ids: Sequence[str], weights: Weights, server_round: int
-    ) -> dict[str, SiteUpdate | SiteFailure]:
-        def decode(site_id: str, reply: dict[str, Any]) -> SiteUpdate:
-            return SiteUpdate(
-                str(reply["site_id"]),
-                int(reply["server_round"]),
-                self.exchange.reply_weights(reply),
-                int(reply["num_examples"]),
-                float(reply["train_loss"]),
-                float(reply.get("train_s", 0.0)),
-            )
+        self, site_ids: Sequence[str], weights: Weights, server_round: int, secagg: SecAggRound | None = None
+    ) -> dict[str, Reply]:
+        def decode(site_id: str, reply: dict[str, Any]) -> SiteUpdate | MaskedUpdate:
+            if reply.get("job_id") != self.ctx.job_id:
+                raise ReplyRejected(f"reply is for job {reply.get('job_id')!r}, not {self.ctx.job_id}")
+            arrays = self.exchange.reply_weights(reply)
+            site, server_round = str(reply["site_id"]), int(reply["server_round"])
+            examples, loss = int(reply["num_examples"]), float(reply["train_loss"])
+            train_s = float(reply.get("train_s", 0.0))
+            if secagg is None:
+                return SiteUpdate(site, server_round, arrays, examples, loss, train_s)
+            if not reply.get("masked") or len(arrays) != 1:
+                raise ReplyRejected("secure aggregation is on but the reply is not one masked vector")
+            return MaskedUpdate(site, server_round, arrays[0], examples, loss, train_s)
 
-        return self._decode(self._dispatch("train", site_ids, weights, server_round), decode)
+        return self._decode(self._dispatch("train", site_ids, weights, server_round, secagg), decode)
+
+    def keys(self, site_ids: Sequence[str], job_id: str) -> dict[str, bytes | SiteFailure]:
+        def decode(site_id: str, reply: dict[str, Any]) -> bytes:
+            key = bytes.fromhex(str(reply["public_key"]))
+            if len(key) != PUBLIC_KEY_BYTES:
+                raise ReplyRejected(f"public key of {len(key)} bytes, expected {PUBLIC_KEY_BYTES}")
+            return key
+
+        return self._decode(self._dispatch("keys", site_ids), decode)
+
+    def reveal(
+        self, site_ids: Sequence[str], secagg: SecAggRound, server_round: int, dropped: Collection[str]
+    ) -> dict[str, dict[str, bytes] | SiteFailure]:
+        def decode(site_id: str, reply: dict[str, Any]) -> dict[str, bytes]:
+            return {str(peer): bytes.fromhex(str(seed)) for peer, seed in reply["seeds"].items()}
+
+        replies = self._dispatch("reveal", site_ids, server_round=server_round, secagg=secagg, dropped=dropped)
+        return self._decode(replies, decode)
 
     def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, SiteEvaluation | SiteFailure]:
         return self._decode(self._dispatch("evaluate", site_ids, weights), lambda _, r: evaluation_from_dict(r))

@@ -128,10 +128,15 @@ def promote_flow(
     logger = get_run_logger()
     if not verdict.passed:
         raise GateFailed(
-            f"the candidate {verdict.headline()}",
+            f"the candidate failed {len(verdict.failed)} of {len(verdict.gates)} gates:\n{verdict.describe_failures()}",
             fix="nothing was registered; improve the model or data, or review the gates in the federation config",
         )
-    tags = {**lineage_tags, "verdict": "passed", "verdict.gates": json.dumps([g.name for g in verdict.gates])}
+    tags = {
+        **lineage_tags,
+        "verdict": "passed",
+        "verdict.gates": json.dumps([g.name for g in verdict.gates]),
+        **verdict.tags(),
+    }
     version = _register_candidate(ctx, weights, feature_mean, run_id, tags)
     name = ctx.config.model_name
     files = fetch_files(ctx.tracker, ctx.store, name, version)

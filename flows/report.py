@@ -27,7 +27,7 @@ def _figures(result: LifecycleResult) -> list[tuple[str, str, str]]:
             (
                 "tune",
                 "done",
-                f"{len(result.tuning.rounds)} rounds FedAvg; accuracy {m.get('accuracy', 0):.3f}, "
+                f"{len(result.tuning.rounds)} rounds {result.tuning.method}; accuracy {m.get('accuracy', 0):.3f}, "
                 f"AUC {m.get('auc', 0):.3f}",
             )
         )
@@ -61,7 +61,12 @@ def print_summary(result: LifecycleResult, console: Console | None = None) -> No
         table.add_row(*row)
     console.print(table)
     promotion = result.promotion
-    if promotion is not None and promotion.champion:
+    if result.unchanged_since is not None:
+        console.print(
+            f"nothing changed since champion {result.model_name} v{result.unchanged_since} "
+            "(same data hash at every site, same config): training skipped; `quorum run --force` trains anyway"
+        )
+    elif promotion is not None and promotion.champion:
         console.print(
             f"champion: [bold]{result.model_name}[/bold] version {promotion.version} "
             f"(MLflow alias 'champion', run {result.run_id})"

@@ -9,7 +9,7 @@ that is the coordinator's call (``min_sites``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,7 +21,9 @@ from configs.errors import QuorumError
 from configs.schema import FederationConfig
 from evaluation.report import SiteEvaluation
 from tasks import site as site_work
+from tasks import site_secagg
 from tasks.model import Weights
+from tasks.site_secagg import MaskedUpdate
 
 T = TypeVar("T")
 
@@ -43,6 +45,20 @@ class SiteFailure:
         return f"{self.site_id}: {self.message}" + (f" (fix: {self.fix})" if self.fix else "")
 
 
+@dataclass(frozen=True)
+class SecAggRound:
+    """What a site needs to mask its update in one round: the job (it binds the masks) and every peer's public key."""
+
+    job_id: str
+    peers: Mapping[str, bytes]
+
+    def wire_peers(self) -> dict[str, str]:
+        return {site_id: key.hex() for site_id, key in sorted(self.peers.items())}
+
+
+Reply = site_work.SiteUpdate | MaskedUpdate | SiteFailure
+
+
 class SiteRunner(ABC):
     """Runs one kind of site work at many sites and returns each site's result or its failure."""
 
@@ -57,8 +73,19 @@ class SiteRunner(ABC):
 
     @abstractmethod
     def train(
-        self, site_ids: Sequence[str], weights: Weights, server_round: int
-    ) -> dict[str, site_work.SiteUpdate | SiteFailure]: ...
+        self, site_ids: Sequence[str], weights: Weights, server_round: int, secagg: SecAggRound | None = None
+    ) -> dict[str, Reply]:
+        """Each site's update; with ``secagg`` a masked update instead, so no single update is ever seen here."""
+
+    @abstractmethod
+    def keys(self, site_ids: Sequence[str], job_id: str) -> dict[str, bytes | SiteFailure]:
+        """Each site's secure-aggregation public key for the job (the private key stays at the site)."""
+
+    @abstractmethod
+    def reveal(
+        self, site_ids: Sequence[str], secagg: SecAggRound, server_round: int, dropped: Collection[str]
+    ) -> dict[str, dict[str, bytes] | SiteFailure]:
+        """Each surviving site's pair seeds with the ``dropped`` sites, to unmask the survivors' sum."""
 
     @abstractmethod
     def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, SiteEvaluation | SiteFailure]: ...
@@ -81,9 +108,27 @@ def site_preprocess(config: FederationConfig, site_id: str) -> site_work.DataFin
 
 @task(cache_policy=NO_CACHE, task_run_name="train-{site_id}-round-{server_round}")
 def site_train(
-    config: FederationConfig, site_id: str, weights: Weights, server_round: int
-) -> site_work.SiteUpdate | SiteFailure:
+    config: FederationConfig, site_id: str, weights: Weights, server_round: int, secagg: SecAggRound | None = None
+) -> Reply:
+    if secagg is not None:
+        return _guarded(
+            site_secagg.train_site_masked, site_id, config, site_id, weights, server_round, secagg.job_id, secagg.peers
+        )
     return _guarded(site_work.train_site, site_id, config, site_id, weights, server_round)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="keys-{site_id}")
+def site_keys(config: FederationConfig, site_id: str, job_id: str) -> bytes | SiteFailure:
+    return _guarded(site_secagg.public_key, site_id, config, site_id, job_id)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="reveal-{site_id}-round-{server_round}")
+def site_reveal(
+    config: FederationConfig, site_id: str, secagg: SecAggRound, server_round: int, dropped: tuple[str, ...]
+) -> dict[str, bytes] | SiteFailure:
+    return _guarded(
+        site_secagg.reveal_seeds, site_id, config, site_id, secagg.job_id, server_round, secagg.peers, dropped
+    )
 
 
 @task(cache_policy=NO_CACHE, task_run_name="evaluate-{site_id}")
@@ -108,8 +153,19 @@ class LocalRunner(SiteRunner):
     def preprocess(self, site_ids: Sequence[str]) -> dict[str, Any]:
         return self._fan_out({s: site_preprocess.submit(self.config, s) for s in site_ids})
 
-    def train(self, site_ids: Sequence[str], weights: Weights, server_round: int) -> dict[str, Any]:
-        return self._fan_out({s: site_train.submit(self.config, s, weights, server_round) for s in site_ids})
+    def train(
+        self, site_ids: Sequence[str], weights: Weights, server_round: int, secagg: SecAggRound | None = None
+    ) -> dict[str, Any]:
+        return self._fan_out({s: site_train.submit(self.config, s, weights, server_round, secagg) for s in site_ids})
+
+    def keys(self, site_ids: Sequence[str], job_id: str) -> dict[str, Any]:
+        return self._fan_out({s: site_keys.submit(self.config, s, job_id) for s in site_ids})
+
+    def reveal(
+        self, site_ids: Sequence[str], secagg: SecAggRound, server_round: int, dropped: Collection[str]
+    ) -> dict[str, Any]:
+        gone = tuple(sorted(dropped))
+        return self._fan_out({s: site_reveal.submit(self.config, s, secagg, server_round, gone) for s in site_ids})
 
     def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, Any]:
         return self._fan_out({s: site_evaluate.submit(self.config, s, weights) for s in site_ids})

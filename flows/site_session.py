@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
 
@@ -24,6 +25,7 @@ from flows.deployments import SITE_ROOT_ENV
 from flows.exchange import JobExchange
 from lineage.artifacts import LocalArtifactStore
 from tasks import site as site_work
+from tasks import site_secagg
 from tasks.messages import Request
 
 POLL_S = 0.05
@@ -47,16 +49,15 @@ def handle(config: FederationConfig, site_id: str, exchange: JobExchange, reques
         if request.kind == "preprocess":
             exchange.reply(request.seq, site_id, site_work.preprocess_site(config, site_id).to_dict())
         elif request.kind == "train":
-            update = site_work.train_site(config, site_id, exchange.request_weights(request), request.server_round)
-            payload = {
-                "site_id": site_id,
-                "server_round": update.server_round,
-                "num_examples": update.num_examples,
-                "train_loss": update.train_loss,
-                "train_s": update.train_s,
-                "job_id": request.job_id,
-            }
-            exchange.reply(request.seq, site_id, payload, update.weights)
+            _train(config, site_id, exchange, request)
+        elif request.kind == "keys":
+            key = site_secagg.public_key(config, site_id, request.job_id)
+            exchange.reply(request.seq, site_id, {"site_id": site_id, "public_key": key.hex()})
+        elif request.kind == "reveal":
+            seeds = site_secagg.reveal_seeds(
+                config, site_id, request.job_id, request.server_round, request.peer_keys(), request.dropped
+            )
+            exchange.reply(request.seq, site_id, {"site_id": site_id, "seeds": {s: v.hex() for s, v in seeds.items()}})
         elif request.kind == "evaluate":
             result = site_work.evaluate_site(config, site_id, exchange.request_weights(request))
             exchange.reply(request.seq, site_id, result.to_dict())
@@ -65,6 +66,30 @@ def handle(config: FederationConfig, site_id: str, exchange: JobExchange, reques
             exchange.reply(request.seq, site_id, site_work.monitor_site(config, site_id, champion).to_dict())
     except QuorumError as error:
         exchange.fail(request.seq, site_id, error)
+
+
+def _train(config: FederationConfig, site_id: str, exchange: JobExchange, request: Request) -> None:
+    """Train and reply with the new weights, or, when the request carries peer keys, with one masked vector."""
+    weights = exchange.request_weights(request)
+    if request.peers is not None:
+        masked = site_secagg.train_site_masked(
+            config, site_id, weights, request.server_round, request.job_id, request.peer_keys()
+        )
+        update: site_work.SiteUpdate | site_secagg.MaskedUpdate = masked
+        arrays: list[Any] = [masked.masked]
+    else:
+        update = plain = site_work.train_site(config, site_id, weights, request.server_round)
+        arrays = plain.weights
+    payload = {
+        "site_id": site_id,
+        "server_round": update.server_round,
+        "num_examples": update.num_examples,
+        "train_loss": update.train_loss,
+        "train_s": update.train_s,
+        "job_id": request.job_id,
+        "masked": request.peers is not None,
+    }
+    exchange.reply(request.seq, site_id, payload, arrays)
 
 
 @contextmanager

@@ -1,7 +1,9 @@
 """Stage 2: federated tuning. One readable round loop, the same for every runner.
 
 configure (which sites, which weights) -> dispatch -> validate replies -> aggregate -> evaluate,
-with each round's global weights and metrics checkpointed in the artifact store.
+with each round's global weights and metrics checkpointed in the artifact store. What each phase
+does under the configured strategy, aggregation rule, sampling, secure aggregation or differential
+privacy is chosen in ``flows.rounds``; the maths lives in ``tasks``.
 """
 
 from __future__ import annotations
@@ -11,18 +13,18 @@ from dataclasses import dataclass
 import numpy as np
 from prefect import flow, get_run_logger
 
-from configs.errors import NotEnoughSites
 from configs.schema import FederationConfig
 from evaluation.metrics import merge, summarize
 from evaluation.report import SiteEvaluation
+from flows import rounds
 from flows.context import JobContext
 from flows.jobs import last_checkpoint
-from flows.runners import SiteFailure, SiteRunner
-from tasks.aggregate import fedavg, weighted_loss_avg
+from flows.runners import SecAggRound, SiteFailure, SiteRunner
+from tasks.aggregate import weighted_loss_avg
 from tasks.features import feature_names, merge_moments
 from tasks.model import Weights, initial_weights
-from tasks.replies import validate_reply
-from tasks.site import DataFingerprint, SiteUpdate
+from tasks.site import DataFingerprint
+from tasks.strategies import ServerOptimizerState, sample_sites, trainable_tensors
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class RoundRecord:
     rejected: dict[str, str]
     train_loss: float
     metrics: dict[str, float]
+    sampled: tuple[str, ...] = ()
+    epsilon: float | None = None  # privacy spent after this round, with DP on
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class TuningResult:
     weights: Weights
     rounds: tuple[RoundRecord, ...]
     feature_mean: list[float]
+    stopped_early: str = ""  # why fewer rounds than configured ran (the privacy budget), or empty
+    method: str = "fedavg"  # strategy and aggregation rule, for summaries
 
     @property
     def final_metrics(self) -> dict[str, float]:
@@ -53,29 +59,6 @@ def start_weights(cfg: FederationConfig, fingerprints: dict[str, DataFingerprint
     return weights, mean.tolist()
 
 
-def _accept(
-    ctx: JobContext, server_round: int, replies: dict[str, SiteUpdate | SiteFailure], reference: Weights
-) -> tuple[dict[str, SiteUpdate], dict[str, str]]:
-    accepted: dict[str, SiteUpdate] = {}
-    rejected: dict[str, str] = {}
-    for site_id, reply in replies.items():
-        if isinstance(reply, SiteFailure):
-            rejected[site_id] = reply.describe()
-            continue
-        problem = validate_reply(reply, reference, server_round, site_id)
-        if problem:
-            rejected[site_id] = problem
-        else:
-            accepted[site_id] = reply
-    if len(accepted) < ctx.config.training.min_sites:
-        raise NotEnoughSites(
-            f"round {server_round}: {len(accepted)} valid replies, training.min_sites is "
-            f"{ctx.config.training.min_sites}; rejected: " + "; ".join(f"{s}: {r}" for s, r in rejected.items()),
-            fix="fix the failing sites, or lower training.min_sites in the federation config",
-        )
-    return accepted, rejected
-
-
 def _round_metrics(evaluations: dict[str, SiteEvaluation | SiteFailure]) -> dict[str, float]:
     usable = [e for e in evaluations.values() if isinstance(e, SiteEvaluation)]
     pooled = summarize(merge(e.overall for e in usable))
@@ -88,7 +71,15 @@ def _resume_point(ctx: JobContext, weights: Weights, resume: bool) -> tuple[int,
         return 1, weights, []
     done, checkpoint, manifests = last_checkpoint(ctx.store, ctx.job_id)
     records = [
-        RoundRecord(m["server_round"], tuple(m["sites"]), dict(m["rejected"]), m["train_loss"], dict(m["metrics"]))
+        RoundRecord(
+            m["server_round"],
+            tuple(m["sites"]),
+            dict(m["rejected"]),
+            m["train_loss"],
+            dict(m["metrics"]),
+            tuple(m.get("sampled", m["sites"])),
+            m.get("epsilon"),
+        )
         for m in manifests
     ]
     return done + 1, checkpoint if checkpoint is not None else weights, records
@@ -103,37 +94,119 @@ def tune_flow(
     resume: bool = False,
 ) -> TuningResult:
     logger = get_run_logger()
+    config, training = ctx.config, ctx.config.training
     site_ids = sorted(fingerprints)
-    weights, feature_mean = start_weights(ctx.config, fingerprints)
+
+    # configure: the start model, where a resumed job left off, server optimizer, privacy budget, keys
+    weights, feature_mean = start_weights(config, fingerprints)
+    weights, source = rounds.seed_weights(ctx, weights)
+    if source != "scratch":
+        feature_mean = weights[0].tolist()  # the seed's own input scaling, which its layers were trained with
+        logger.info("starting from %s with %d leading layer(s) frozen", source, training.freeze_layers)
     first, weights, records = _resume_point(ctx, weights, resume)
-    rounds = ctx.config.training.rounds
+    trainable = trainable_tensors(len(weights), training.freeze_layers)
+    server_state = ServerOptimizerState()
+    privacy = rounds.privacy_accountant(training, len(site_ids), rounds_done=len(records))
     if first > 1:
-        logger.info("resuming job %s after round %d of %d", ctx.job_id, first - 1, rounds)
-    for server_round in range(first, rounds + 1):
-        replies = runner.train(site_ids, weights, server_round)
-        accepted, rejected = _accept(ctx, server_round, replies, weights)
-        weights = fedavg([(u.weights, u.num_examples) for u in accepted.values()])
+        logger.info("resuming job %s after round %d of %d", ctx.job_id, first - 1, training.rounds)
+        if training.server_optimizer != "fedavg":
+            logger.info("server optimizer %s restarts with fresh moments (not checkpointed)", training.strategy)
+    pool, keys = site_ids, dict[str, bytes]()
+    if training.secure_aggregation:
+        keys, no_key = rounds.collect_keys(runner, site_ids, ctx.job_id)
+        for site_id, reason in no_key.items():
+            logger.warning("site %s published no secure-aggregation key and sits this job out: %s", site_id, reason)
+        pool = sorted(keys)
+
+    stopped_early = ""
+    for server_round in range(first, training.rounds + 1):
+        if privacy is not None and privacy.after(1).exceeded:
+            stopped_early = _stop_at_budget(ctx, run_id, server_round, privacy.after(1).epsilon)
+            break
+        sampled = sample_sites(pool, training.sample_fraction, training.min_sites, server_round, config.seed)
+        logger.info(
+            "round %d: sampled %s (sample_fraction %g, seed %d)",
+            server_round,
+            ", ".join(sampled),
+            training.sample_fraction,
+            config.seed,
+        )
+
+        # dispatch: the sampled sites train from the current global model (masking their update under secagg)
+        secagg = SecAggRound(ctx.job_id, {s: keys[s] for s in sampled}) if keys else None
+        replies = runner.train(sampled, weights, server_round, secagg)
+
+        # validate replies: each is checked before anything is aggregated; a bad one is left out with a reason
+        accepted, rejected = rounds.screen_replies(config, server_round, replies, weights)
+
+        # aggregate: the configured rule (or DP's noised mean, or the secure sum), then the server optimizer
+        if secagg is not None:
+            aggregated, unrevealed = rounds.aggregate_secure(runner, secagg, server_round, weights, accepted, training)
+            rejected.update(unrevealed)
+            accepted = {s: u for s, u in accepted.items() if s not in unrevealed}
+        else:
+            aggregated = rounds.aggregate_updates(training, weights, accepted, trainable)
+        weights, server_state = rounds.server_step(training, weights, aggregated, server_state, trainable)
+        privacy = privacy.after(1) if privacy is not None else None
         train_loss = weighted_loss_avg([(u.train_loss, u.num_examples) for u in accepted.values()])
-        metrics = _round_metrics(runner.evaluate(site_ids, weights))
-        record = RoundRecord(server_round, tuple(sorted(accepted)), rejected, train_loss, metrics)
+
+        # evaluate: every site scores the new global model on its own held-out split
+        evaluations = runner.evaluate(site_ids, weights)
+        metrics = _round_metrics(evaluations)
+        epsilon = privacy.epsilon if privacy is not None else None
+        record = RoundRecord(server_round, tuple(sorted(accepted)), rejected, train_loss, metrics, sampled, epsilon)
         records.append(record)
         _checkpoint(ctx, record, weights)
-        ctx.tracker.log_metrics(run_id, {"train_loss": train_loss, **metrics}, step=server_round)
-        ctx.tracker.log_metrics(
-            run_id, {f"site.{s}.train_loss": u.train_loss for s, u in accepted.items()}, step=server_round
-        )
+        site_metrics = {f"site.{s}.train_loss": u.train_loss for s, u in accepted.items()}
+        _log_round(ctx, run_id, record, {**site_metrics, **_site_metrics(evaluations)})
         for site_id, reason in rejected.items():
             logger.warning("round %d: reply of %s rejected: %s", server_round, site_id, reason)
         logger.info(
             "round %d/%d: %d sites, train_loss %.4f, accuracy %.4f, auc %.4f",
             server_round,
-            rounds,
+            training.rounds,
             len(accepted),
             train_loss,
             metrics.get("accuracy", np.nan),
             metrics.get("auc", np.nan),
         )
-    return TuningResult(weights, tuple(records), feature_mean)
+    method = training.strategy if training.aggregation == "mean" else f"{training.strategy}, {training.aggregation}"
+    return TuningResult(weights, tuple(records), feature_mean, stopped_early, method)
+
+
+def _stop_at_budget(ctx: JobContext, run_id: str, server_round: int, epsilon: float) -> str:
+    """Stop before the round that would overspend; the job goes on to evaluation with the last model."""
+    privacy = ctx.config.training.privacy
+    reason = (
+        f"privacy budget: round {server_round} would bring epsilon to {epsilon:.3f} > epsilon_budget "
+        f"{privacy.epsilon_budget:g} (delta {privacy.delta:g}); training stops after round {server_round - 1}"
+    )
+    get_run_logger().warning("%s; evaluation uses the last model", reason)
+    ctx.tracker.set_tags(
+        run_id, {"privacy.budget_exhausted": "true", "privacy.stopped_after_round": str(server_round - 1)}
+    )
+    return reason
+
+
+def _site_metrics(evaluations: dict[str, SiteEvaluation | SiteFailure]) -> dict[str, float]:
+    per_site = {s: summarize(e.overall) for s, e in evaluations.items() if isinstance(e, SiteEvaluation)}
+    return {f"site.{s}.{name}": m[name] for s, m in per_site.items() for name in ("accuracy", "auc")}
+
+
+def _log_round(ctx: JobContext, run_id: str, record: RoundRecord, per_site: dict[str, float]) -> None:
+    """One MLflow batch per round (``step`` = round); the rejection reasons as ``rounds/NNNN/rejected.json``."""
+    metrics = {
+        "train_loss": record.train_loss,
+        **record.metrics,
+        "sampled_sites": float(len(record.sampled)),
+        "rejected_replies": float(len(record.rejected)),
+        **per_site,
+    }
+    if record.epsilon is not None:
+        metrics["privacy.epsilon"] = record.epsilon
+    ctx.tracker.log_metrics(run_id, metrics, step=record.server_round)
+    if record.rejected:
+        ctx.tracker.log_dict(run_id, record.rejected, f"rounds/{record.server_round:04d}/rejected.json")
 
 
 def _checkpoint(ctx: JobContext, record: RoundRecord, weights: Weights) -> None:
@@ -145,9 +218,11 @@ def _checkpoint(ctx: JobContext, record: RoundRecord, weights: Weights) -> None:
             "job_id": ctx.job_id,
             "server_round": record.server_round,
             "sha256": digest,
+            "sampled": list(record.sampled),
             "sites": list(record.sites),
             "rejected": record.rejected,
             "train_loss": record.train_loss,
             "metrics": record.metrics,
+            "epsilon": record.epsilon,
         },
     )

@@ -68,14 +68,14 @@ def _dvc_command() -> list[str]:
     return [found]
 
 
-def _run(repo: Path, *args: str) -> str:
+def _run(repo: Path, *args: str, fix: str = "") -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     result = subprocess.run([*_dvc_command(), *args], cwd=repo, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise ToolError(
             f"dvc {' '.join(args)} failed in {repo}: {detail[-1] if detail else 'no output'}",
-            fix="run the same dvc command in that folder to see the full message",
+            fix=fix or "run the same dvc command in that folder to see the full message",
         )
     return result.stdout
 
@@ -99,11 +99,34 @@ def commit_stages(repo: Path, site_ids: Sequence[str]) -> dict[str, str]:
 
 
 def locked_hashes(repo: Path) -> dict[str, str]:
-    """Each site's processed-data hash as the committed ``dvc.lock`` records it."""
+    """Each site's processed-data hash as the ``dvc.lock`` in the working tree records it."""
     lock = repo / "dvc.lock"
     if not lock.is_file():
         return {}
-    data = yaml.safe_load(lock.read_text()) or {}
+    return parse_lock(lock.read_text(encoding="utf-8"))
+
+
+def committed_hashes(repo: Path) -> tuple[dict[str, str], str]:
+    """Each site's hash in the *committed* ``dvc.lock`` (git ``HEAD``), and where it was read from.
+
+    A data version is what git records: a hash only in the working tree is an experiment nobody
+    reviewed yet. Outside a git checkout, or before ``dvc.lock`` is first committed, the working
+    tree's file is the best there is, and the second value says so.
+    """
+    try:
+        shown = subprocess.run(
+            ["git", "show", "HEAD:./dvc.lock"], cwd=repo, capture_output=True, text=True, check=False, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        shown = None
+    if shown is not None and shown.returncode == 0:
+        return parse_lock(shown.stdout), "git HEAD"
+    return locked_hashes(repo), "working tree"
+
+
+def parse_lock(text: str) -> dict[str, str]:
+    """Site id -> output hash of each ``preprocess@<site>`` stage in a ``dvc.lock`` text."""
+    data = yaml.safe_load(text) or {}
     hashes = {}
     for name, stage in (data.get("stages") or {}).items():
         if not name.startswith(f"{STAGE}@"):
@@ -112,3 +135,38 @@ def locked_hashes(repo: Path) -> dict[str, str]:
         if outs:
             hashes[name.split("@", 1)[1]] = str(outs[0].get("md5", ""))
     return hashes
+
+
+def remote_name(site_id: str) -> str:
+    return f"site-{site_id}"
+
+
+def push_site(repo: Path, site_id: str, url: str) -> str:
+    """Push one site's committed processed data to that site's own remote; return DVC's summary line.
+
+    The remote is written to ``.dvc/config.local`` (git-ignored by DVC), never to the shared
+    ``.dvc/config``: where a site keeps its data is the site's business, and a remote in the shared
+    config would invite ``dvc push`` of everything to one place. Only ``preprocess@<site>`` is
+    pushed, so no other site's objects can reach this remote.
+    """
+    stage = stage_name(site_id)
+    if stage not in defined_stages(repo):
+        raise ToolError(
+            f"dvc.yaml in {repo} defines no stage {stage}",
+            fix="add the site to the federation config that dvc.yaml iterates over",
+        )
+    if "://" not in url:
+        Path(url).mkdir(parents=True, exist_ok=True)
+    name = remote_name(site_id)
+    _run(repo, "remote", "add", "--local", "--force", name, url)
+    out = _run(
+        repo,
+        "push",
+        "--remote",
+        name,
+        "--no-run-cache",
+        stage,
+        fix=f"if files are missing from the cache, record the data first: `dvc commit {stage}` (the lifecycle does)",
+    )
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    return lines[-1] if lines else "pushed"

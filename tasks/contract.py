@@ -142,14 +142,15 @@ def build_suite_spec(features: FeatureConfig, contract: ContractConfig, site: Si
     ]
     spec += [_expect("column_to_exist", column=column) for column in _required_columns(features, site)]
     for column in features.numeric:
-        spec.append(_expect("column_values_to_not_be_null", column=column, mostly=mostly))
+        spec.append(_expect("column_values_to_not_be_null", column=column, mostly=_mostly(contract, column, mostly)))
         spec.append(_expect("column_values_to_be_in_type_list", column=column, type_list=list(_NUMERIC_TYPES)))
         if column in contract.numeric_ranges:
             low, high = contract.numeric_ranges[column]
             spec.append(_expect("column_values_to_be_between", column=column, min_value=low, max_value=high))
     for column, domain in features.categorical.items():
-        spec.append(_expect("column_values_to_not_be_null", column=column, mostly=mostly))
-        spec.append(_expect("column_values_to_be_in_set", column=column, value_set=list(domain)))
+        allowed = contract.categorical_domains.get(column, domain)  # the config checks it narrows `domain`
+        spec.append(_expect("column_values_to_not_be_null", column=column, mostly=_mostly(contract, column, mostly)))
+        spec.append(_expect("column_values_to_be_in_set", column=column, value_set=list(allowed)))
     low, high = contract.label_rate
     spec += [
         # An unlabelled row cannot be trained on and would silently shift the label rate.
@@ -160,6 +161,13 @@ def build_suite_spec(features: FeatureConfig, contract: ContractConfig, site: Si
     if site.id_column:
         spec.append(_expect("column_values_to_be_unique", column=site.id_column))
     return spec
+
+
+def _mostly(contract: ContractConfig, column: str, default: float) -> float:
+    """GE's ``mostly`` for a column: its own null bound when the contract has one, else the global one."""
+    if column in contract.null_fractions:
+        return round(1.0 - contract.null_fractions[column], 12)
+    return default
 
 
 def _expect(name: str, **kwargs: Any) -> dict[str, Any]:

@@ -17,13 +17,18 @@ from evaluation.report import SiteEvaluation
 from tasks.contract import ContractSummary
 from tasks.features import Moments
 
-Kind = Literal["preprocess", "train", "evaluate", "monitor", "stop"]
-KINDS: tuple[str, ...] = ("preprocess", "train", "evaluate", "monitor", "stop")
+Kind = Literal["preprocess", "train", "evaluate", "monitor", "keys", "reveal", "stop"]
+KINDS: tuple[str, ...] = ("preprocess", "train", "evaluate", "monitor", "keys", "reveal", "stop")
+PUBLIC_KEY_BYTES = 32  # X25519
 
 
 @dataclass(frozen=True)
 class Request:
-    """One piece of work the coordinator asks of the sampled sites."""
+    """One piece of work the coordinator asks of the sampled sites.
+
+    Under secure aggregation ``peers`` maps every site of the round to its public key (hex): a train
+    request masks against them, a reveal request names the ``dropped`` sites whose pair seeds it wants.
+    """
 
     job_id: str
     seq: int
@@ -32,6 +37,19 @@ class Request:
     server_round: int = 0
     weights_key: str | None = None
     weights_sha256: str | None = None
+    peers: Mapping[str, str] | None = None
+    dropped: tuple[str, ...] = ()
+
+    def peer_keys(self) -> dict[str, bytes]:
+        """``peers`` as raw public keys; a malformed list is rejected, not guessed at."""
+        try:
+            keys = {str(site): bytes.fromhex(str(key)) for site, key in (self.peers or {}).items()}
+        except ValueError as exc:
+            raise ReplyRejected(f"malformed peer key list: {exc}", fix="check the coordinator's version") from exc
+        short = sorted(site for site, key in keys.items() if len(key) != PUBLIC_KEY_BYTES)
+        if short:
+            raise ReplyRejected(f"peer keys of {short} are not X25519 public keys", fix="check the coordinator")
+        return keys
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +60,8 @@ class Request:
             "server_round": self.server_round,
             "weights_key": self.weights_key,
             "weights_sha256": self.weights_sha256,
+            "peers": None if self.peers is None else dict(self.peers),
+            "dropped": list(self.dropped),
         }
 
     @classmethod
@@ -58,9 +78,12 @@ class Request:
                 server_round=int(data.get("server_round", 0)),
                 weights_key=data.get("weights_key"),
                 weights_sha256=data.get("weights_sha256"),
+                peers=None if data.get("peers") is None else {str(k): str(v) for k, v in data["peers"].items()},
+                dropped=tuple(str(s) for s in data.get("dropped", ())),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ReplyRejected(f"malformed request: {exc}", fix="the coordinator and site run different versions") from exc
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            fix = "the coordinator and site run different versions"
+            raise ReplyRejected(f"malformed request: {exc}", fix=fix) from exc
 
 
 def fingerprint_to_dict(fp: Any) -> dict[str, Any]:

@@ -60,6 +60,42 @@ def add_gaussian_noise(
     ]
 
 
+def private_mean(
+    global_weights: Sequence[NDArray[np.float32]],
+    site_weights: Sequence[Sequence[NDArray[np.float32]]],
+    trainable: Sequence[bool],
+    clip_norm: float,
+    noise_multiplier: float,
+    rng: np.random.Generator,
+) -> Weights:
+    """DP-FedAvg's new model: ``global`` plus the noised, equal-weight mean of each site's clipped delta.
+
+    Only ``trainable`` tensors are clipped, averaged and noised; the others are returned as in ``global_weights``
+    (frozen layers and scaling buffers carry no site information, and noise there would only do harm).
+    """
+    if not site_weights:
+        raise ReplyRejected("no site updates to average", fix="check that at least min_sites sites replied")
+    if any(len(weights) != len(global_weights) for weights in site_weights) or len(trainable) != len(global_weights):
+        raise ReplyRejected("site updates, global model and trainable mask differ in length", fix="validate replies")
+    moving = [index for index, train in enumerate(trainable) if train]
+    clipped = [
+        clip_update([_delta(weights[i], global_weights[i]) for i in moving], clip_norm) for weights in site_weights
+    ]
+    mean = [
+        np.asarray(np.mean([delta[j] for delta in clipped], axis=0, dtype=np.float64), dtype=np.float32)
+        for j in range(len(moving))
+    ]
+    noised = add_gaussian_noise(mean, noise_multiplier, clip_norm, len(site_weights), rng)
+    result = [np.array(w, dtype=np.float32) for w in global_weights]
+    for j, index in enumerate(moving):
+        result[index] = (np.asarray(global_weights[index], dtype=np.float64) + noised[j]).astype(np.float32)
+    return result
+
+
+def _delta(site: NDArray[np.float32], base: NDArray[np.float32]) -> NDArray[np.float32]:
+    return (np.asarray(site, dtype=np.float64) - np.asarray(base, dtype=np.float64)).astype(np.float32)
+
+
 def epsilon_spent(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:
     """The epsilon (at ``delta``) after ``steps`` rounds of a Poisson-sampled Gaussian mechanism (RDP)."""
     problems = []

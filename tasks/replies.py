@@ -10,6 +10,7 @@ from numpy.typing import NDArray
 
 if TYPE_CHECKING:
     from tasks.site import SiteUpdate
+    from tasks.site_secagg import MaskedUpdate
 
 MAX_EXAMPLES = 1_000_000_000
 
@@ -18,12 +19,9 @@ def validate_reply(
     reply: SiteUpdate, reference: Sequence[NDArray[np.float32]], server_round: int, site_id: str
 ) -> str | None:
     """The reason to reject ``reply``, or ``None`` when it may be aggregated."""
-    if reply.site_id != site_id:
-        return f"reply claims site {reply.site_id!r}"
-    if reply.server_round != server_round:
-        return f"reply is for round {reply.server_round}, expected {server_round}"
-    if not 0 < reply.num_examples <= MAX_EXAMPLES:
-        return f"example count {reply.num_examples} outside 1..{MAX_EXAMPLES}"
+    problem = _envelope_problem(reply, server_round, site_id)
+    if problem:
+        return problem
     if len(reply.weights) != len(reference):
         return f"{len(reply.weights)} tensors, expected {len(reference)}"
     for index, (got, want) in enumerate(zip(reply.weights, reference, strict=True)):
@@ -31,4 +29,31 @@ def validate_reply(
             return f"tensor {index} is {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}"
         if not np.isfinite(got).all():
             return f"tensor {index} holds NaN or Inf"
+    return None
+
+
+def validate_masked_reply(
+    reply: MaskedUpdate, reference: Sequence[NDArray[np.float32]], server_round: int, site_id: str
+) -> str | None:
+    """The checks a masked reply allows: who, which round, how many examples, and the vector's length and type.
+
+    Its values are uniformly random by design, so NaN, norm or range checks cannot be made on it.
+    """
+    problem = _envelope_problem(reply, server_round, site_id)
+    if problem:
+        return problem
+    expected = sum(int(np.prod(np.shape(w), dtype=np.int64)) for w in reference) + 1  # + the summed weight
+    masked = reply.masked
+    if masked.dtype != np.uint64 or masked.shape != (expected,):
+        return f"masked vector is {masked.dtype}{list(masked.shape)}, expected uint64[{expected}]"
+    return None
+
+
+def _envelope_problem(reply: SiteUpdate | MaskedUpdate, server_round: int, site_id: str) -> str | None:
+    if reply.site_id != site_id:
+        return f"reply claims site {reply.site_id!r}"
+    if reply.server_round != server_round:
+        return f"reply is for round {reply.server_round}, expected {server_round}"
+    if not 0 < reply.num_examples <= MAX_EXAMPLES:
+        return f"example count {reply.num_examples} outside 1..{MAX_EXAMPLES}"
     return None

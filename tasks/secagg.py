@@ -194,3 +194,11 @@ def fedavg_from_sum(total: NDArray[np.float64], shapes: Sequence[tuple[int, ...]
     if not weight > 0:
         raise ReplyRejected(f"summed weight is {weight}", fix="check that the sites masked positive weights")
     return unflatten(total[:-1] / weight, shapes)
+
+
+def add_mean_delta(global_weights: Sequence[NDArray[np.float32]], total: NDArray[np.float64]) -> Weights:
+    """The FedAvg model from the decoded sum of the sites' masked ``[n * delta, n]`` vectors."""
+    delta = fedavg_from_sum(total, [np.shape(w) for w in global_weights])
+    return [
+        (np.asarray(w, dtype=np.float64) + d).astype(np.float32) for w, d in zip(global_weights, delta, strict=True)
+    ]

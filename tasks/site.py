@@ -6,9 +6,10 @@ fingerprint, a model update with its example count, evaluation counts, or a drif
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,12 +17,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from configs.errors import SiteDataError
-from configs.schema import FederationConfig, SiteConfig
+from configs.schema import FeatureConfig, FederationConfig, SiteConfig
 from evaluation.report import SiteEvaluation
 from tasks.contract import ContractSummary, validate_contract
 from tasks.data import read_table, require_columns
 from tasks.features import GROUP, LABEL, Moments, clean, schema_hash, split_train_test, to_matrix
-from tasks.pii import drop_pii
+from tasks.pii import protect_pii
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
 TRAIN_FILE = "train.parquet"
 TEST_FILE = "test.parquet"
+SPLIT_CACHE_SIZE = 32  # splits kept in memory per process: both splits of 16 sites
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def preprocess_site(config: FederationConfig, site_id: str) -> DataFingerprint:
     site = config.site(site_id)
     raw = read_table(site.data_path, site.id)
     require_columns(raw, [site.target], site.data_path, site.id)
-    raw = drop_pii(raw, site)
+    raw = protect_pii(raw, site)
     contract = validate_contract(raw, config.features, config.contract, site, report_dir=site.reports_dir)
     if not contract.passed:
         return DataFingerprint(site.id, "", len(raw), 0, 0, schema_hash(config.features), contract, None)
@@ -115,18 +117,38 @@ def _write_processed(target: Path, parts: dict[str, pd.DataFrame]) -> None:
 def load_split(
     config: FederationConfig, site: SiteConfig, split: str
 ) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.str_]]:
-    """The model matrix, labels and protected groups of a processed split."""
-    import pandas as pd
+    """The model matrix, labels and protected groups of a processed split (read-only arrays, cached).
 
+    Every round asks for the same split again; reading the parquet file and building the matrix costs
+    ~10 ms per site per round, so the result is cached on what it is a function of: the file's identity
+    (path, mtime, size) and the feature schema. A rewritten split has a new mtime or size, so it is read anew.
+    """
     path = site.processed_dir / (TRAIN_FILE if split == "train" else TEST_FILE)
     if not path.is_file():
         raise SiteDataError(
             f"site {site.id} has no processed {split} data at {path}",
             fix=f"run `quorum preprocess --site {site.id}` (or the whole lifecycle) first",
         )
+    stat = path.stat()
+    return _read_split(path, stat.st_mtime_ns, stat.st_size, config.features.model_dump_json())
+
+
+@functools.lru_cache(maxsize=SPLIT_CACHE_SIZE)
+def _read_split(
+    path: Path, mtime_ns: int, size: int, features_json: str
+) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.str_]]:
+    """A pure function of its arguments (``mtime_ns`` and ``size`` only key the cache), so caching it is safe."""
+    import pandas as pd
+
     frame = pd.read_parquet(path)
-    labels = frame[LABEL].to_numpy(dtype=np.float32)
-    return to_matrix(frame, config.features), labels, frame[GROUP].to_numpy(dtype=str)
+    arrays = (
+        to_matrix(frame, FeatureConfig.model_validate_json(features_json)),
+        frame[LABEL].to_numpy(dtype=np.float32),
+        frame[GROUP].to_numpy(dtype=str),
+    )
+    for array in arrays:
+        array.flags.writeable = False  # shared by every later round: nobody may change it in place
+    return arrays
 
 
 def train_site(config: FederationConfig, site_id: str, weights: Weights, server_round: int) -> SiteUpdate:
@@ -143,6 +165,8 @@ def train_site(config: FederationConfig, site_id: str, weights: Weights, server_
         learning_rate=config.training.learning_rate,
         balanced=config.training.positive_weight == "balanced",
         seed=config.seed * 100_003 + server_round * 1_009 + index,
+        proximal_mu=config.training.proximal_mu,  # 0 unless strategy is fedprox (the schema enforces it)
+        freeze_layers=config.training.freeze_layers,
     )
     started = time.perf_counter()
     result = train_local(weights, features, labels, local)
@@ -170,21 +194,26 @@ def monitor_site(config: FederationConfig, site_id: str, champion: Weights | Non
     import pandas as pd
 
     reference = pd.read_parquet(_processed_file(site, TRAIN_FILE))
-    raw = drop_pii(read_table(site.current_path, site.id), site)
-    present = [c for c in config.features.columns if c in raw.columns]
-    require_columns(raw, [site.target], site.current_path, site.id)
+    raw = protect_pii(read_table(site.current_path, site.id), site)
+    missing = [c for c in config.features.columns if c not in raw.columns]
+    # Labels arrive later than features and drift compares only features and scores: a current
+    # window without (or with partial) labels is normal, so the target is not read from it.
+    unlabelled = raw.assign(**{site.target: 0})
     current = clean(
-        raw.reindex(columns=[*config.features.columns, site.target, *_protected(site)]), site, config.features
+        unlabelled.reindex(columns=[*config.features.columns, site.target, *_protected(site)]), site, config.features
     )
-    current = current.drop(columns=[c for c in config.features.columns if c not in present])
+    current = current.drop(columns=missing)
     scores: tuple[NDArray[np.float64] | None, NDArray[np.float64] | None] = (None, None)
-    if champion is not None and len(present) == len(config.features.columns):
+    skipped: tuple[str, ...] = ()
+    if champion is not None and missing:
+        skipped = (f"prediction drift not checked: the champion needs the missing column(s) {', '.join(missing)}",)
+    elif champion is not None:
         hidden = config.model.hidden_sizes
         scores = (
             predict_scores(champion, to_matrix(reference, config.features), hidden),
             predict_scores(champion, to_matrix(current, config.features), hidden),
         )
-    return check_drift(
+    summary = check_drift(
         reference,
         current,
         site_id=site.id,
@@ -195,6 +224,7 @@ def monitor_site(config: FederationConfig, site_id: str, champion: Weights | Non
         current_scores=scores[1],
         report_dir=site.reports_dir,
     )
+    return replace(summary, problems=summary.problems + skipped)
 
 
 def _protected(site: SiteConfig) -> list[str]:

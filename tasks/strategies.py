@@ -37,6 +37,48 @@ def trainable_mask(num_tensors: int, num_buffers: int = MODEL_BUFFERS) -> list[b
     return [index >= num_buffers for index in range(num_tensors)]
 
 
+def trainable_tensors(num_tensors: int, freeze_layers: int, num_buffers: int = MODEL_BUFFERS) -> list[bool]:
+    """Which tensors local training moves: not the scaling buffers, not the first ``freeze_layers`` Linear layers.
+
+    ScaledMLP's tensors are its buffers, then a weight and a bias per Linear layer, in order.
+    """
+    mask = trainable_mask(num_tensors, num_buffers)
+    frozen_end = num_buffers + 2 * freeze_layers
+    if freeze_layers < 0 or frozen_end >= num_tensors:
+        raise ConfigError(
+            f"cannot freeze {freeze_layers} layers of a model with {(num_tensors - num_buffers) // 2} Linear layers",
+            fix="leave at least one layer to train",
+        )
+    return [train and index >= frozen_end for index, train in enumerate(mask)]
+
+
+def keep_fixed(
+    new_weights: Sequence[NDArray[np.float32]], reference: Sequence[NDArray[np.float32]], trainable: Sequence[bool]
+) -> Weights:
+    """``new_weights`` with every non-trainable tensor taken bit for bit from ``reference``.
+
+    Aggregation, fixed-point decoding and DP noise would otherwise nudge tensors nobody trained.
+    """
+    if not len(new_weights) == len(reference) == len(trainable):
+        raise ReplyRejected(
+            f"{len(new_weights)} new tensors, {len(reference)} reference, {len(trainable)} mask entries",
+            fix="pass the same model's weights and its trainable_tensors(...)",
+        )
+    return [
+        np.array(new if train else old, dtype=np.float32)
+        for new, old, train in zip(new_weights, reference, trainable, strict=True)
+    ]
+
+
+def min_replies(rule: AggregationRule, num_byzantine: int, multi_krum_m: int) -> int:
+    """The fewest replies ``rule`` can aggregate: Krum needs n > 2f + 2 and multi-Krum also m <= n - f."""
+    if rule == "krum":
+        return 2 * num_byzantine + 3
+    if rule == "multi_krum":
+        return max(2 * num_byzantine + 3, multi_krum_m + num_byzantine)
+    return 1
+
+
 # --- robust aggregation ------------------------------------------------------------------------
 
 

@@ -25,10 +25,16 @@ class LocalTrainingConfig:
     balanced: bool
     seed: int
     proximal_mu: float = 0.0  # FedProx: > 0 pulls local training back towards the global weights
+    freeze_layers: int = 0  # fine-tuning: the first N Linear layers keep their incoming weights and biases
 
     def __post_init__(self) -> None:
         if not self.proximal_mu >= 0:
             raise ConfigError(f"proximal_mu {self.proximal_mu} must be >= 0", fix="use 0 (off) or e.g. 0.01 to 1")
+        if not 0 <= self.freeze_layers <= len(self.hidden_sizes):
+            raise ConfigError(
+                f"freeze_layers {self.freeze_layers} is outside 0..{len(self.hidden_sizes)}",
+                fix="freeze fewer layers than the model has Linear layers, so something is left to train",
+            )
 
 
 @dataclass(frozen=True)
@@ -52,15 +58,16 @@ def train_local(
     torch.manual_seed(config.seed)
     model = build_model(features.shape[1], config.hidden_sizes, config.dropout)
     set_weights(model, weights)
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
+    trainable = freeze_leading_layers(model, config.freeze_layers)
+    x = torch.from_numpy(_writable(features))
+    y = torch.from_numpy(_writable(labels))
     positives = float(y.sum())
     balance = config.balanced and positives > 0  # unweighted skips a per-batch multiply: same loss, ~4% faster
     pos_weight = torch.tensor((len(y) - positives) / positives) if balance else None
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    optimizer = torch.optim.SGD(trainable, lr=config.learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
-    anchors = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else []
+    anchors = [p.detach().clone() for p in trainable] if config.proximal_mu > 0 else []
     model.train()
     total_loss, batches = 0.0, 0
     for _ in range(config.local_epochs):
@@ -69,7 +76,7 @@ def train_local(
             idx = order[start : start + config.batch_size]
             optimizer.zero_grad()
             loss = loss_fn(model(x[idx]), y[idx])
-            objective = loss + _proximal_term(model, anchors, config.proximal_mu) if anchors else loss
+            objective = loss + _proximal_term(trainable, anchors, config.proximal_mu) if anchors else loss
             objective.backward()
             optimizer.step()
             total_loss += float(loss.detach())
@@ -77,13 +84,35 @@ def train_local(
     return TrainResult(get_weights(model), len(x), total_loss / max(batches, 1))
 
 
-def _proximal_term(model: torch.nn.Module, anchors: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
+def freeze_leading_layers(model: torch.nn.Module, count: int) -> list[torch.nn.Parameter]:
+    """Keep the first ``count`` Linear layers fixed (``requires_grad=False``); return the parameters left to train.
+
+    Fine-tuning a seed model: the early layers hold features learnt elsewhere, so only the head adapts
+    to the federation's data, which needs fewer rounds and less data than training everything.
+    """
+    linear = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    if not 0 <= count < len(linear):
+        raise ConfigError(
+            f"cannot freeze {count} of the model's {len(linear)} Linear layers", fix="leave at least one to train"
+        )
+    for module in linear[:count]:
+        for param in module.parameters():
+            param.requires_grad_(False)
+    return [param for param in model.parameters() if param.requires_grad]
+
+
+def _writable(values: NDArray[np.float32]) -> NDArray[np.float32]:
+    """A C-contiguous float32 array torch may wrap: cached site matrices are read-only, so those are copied."""
+    return np.require(values, dtype=np.float32, requirements=["C", "W"])
+
+
+def _proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx (Li et al. 2020): ``mu / 2 * ||w - w_global||^2`` limits client drift on non-IID sites.
 
-    Over parameters only: the scaling buffers are not trained, so they never drift.
+    Over trained parameters only: the scaling buffers and frozen layers never move, so never drift.
     """
     squared = torch.zeros(())
-    for param, anchor in zip(model.parameters(), anchors, strict=True):
+    for param, anchor in zip(params, anchors, strict=True):
         squared = squared + ((param - anchor) ** 2).sum()
     return squared * (mu / 2.0)
 
@@ -98,7 +127,7 @@ def predict_scores(
     set_weights(model, weights)
     model.eval()
     with torch.no_grad():
-        logits = model(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
+        logits = model(torch.from_numpy(_writable(features)))
     return torch.sigmoid(logits).double().numpy()
 
 

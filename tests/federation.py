@@ -25,9 +25,13 @@ def write_federation(
     min_sites: int = 2,
     gates: dict[str, object] | None = None,
     extra: dict[str, object] | None = None,
+    training: dict[str, object] | None = None,
     name: str = "federation.yaml",
 ) -> Path:
-    """A federation.yaml over synthetic sites below ``root``; returns the config path."""
+    """A federation.yaml over synthetic sites below ``root``; returns the config path.
+
+    ``training`` adds to (or overrides) the training keys; ``extra`` replaces whole top-level sections.
+    """
     sites = {
         site_id: {
             "root": f"sites/{site_id}",
@@ -53,6 +57,7 @@ def write_federation(
             "batch_size": 64,
             "learning_rate": 0.2,
             "min_sites": min_sites,
+            **(training or {}),
         },
         "gates": gates
         or {

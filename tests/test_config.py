@@ -147,7 +147,61 @@ BAD_FIELDS = {
     # a site id with characters DVC stage names cannot hold
     "bad-site-id": ({"sites": {"Bad Id": {"root": "x"}}}, "sites.0.id"),
     # an unknown training strategy
-    "strategy": ({"training.strategy": "fedprox"}, "training.strategy = 'fedprox'"),
+    "strategy": ({"training.strategy": "scaffold"}, "training.strategy = 'scaffold'"),
+    # an unknown aggregation rule
+    "aggregation": ({"training.aggregation": "mode"}, "training.aggregation = 'mode'"),
+    # FedProx without its proximal term is plain FedAvg under another name
+    "fedprox-without-mu": ({"training.strategy": "fedprox"}, "strategy fedprox needs proximal_mu > 0"),
+    # a proximal term the chosen strategy would silently ignore
+    "mu-without-fedprox": ({"training.proximal_mu": 0.1}, "proximal_mu applies only to strategy fedprox"),
+    # a server learning rate for a strategy without a server optimizer
+    "server-lr-fedavg": ({"training.server_lr": 0.5}, "server_lr applies only to strategies fedavgm"),
+    # fine-tuning from a checkpoint that is not named
+    "checkpoint-missing": ({"training.start_from": "checkpoint"}, "start_from checkpoint needs checkpoint"),
+    # a checkpoint that would be ignored
+    "checkpoint-unused": ({"training.checkpoint": "seed.npz"}, "checkpoint is set but start_from is scratch"),
+    # frozen random layers
+    "freeze-from-scratch": ({"training.freeze_layers": 1}, "freeze_layers keeps layers at their start values"),
+    # every layer frozen: nothing left to train
+    "freeze-all": (
+        {"training.start_from": "checkpoint", "training.checkpoint": "seed.npz", "training.freeze_layers": 3},
+        "freeze_layers 3 leaves nothing to train: the model has 3 Linear layers",
+    ),
+    # Krum cannot pick a reply among 2 sites
+    "krum-too-few": ({"training.aggregation": "krum"}, "needs more than 2*num_byzantine+2 = 2 sites per round"),
+    # multi-Krum averaging more replies than the honest ones
+    "multi-krum-m": (
+        {"sites.c": {"root": "c"}, "training.aggregation": "multi_krum", "training.multi_krum_m": 4},
+        "training.multi_krum_m 4 exceeds sites per round minus num_byzantine",
+    ),
+    # a robust rule needs each update, which secure aggregation hides
+    "secagg-robust": (
+        {"training.secure_aggregation": True, "training.aggregation": "median", "training.min_sites": 2},
+        "aggregation must be mean (not median)",
+    ),
+    # DP clipping at the coordinator needs each update, which secure aggregation hides
+    "secagg-dp": (
+        {"training.secure_aggregation": True, "training.privacy.enabled": True, "training.min_sites": 2},
+        "secure_aggregation cannot be combined with privacy",
+    ),
+    # a norm bound needs each update's norm, which secure aggregation hides
+    "secagg-norm": (
+        {"training.secure_aggregation": True, "training.max_norm_ratio": 5, "training.min_sites": 2},
+        "secure_aggregation hides each update's norm",
+    ),
+    # a secure sum over one site is that site's update
+    "secagg-one-site": ({"training.secure_aggregation": True}, "secure_aggregation needs min_sites >= 2"),
+    # DP's sensitivity bound holds for the mean only
+    "dp-robust": (
+        {"training.privacy.enabled": True, "training.aggregation": "median"},
+        "privacy bounds one site's effect on the mean",
+    ),
+    # no site at all in a round
+    "sample-fraction": ({"training.sample_fraction": 0}, "training.sample_fraction = 0"),
+    # a norm bound that rejects the median update itself
+    "norm-ratio": ({"training.max_norm_ratio": 1}, "training.max_norm_ratio = 1"),
+    # DP without noise promises nothing
+    "dp-no-noise": ({"training.privacy.noise_multiplier": 0}, "training.privacy.noise_multiplier = 0"),
     # a test fraction that leaves nothing to train on
     "test-fraction": ({"training.test_fraction": 1.0}, "training.test_fraction = 1.0"),
     # a categorical column without any allowed value
@@ -209,6 +263,41 @@ def test_missing_file_is_a_config_error(tmp_path: Path, loader: object) -> None:
 
 def test_directory_instead_of_file_is_a_config_error(tmp_path: Path) -> None:
     assert "does not exist" in config_error(load_federation, tmp_path).message
+
+
+# --- federated training options ---------------------------------------------------------------
+
+
+def test_training_defaults_are_plain_fedavg_with_every_site(tmp_path: Path) -> None:
+    training = load_federation(write(tmp_path, "federation.yaml", MINIMAL)).training
+
+    assert (training.strategy, training.server_optimizer, training.aggregation) == ("fedavg", "fedavg", "mean")
+    assert training.sample_fraction == 1.0 and training.proximal_mu == 0.0 and training.max_norm_ratio is None
+    assert training.start_from == "scratch" and training.freeze_layers == 0
+    assert not training.secure_aggregation and not training.privacy.enabled
+
+
+def test_checkpoint_resolves_against_the_config_folder(tmp_path: Path) -> None:
+    text = edited(MINIMAL, {"training.start_from": "checkpoint", "training.checkpoint": "seeds/round-9.npz"})
+
+    config = load_federation(write(tmp_path / "conf", "federation.yaml", text))
+
+    assert config.training.checkpoint == tmp_path / "conf" / "seeds" / "round-9.npz"
+
+
+def test_server_momentum_is_another_name_for_beta1(tmp_path: Path) -> None:
+    text = edited(MINIMAL, {"training.strategy": "fedavgm", "training.server_momentum": 0.5})
+
+    training = load_federation(write(tmp_path, "federation.yaml", text)).training
+
+    assert training.beta1 == 0.5
+    assert training.effective_server_lr == 1.0  # FedAvgM's default server step
+
+
+def test_adaptive_optimizers_default_to_a_small_server_step(tmp_path: Path) -> None:
+    text = edited(MINIMAL, {"training.strategy": "fedadam"})
+
+    assert load_federation(write(tmp_path, "federation.yaml", text)).training.effective_server_lr == 0.01
 
 
 # --- cross-field rules -------------------------------------------------------------------------

@@ -316,3 +316,78 @@ def test_malformed_summary_is_rejected(broken: dict[str, Any]) -> None:
 
     with pytest.raises(ReplyRejected, match="drift summary is malformed"):
         DriftSummary.from_dict(data)
+
+
+# --- our statistics against Evidently's report ---------------------------------------------------
+
+
+def test_large_windows_agree_with_evidentlys_report_for_every_method(tmp_path: Path) -> None:
+    """Distances over 1000 rows, for numbers, few-valued numbers, categories and scores alike.
+
+    ``check_drift`` runs Evidently for the HTML report and raises if any verdict or statistic differs.
+    """
+    reference, current = _windows(rows=1500, seed=9)
+    rng = np.random.default_rng(9)
+    reference["flag"], current["flag"] = rng.integers(0, 2, 1500), (rng.random(1500) < 0.7).astype(int)
+    reference["visits"], current["visits"] = rng.integers(1, 5, 1500), rng.integers(1, 5, 1500)
+
+    summary = _check(
+        reference,
+        current,
+        numeric=["shifted", "steady", "flag", "visits"],
+        reference_scores=rng.beta(2, 5, 1500),
+        current_scores=rng.beta(2.5, 5, 1500),
+        report_dir=tmp_path,
+    )
+
+    methods = {f.column: f.method for f in summary.features}
+    assert methods == {
+        "shifted": "Wasserstein distance (normed)",
+        "steady": "Wasserstein distance (normed)",
+        "flag": "Jensen-Shannon distance",
+        "visits": "Jensen-Shannon distance",
+        "region": "Jensen-Shannon distance",
+    }
+    assert summary.prediction is not None and summary.prediction.method == "Wasserstein distance (normed)"
+    assert (tmp_path / REPORT_FILENAME).is_file()
+
+
+def test_small_windows_use_tests_with_p_values_like_evidently(tmp_path: Path) -> None:
+    reference, current = _windows(rows=400, seed=4)
+    reference["smoker"], current["smoker"] = np.repeat(["yes", "no"], 200), np.repeat(["yes", "no"], [120, 280])
+
+    summary = _check(reference, current, categorical=["region", "smoker"], report_dir=tmp_path)
+
+    methods = {f.column: f.method for f in summary.features}
+    assert methods == {
+        "shifted": "K-S p_value",
+        "steady": "K-S p_value",
+        "region": "chi-square p_value",
+        "smoker": "Z-test p_value",
+    }
+    assert {"shifted", "smoker"} <= set(summary.drifted_columns)
+
+
+def test_a_statistic_that_disagrees_with_evidently_is_a_tool_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import evaluation.drift as drift
+    from evaluation.drift_stats import ColumnTest
+
+    monkeypatch.setattr(drift, "column_test", lambda *args: ColumnTest("K-S p_value", 0.9, 0.05, False))
+    reference, current = _windows()
+
+    with pytest.raises(ToolError, match="disagrees.*shifted") as caught:
+        _check(reference, current, report_dir=tmp_path)
+
+    assert "drift_stats.py" in caught.value.fix
+    assert not (tmp_path / REPORT_FILENAME).exists()  # a page contradicting the summary is not written
+
+
+def test_html_report_can_be_switched_off(tmp_path: Path) -> None:
+    reference, current = _windows()
+
+    summary = _check(reference, current, config=DriftConfig(html_report=False), report_dir=tmp_path)
+
+    assert summary.drifted_columns == ("shifted",)
+    assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -78,6 +80,21 @@ class World:
         path = self.root / f"governance-{approver}.yaml"
         path.write_text(yaml.safe_dump(data))
         return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_cli_logging() -> Iterator[None]:
+    """`quorum` commands trim Prefect's console and log to the stdout of the moment (pytest's capture);
+    put the handlers back so no later test in this worker logs into a closed stream."""
+    loggers = [
+        logging.getLogger(name) for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.server")
+    ]
+    saved = [(logger, list(logger.handlers), [h.level for h in logger.handlers]) for logger in loggers]
+    yield
+    for logger, handlers, levels in saved:
+        logger.handlers[:] = handlers
+        for handler, level in zip(handlers, levels, strict=True):
+            handler.setLevel(level)
 
 
 @pytest.fixture(scope="module")

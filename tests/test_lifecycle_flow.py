@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -102,3 +103,30 @@ def test_audit_log_records_the_decisions(lifecycle_run) -> None:  # type: ignore
 
     assert log.verify() == len(events)
     assert events[:2] == ["gate_verdict", "promotion"]
+
+
+def test_fine_tuning_starts_from_the_verified_champion_with_a_frozen_layer(  # type: ignore[no-untyped-def]
+    lifecycle_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows import rounds
+    from flows.context import load_context
+    from flows.runners import LocalRunner
+    from flows.tuning import tune_flow
+
+    root, _, governance_path, result = lifecycle_run
+    training = {"start_from": "champion", "freeze_layers": 1}
+    config_path = write_federation(root, rounds=1, training=training, name="fine-tune.yaml")  # same state dir
+    ctx = load_context(str(config_path), str(governance_path), "fine-tune-job")
+    verified: list[str] = []
+    real = rounds.load_verified_weights
+    monkeypatch.setattr(rounds, "load_verified_weights", lambda *a: verified.append(a[-1]) or real(*a))
+    prep = result.preprocess
+    fingerprints = {s: prep.fingerprints[s] for s in prep.usable_sites}
+
+    tuned = tune_flow(ctx, LocalRunner(ctx.config), fingerprints, ctx.tracker.start_run("fine-tune"))
+
+    champion = real(ctx.tracker, ctx.store, ctx.governance, ctx.config.model_name, result.promotion.version)
+    assert verified == [result.promotion.version]  # loaded only through the verifying loader
+    for index in range(4):  # scaling buffers, then the first Linear layer's weight and bias
+        np.testing.assert_array_equal(tuned.weights[index], champion[index])
+    assert not np.array_equal(tuned.weights[-2], champion[-2])  # the head was fine-tuned

@@ -18,6 +18,7 @@ from evaluation.metrics import (
     BinaryCounts,
     accuracy,
     auc,
+    calibration_error,
     counts_from_scores,
     f1,
     log_loss,
@@ -324,3 +325,111 @@ def test_verdict_dict_and_markdown_list_every_gate() -> None:
         assert f"| {gate.name} |" in markdown
     assert markdown.startswith("# Verdict: FAILED")
     assert markdown.count("| FAIL |") == len(verdict.failed) == 2
+
+
+# --- calibration, per-site regression, per-site fairness ------------------------------------------
+
+
+def test_calibration_error_of_literal_counts() -> None:
+    """Predicted positives sit in the 0.905 bin with 80% positives, predicted negatives in 0.105 with 20%."""
+    assert calibration_error(GOOD_GROUP) == pytest.approx((25 * 0.105 + 25 * 0.095) / 50)
+    assert calibration_error(BinaryCounts()) == 0.0
+
+
+def test_calibration_ceiling_fails_on_its_own() -> None:
+    verdict = decide(GOOD, None, POLICY.model_copy(update={"max_calibration_error": 0.05}))
+
+    assert failed_names(verdict) == {"calibration_error"}
+    assert "calibration_error 0.1000 > 0.0500" in verdict.headline()
+
+
+@pytest.mark.parametrize(
+    ("metric", "drop"),
+    [("auc", 0.96 - 0.8), ("accuracy", 0.96 - 0.8)],  # site a: champion 24/25 right per group, candidate 20/25
+)
+def test_a_site_worse_than_the_champion_on_its_own_data_fails(metric: str, drop: float) -> None:
+    # the pooled AUC gate is off, so only the per-site comparison can fail
+    policy = POLICY.model_copy(
+        update={"max_regression": None, "max_site_regression": 0.05, "site_regression_metric": metric}
+    )
+
+    verdict = decide(GOOD, BETTER_CHAMPION, policy)
+
+    gate = f"site_{metric}_drop_vs_champion[a]"
+    assert failed_names(verdict) == {gate}
+    assert f"{gate} {drop:.4f} > 0.0500" in verdict.headline()
+
+
+def test_site_regression_passes_within_the_margin_and_skips_sites_the_champion_never_saw() -> None:
+    policy = POLICY.model_copy(update={"max_site_regression": 0.05})
+    champion = report(site("a"))  # no result for site b
+
+    verdict = decide(GOOD, champion, policy)
+
+    assert verdict.passed, verdict.headline()
+    [gate] = [g for g in verdict.gates if g.name.startswith("site_auc_drop")]
+    assert gate.name == "site_auc_drop_vs_champion[a]" and gate.value == 0.0
+
+
+# women selected at 0.6 and men at 0.32 at site a, the reverse at site b: pooled, the gap cancels out
+OPPOSITE = report(
+    site("a", counts(20, 10, 15, 5), counts(16, 0, 30, 4)), site("b", counts(16, 0, 30, 4), counts(20, 10, 15, 5))
+)
+
+
+def test_fairness_per_site_finds_gaps_that_pooling_hides() -> None:
+    pooled_only = decide(OPPOSITE, None, POLICY)
+    per_site = decide(OPPOSITE, None, POLICY.model_copy(update={"fairness_per_site": True}))
+
+    assert pooled_only.passed, pooled_only.headline()
+    assert failed_names(per_site) == {"selection_rate_gap[a]", "selection_rate_gap[b]"}
+    assert {"tpr_gap[a]", "tpr_gap[b]"} <= {g.name for g in per_site.gates}
+
+
+def test_groups_below_min_group_size_are_left_out_per_site() -> None:
+    tiny = counts(1, 0, 2, 1)  # 4 people: a rate over them is noise
+    candidate = report(site("a", GOOD_GROUP, tiny), site("b"))
+    policy = POLICY.model_copy(update={"fairness_per_site": True, "min_group_size": 20})
+
+    verdict = decide(candidate, None, policy)
+
+    names = {g.name for g in verdict.gates}
+    assert "selection_rate_gap[b]" in names and "selection_rate_gap[a]" not in names
+    assert verdict.passed, verdict.headline()
+
+
+# --- what the verdict says where --------------------------------------------------------------------
+
+
+def test_version_tags_carry_every_gate_with_outcome_value_and_bound() -> None:
+    verdict = decide(GOOD, BETTER_CHAMPION, POLICY.model_copy(update={"min_accuracy": 0.85}))
+
+    tags = verdict.tags()
+
+    assert set(tags) == {"gate." + g.name.replace("[", ".").rstrip("]") for g in verdict.gates}
+    assert tags["gate.accuracy"] == "FAIL 0.8000 < 0.8500"
+    assert tags["gate.auc"] == "pass 0.8000 >= 0.7000"
+    assert tags["gate.worst_site_accuracy.a"] == "pass 0.8000 >= 0.6000"
+    assert tags["gate.examples"] == "pass 200 >= 100"
+    assert tags["gate.data_contracts"] == "pass 0 <= 0"
+
+
+def test_failures_are_described_one_per_line_with_value_and_bound() -> None:
+    verdict = decide(report(site("a")), None, POLICY.model_copy(update={"min_accuracy": 0.85}))
+
+    lines = verdict.describe_failures().splitlines()
+
+    assert lines == [
+        "  - sites: FAIL 1 < 2 (sites 1.0000 < 2.0000)",
+        "  - accuracy: FAIL 0.8000 < 0.8500 (accuracy 0.8000 < 0.8500)",
+    ]
+
+
+def test_an_undefined_metric_is_stored_as_null() -> None:
+    one_class = counts(0, 5, 45, 0)
+    verdict = decide(report(site("a", one_class, one_class), site("b", one_class, one_class)), None, POLICY)
+
+    [auc_gate] = [g for g in verdict.to_dict()["gates"] if g["name"] == "auc"]  # type: ignore[attr-defined]
+
+    assert auc_gate["value"] is None and auc_gate["passed"] is False
+    json.dumps(verdict.to_dict(), allow_nan=False)  # what the audit log requires

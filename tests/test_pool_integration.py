@@ -37,12 +37,12 @@ def _free_port() -> int:
 
 
 def _federation(
-    root: Path, prefect_port: int, mlflow_port: int, *, rounds: int, min_sites: int, name: str, start_s: float = 90
+    root: Path, prefect_port: int, mlflow_port: int, *, rounds: int, min_sites: int, name: str, start_s: float = 240
 ) -> Path:
     deployment = {
         "prefect_port": prefect_port,
         "mlflow_port": mlflow_port,
-        "round_deadline_s": 8,
+        "round_deadline_s": 30,
         "session_start_timeout_s": start_s,
     }
     gates = {

@@ -24,11 +24,11 @@ class DyingRunner(LocalRunner):
         self.die_at = die_at
         self.trained: list[int] = []
 
-    def train(self, site_ids: Sequence[str], weights: Any, server_round: int) -> dict[str, Any]:
+    def train(self, site_ids: Sequence[str], weights: Any, server_round: int, *args: Any) -> dict[str, Any]:
         if server_round == self.die_at:
             raise CoordinatorKilled(f"killed before round {server_round}")
         self.trained.append(server_round)
-        return super().train(site_ids, weights, server_round)
+        return super().train(site_ids, weights, server_round, *args)
 
 
 def test_resume_continues_after_the_last_completed_round(tmp_path: Path, prefect_harness: Path) -> None:
