@@ -37,11 +37,14 @@ def _quiet_console(verbose: bool) -> None:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, handlers.PrefectConsoleHandler):
                 handler.setLevel(logging.CRITICAL + 1)
+    flow_runs = logging.getLogger("prefect.flow_runs")
+    if any(isinstance(f, _OurLines) for h in flow_runs.handlers for f in h.filters):
+        return  # already set up by an earlier command in this process
     ours = logging.StreamHandler(sys.stdout)
     ours.setLevel(logging.INFO)
     ours.setFormatter(logging.Formatter("  %(message)s"))
     ours.addFilter(_OurLines())
-    logging.getLogger("prefect.flow_runs").addHandler(ours)
+    flow_runs.addHandler(ours)
 
 
 class _OurLines(logging.Filter):
