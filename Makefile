@@ -26,7 +26,9 @@ lint: setup
 	$(BIN)/mypy flows tasks lineage evaluation configs
 
 bench: setup
-	$(BIN)/python bench/pipeline.py
+	for script in bench/tuning.py bench/pool_overhead.py bench/signing.py bench/drift.py bench/preprocess.py; do \
+		$(BIN)/python $$script || exit 1; \
+	done
 
 clean:
 	rm -rf .quorum data

@@ -326,6 +326,12 @@ class FederationConfig(BaseModel):
                 problems.append(f"sites.{site.id}: PII columns may not be features: {', '.join(sorted(leaked))}")
             if site.target in feature_set:
                 problems.append(f"sites.{site.id}: target {site.target!r} is also listed as a feature")
+            for role, column in (("protected_attribute", site.protected_attribute), ("id_column", site.id_column)):
+                if column is not None and column in site.pii_columns:
+                    problems.append(
+                        f"sites.{site.id}: {role} {column!r} is also a PII column (PII is removed before the "
+                        f"{'fairness gate' if role == 'protected_attribute' else 'uniqueness check'} sees it)"
+                    )
         problems.extend(self._contract_fits_the_features())
         if problems:
             raise ValueError("; ".join(problems))

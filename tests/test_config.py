@@ -427,3 +427,20 @@ def test_gate_min_sites_above_the_number_of_sites_is_rejected(tmp_path: Path) ->
     path = write(tmp_path, "federation.yaml", edited(MINIMAL, {"gates.min_sites": 3}))
 
     assert "gates.min_sites" in config_error(load_federation, path).message
+
+
+# a PII column cannot double as the protected attribute or the record id
+@pytest.mark.parametrize("role", ["protected_attribute", "id_column"])
+def test_a_pii_column_cannot_take_another_role(tmp_path: Path, role: str) -> None:
+    import yaml
+
+    from configs.errors import ConfigError
+    from configs.schema import load_federation
+
+    raw = yaml.safe_load((REPO_CONFIGS / "federation.yaml").read_text())
+    raw["sites"]["north"][role] = "email"
+    path = tmp_path / "federation.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    with pytest.raises(ConfigError, match=f"{role} 'email' is also a PII column"):
+        load_federation(path)

@@ -178,3 +178,21 @@ def test_contract_init_never_overwrites_a_committed_contract(
     assert code == 2
     assert "exists" in capsys.readouterr().err
     assert out.read_text() == "min_rows: 3\n"
+
+
+def test_great_expectations_sees_only_the_checked_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.contract as contract
+
+    seen: list[list[str]] = []
+
+    def capture(frame: pd.DataFrame, spec: object, site: SiteConfig) -> object:
+        seen.append(list(frame.columns))
+        raise RuntimeError("stop after capturing")
+
+    monkeypatch.setattr(contract, "_run_suite", capture)
+    frame = snapshot().assign(email_hash=["0" * 64] * 10, notes=["free text"] * 10)  # unchecked columns
+
+    with pytest.raises(RuntimeError):
+        contract.validate_contract(frame, FEATURES, ContractConfig(), SITE)
+
+    assert seen == [["age", "income", "region", "label"]]  # GE copies its frame per rule: no passengers
