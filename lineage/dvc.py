@@ -19,17 +19,13 @@ from pathlib import Path
 import yaml
 
 from configs.errors import ToolError
+from lineage.hashing import file_digest
 
 STAGE = "preprocess"
-_CHUNK = 1 << 20
 
 
 def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def directory_md5(folder: Path) -> str:

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from configs.errors import ProvenanceError
+from lineage.hashing import file_digest
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://quorum.dev/provenance/v1"
 PROVENANCE_FILE = "provenance.json"
-_CHUNK_BYTES = 1 << 20
 _FIX = "do not use this version: re-run the lifecycle, or restore the version's folder from a trusted copy"
 
 
@@ -194,8 +194,4 @@ def _subject_problems(subject: Sequence[Mapping[str, Any]], actual: Mapping[str,
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")

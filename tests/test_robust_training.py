@@ -7,7 +7,7 @@ run where every site behaved.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -18,6 +18,8 @@ from tasks.replies import validate_reply
 from tasks.site import SiteUpdate
 from tasks.strategies import AggregationRule, aggregate
 from tasks.training import LocalTrainingConfig, predict_scores, train_local
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NUM_SITES, ROWS, FEATURES, ROUNDS = 8, 400, 8, 5
 HIDDEN = (16,)
@@ -94,17 +96,6 @@ def run(data: Data, rule: AggregationRule, garbage: Garbage | None) -> tuple[Wei
 
 def accuracy(weights: Weights, x: NDArray[np.float32], y: NDArray[np.float32]) -> float:
     return float(np.mean((predict_scores(weights, x, HIDDEN) >= 0.5) == y))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models train 10-30x faster on one thread when the machine is busy (no spinning thread pool)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

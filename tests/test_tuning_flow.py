@@ -32,6 +32,8 @@ from tasks.site_secagg import MaskedUpdate
 from tasks.strategies import sample_sites
 from tests.federation import write_federation, write_governance
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SITES = ("alpha", "beta", "gamma", "delta")
 SEED = 3  # tests/federation.py's seed
 
@@ -60,17 +62,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory, prefect_harness: Path) 
     ctx = load_context(str(config_path), str(governance), "preprocess")
     prep = preprocess_flow(ctx.config, LocalRunner(ctx.config))
     return Federation(root, governance, {s: prep.fingerprints[s] for s in prep.usable_sites})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models train much faster on one thread when the machine is busy."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
