@@ -87,6 +87,13 @@ def render(config: FederationConfig, governance_path: Path, project: Path, appro
                 "parameters": {"config_path": config_path, "governance_path": governance, "site_id": site.id},
                 "schedules": [{"interval": config.deployment.monitor_interval_s, "active": True}],
             },
+            {
+                "name": f"deploy-{site.id}",
+                "description": f"Verify the champion's signatures and provenance at site {site.id}, then load it.",
+                "entrypoint": "flows.deploy:deploy_flow",
+                "work_pool": dict(pool),
+                "parameters": {"config_path": config_path, "governance_path": governance, "site_id": site.id},
+            },
         ]
     return {"name": "quorum", "prefect-version": "3", "pull": [], "deployments": deployments}
 
