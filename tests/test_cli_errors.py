@@ -11,16 +11,14 @@ import yaml
 from configs.schema import FederationConfig, load_federation
 from flows.cli import main
 from tasks.synth import SiteProfile, synth_site
+from tests.federation import FEATURES
 
 FEDERATION = {
     "name": "tiny",
     "model_name": "tiny-model",
     "seed": 3,
     "state_dir": "state",
-    "features": {
-        "numeric": ["age", "income", "tenure_months", "num_products", "balance", "credit_score"],
-        "categorical": {"region_type": ["urban", "suburban", "rural"], "channel": ["online", "branch", "phone"]},
-    },
+    "features": FEATURES,
     "contract": {"min_rows": 50, "numeric_ranges": {"age": [18, 110]}, "label_rate": [0.02, 0.8]},
     "sites": {
         site_id: {
