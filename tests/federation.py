@@ -17,6 +17,17 @@ FEATURES = {
 }
 
 
+def site_entry(site_id: str) -> dict[str, object]:
+    """One synthetic site's config entry, laid out the way tasks.synth writes its data."""
+    return {
+        "root": f"sites/{site_id}",
+        "target": "churned",
+        "id_column": "customer_id",
+        "pii_columns": ["name", "email", "phone"],
+        "protected_attribute": "gender",
+    }
+
+
 def write_federation(
     root: Path,
     site_ids: Sequence[str] = ("alpha", "beta", "gamma"),
@@ -32,16 +43,7 @@ def write_federation(
 
     ``training`` adds to (or overrides) the training keys; ``extra`` replaces whole top-level sections.
     """
-    sites = {
-        site_id: {
-            "root": f"sites/{site_id}",
-            "target": "churned",
-            "id_column": "customer_id",
-            "pii_columns": ["name", "email", "phone"],
-            "protected_attribute": "gender",
-        }
-        for site_id in site_ids
-    }
+    sites = {site_id: site_entry(site_id) for site_id in site_ids}
     config = {
         "name": "test-federation",
         "model_name": "test-model",

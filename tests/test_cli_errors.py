@@ -11,7 +11,7 @@ import yaml
 from configs.schema import FederationConfig, load_federation
 from flows.cli import main
 from tasks.synth import SiteProfile, synth_site
-from tests.federation import FEATURES
+from tests.federation import FEATURES, site_entry
 
 FEDERATION = {
     "name": "tiny",
@@ -20,16 +20,7 @@ FEDERATION = {
     "state_dir": "state",
     "features": FEATURES,
     "contract": {"min_rows": 50, "numeric_ranges": {"age": [18, 110]}, "label_rate": [0.02, 0.8]},
-    "sites": {
-        site_id: {
-            "root": f"sites/{site_id}",
-            "target": "churned",
-            "id_column": "customer_id",
-            "pii_columns": ["name", "email", "phone"],
-            "protected_attribute": "gender",
-        }
-        for site_id in ("a", "b")
-    },
+    "sites": {site_id: site_entry(site_id) for site_id in ("a", "b")},
 }
 PROFILE = SiteProfile(
     rows=300, age_mean=45, income_mean=50_000, urban_share=0.5, online_share=0.4, churn_shift=0.0, drift=False
