@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -43,6 +45,11 @@ class SiteConfig(BaseModel):
     # where `quorum data push` sends this site's processed data: a folder (relative to the config
     # file) or a DVC remote URL; by default <root>/.dvc-remote, inside the site's own folder
     dvc_remote: str | None = None
+    # for an S3-compatible DVC remote that is not AWS (MinIO, Ceph): its endpoint
+    dvc_endpoint_url: str | None = None
+    # an AWS shared-credentials file kept at the site: its worker and its DVC remote use it, and no
+    # other process is ever given it (relative to the config file)
+    aws_credentials_file: Path | None = None
 
     @property
     def remote_url(self) -> str:
@@ -257,13 +264,48 @@ class DriftConfig(BaseModel):
     html_report: bool = True
 
 
+class StorageConfig(BaseModel):
+    """Where the artifact store lives: a folder under ``state_dir`` by default, or S3.
+
+    Credentials are never configured here: each process takes them from its own environment
+    (standard AWS variables or shared-credentials file), so every site can hold its own.
+    """
+
+    model_config = _FROZEN
+
+    artifacts: str | None = None  # s3://bucket/prefix; None keeps the store in <state_dir>/artifacts
+    endpoint_url: str | None = None  # any S3-compatible service (MinIO, Ceph); None means AWS itself
+    region: str | None = None
+    multipart_threshold_mb: int = Field(default=64, ge=5, le=5_000)
+    retry_deadline_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("artifacts")
+    @classmethod
+    def _s3_only(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("s3://"):
+            raise ValueError(f"{value!r} is not an s3:// URL (leave storage.artifacts unset for a local folder)")
+        return value
+
+
 class DeploymentConfig(BaseModel):
-    """Where the servers listen and when scheduled work runs (``quorum up``, ``infra/prefect.yaml``)."""
+    """Where the servers listen and when scheduled work runs (``quorum up``, ``infra/prefect.yaml``).
+
+    Database URLs may name environment variables as ``${NAME}`` so passwords stay out of the file.
+    """
 
     model_config = _FROZEN
 
     prefect_port: int = Field(default=4200, ge=1024, le=65535)
     mlflow_port: int = Field(default=5000, ge=1024, le=65535)
+    # Prefect's database; None keeps SQLite under <state_dir>/prefect (`quorum up --database` overrides)
+    prefect_database: str | None = None
+    # MLflow's tracking and registry store; None keeps SQLite under <state_dir>/mlflow
+    mlflow_database: str | None = None
+    # where the MLflow server keeps run artifacts and model files: a folder by default, or s3://bucket/prefix
+    mlflow_artifacts: str | None = None
+    # a Prefect API on another host: workers started by `quorum worker` and `quorum run` use it
+    prefect_api_url: str | None = None
+    mlflow_tracking_uri: str | None = None
     retrain_cron: str = Field(default="0 3 * * 1", min_length=9)
     monitor_interval_s: int = Field(default=3600, ge=60)
     round_deadline_s: float = Field(default=120.0, gt=0)
@@ -288,6 +330,7 @@ class FederationConfig(BaseModel):
     gates: GatePolicy = GatePolicy()
     drift: DriftConfig = DriftConfig()
     deployment: DeploymentConfig = DeploymentConfig()
+    storage: StorageConfig = StorageConfig()
     source: Path | None = None
 
     @field_validator("sites", mode="before")
@@ -509,7 +552,20 @@ def _resolve_site(base: Path, site: SiteConfig) -> SiteConfig:
     update: dict[str, Any] = {"root": _resolve(base, site.root)}
     if site.dvc_remote is not None and "://" not in site.dvc_remote:
         update["dvc_remote"] = str(_resolve(base, Path(site.dvc_remote)))
+    if site.aws_credentials_file is not None:
+        update["aws_credentials_file"] = _resolve(base, site.aws_credentials_file)
     return site.model_copy(update=update)
+
+
+def expand_secrets(value: str, key: str) -> str:
+    """``${NAME}`` in a URL from the environment, so a password never has to sit in a committed file."""
+    missing = [name for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value) if name not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"{key} names environment variable(s) {', '.join(missing)}, which are not set",
+            fix=f"export {missing[0]}=... before running quorum",
+        )
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: os.environ[m.group(1)], value)
 
 
 def load_governance(path: str | Path) -> GovernanceConfig:

@@ -177,7 +177,8 @@ def _fairness_gates(candidate: EvaluationReport, policy: GatePolicy) -> list[Gat
 
     Pooling can hide a gap that only one site's population shows, or cancel opposite gaps at two
     sites. A site where fewer than two groups reach ``min_group_size`` has no per-site gate: a rate
-    over a handful of people says nothing, and the pooled gate still covers its examples.
+    over a handful of people says nothing. Such a small group is not even named by its site (its name
+    is a raw value), so the pooled gate judges a group over the sites where it reaches that size.
     """
     gates = _gap_gates("", candidate.group_counts(), policy)
     if policy.fairness_per_site:

@@ -62,7 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start Prefect and MLflow servers, the pools, deployments and site workers")
     _add_config(up, governance=True)
     up.add_argument("--prefect-file", default="infra/prefect.yaml", help="deployments to deploy")
+    up.add_argument(
+        "--database",
+        metavar="URL",
+        help="Prefect server database, e.g. postgresql://user:pass@host:5432/prefect "
+        "(default: deployment.prefect_database, else SQLite under the state folder)",
+    )
+    up.add_argument(
+        "--no-site-workers",
+        action="store_true",
+        help="start no site worker here: each site runs `quorum worker --site ID` on its own host",
+    )
     up.set_defaults(handler=_cmd_up)
+    worker = commands.add_parser("worker", help="run one site's Prefect worker here, in the foreground")
+    _add_config(worker)
+    worker.add_argument("--site", required=True, help="the site id whose pool this worker serves")
+    worker.add_argument("--api-url", help="Prefect API (default: deployment.prefect_api_url, else the local server)")
+    worker.set_defaults(handler=_cmd_worker)
     for name, handler, text in (
         ("status", _cmd_status, "show servers, pools, workers and the last runs"),
         ("down", _cmd_down, "stop exactly the processes `quorum up` started"),
@@ -218,7 +234,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     from flows import commands
 
-    return commands.up(Path(args.config), Path(args.governance), Path(args.prefect_file))
+    return commands.up(
+        Path(args.config), Path(args.governance), Path(args.prefect_file), args.database, not args.no_site_workers
+    )
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from flows import commands
+
+    return commands.worker(Path(args.config), args.site, args.api_url)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

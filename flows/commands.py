@@ -12,7 +12,7 @@ from pathlib import Path
 
 from configs.errors import ConfigError, QuorumError
 from configs.schema import FederationConfig, GovernanceConfig, load_federation, load_governance
-from lineage.state import StateLayout, configure_environment
+from lineage.state import StateLayout, configure_environment, use_tracking_server
 
 
 def _prepare(config_path: Path) -> tuple[FederationConfig, StateLayout]:
@@ -20,6 +20,7 @@ def _prepare(config_path: Path) -> tuple[FederationConfig, StateLayout]:
     config = load_federation(config_path)
     state = StateLayout(config.state_dir)
     configure_environment(state)
+    use_tracking_server(state, config.deployment.mlflow_tracking_uri)
     return config, state
 
 
@@ -118,11 +119,38 @@ def _use_stack(config: FederationConfig, state: StateLayout) -> None:
     """Point this process at the servers `quorum up` started (before Prefect is imported)."""
     from flows.stack import Stack
 
+    deployment = config.deployment
+    if deployment.prefect_api_url:  # servers on another host
+        os.environ["PREFECT_API_URL"] = deployment.prefect_api_url
+        if deployment.mlflow_tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = deployment.mlflow_tracking_uri
+        return
     stack = Stack(config, state)
     if not stack.service("prefect-server").alive():
         raise QuorumError("the Prefect server of this federation is not running", fix="run `quorum up` first")
     os.environ["PREFECT_API_URL"] = stack.prefect_url
     os.environ["MLFLOW_TRACKING_URI"] = stack.mlflow_url
+
+
+def worker(config_path: Path, site_id: str, api_url: str | None) -> int:
+    """What a site host runs: its pool's worker, with only its own data root and credentials."""
+    config, state = _prepare(config_path)
+    from flows.deployments import site_pool
+    from flows.stack import Stack
+
+    stack = Stack(config, state)
+    site = config.site(site_id)
+    env = stack.site_env(site_id)
+    env["PREFECT_API_URL"] = api_url or config.deployment.prefect_api_url or stack.prefect_url
+    env["MLFLOW_TRACKING_URI"] = config.deployment.mlflow_tracking_uri or stack.mlflow_url
+    site.root.mkdir(parents=True, exist_ok=True)
+    print(f"worker for site {site_id} on pool {site_pool(site_id)} at {env['PREFECT_API_URL']} (Ctrl-C stops it)")
+    command = [str(Path(sys.executable).with_name("prefect")), "worker", "start"]
+    command += ["--pool", site_pool(site_id), "--type", "process"]
+    try:
+        return subprocess.call(command, cwd=site.root, env=env)
+    except KeyboardInterrupt:
+        return 130
 
 
 def _run_and_report(
@@ -153,15 +181,23 @@ def _run_and_report(
     return 0
 
 
-def up(config_path: Path, governance_path: Path, prefect_file: Path) -> int:
+def up(
+    config_path: Path,
+    governance_path: Path,
+    prefect_file: Path,
+    database: str | None = None,
+    site_workers: bool = True,
+) -> int:
     config, state = _prepare(config_path)
     from flows.stack import Stack
 
-    stack = Stack(config, state)
+    stack = Stack(config, state, database)
     os.environ["PREFECT_API_URL"] = stack.prefect_url  # before anything imports Prefect
     project = Path.cwd().resolve()
-    print(f"starting Prefect on {stack.prefect_url} and MLflow on {stack.mlflow_url} ...")
+    where = "PostgreSQL" if stack.database else "SQLite"
+    print(f"starting Prefect on {stack.prefect_url} ({where}) and MLflow on {stack.mlflow_url} ...")
     stack.start_servers()
+    stack.prepare_storage()
     from flows.stack import deploy
 
     pools = stack.ensure_pools()
@@ -169,9 +205,11 @@ def up(config_path: Path, governance_path: Path, prefect_file: Path) -> int:
         render_infra(config_path, governance_path, prefect_file)
     print(f"deploying {prefect_file} ...")
     deploy(prefect_file, project, stack.base_env())
-    stack.start_workers(project)
-    stack.wait_for_workers(pools, timeout_s=120)
-    print(f"pools ready: {', '.join(pools)}")
+    stack.start_workers(project, site_workers)
+    from flows.deployments import COORDINATOR_POOL
+
+    stack.wait_for_workers(pools if site_workers else [COORDINATOR_POOL], timeout_s=120)
+    print(f"pools ready: {', '.join(pools)}" + ("" if site_workers else " (site workers: `quorum worker --site ID`)"))
     print(
         f"Prefect UI: http://127.0.0.1:{config.deployment.prefect_port}   "
         f"MLflow UI: {stack.mlflow_url}\nstop everything with `quorum down`"
@@ -338,7 +376,7 @@ def approve(config_path: Path, governance_path: Path, model: str, version: str, 
     set_version_tags(ctx.tracker, model, version, {f"signature.{approver}": signature.digest})
     ctx.audit.append("approval", approver, {"model": model, "version": version, "signature": signature.digest})
     quorum = check_quorum(
-        ctx.store.path(model_key(model, version)), ctx.store.path(signatures_key(model, version)), governance
+        ctx.store.checkout(model_key(model, version)), ctx.store.checkout(signatures_key(model, version)), governance
     )
     print(f"{approver} signed {model} v{version}: {len(quorum.valid_approvers)} of {quorum.required} approvals")
     if quorum.met:

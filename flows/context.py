@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from configs.schema import FederationConfig, GovernanceConfig, load_federation, load_governance
-from lineage.artifacts import LocalArtifactStore
+from lineage.artifacts import ArtifactStore, federation_store
 from lineage.audit import AuditLog
 from lineage.state import StateLayout, configure_environment
 from lineage.tracking import Tracker, open_tracker
@@ -25,7 +25,7 @@ class JobContext:
     governance: GovernanceConfig
     state: StateLayout
     tracker: Tracker
-    store: LocalArtifactStore
+    store: ArtifactStore
     audit: AuditLog
     job_id: str
 
@@ -48,7 +48,7 @@ def load_context(config_path: str, governance_path: str, job_id: str | None = No
         governance=governance,
         state=state,
         tracker=open_tracker(state, config.name),
-        store=LocalArtifactStore(state.artifacts),
+        store=federation_store(config),
         audit=AuditLog(state.audit_log),
         job_id=job_id or new_job_id(config),
     )

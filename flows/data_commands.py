@@ -13,7 +13,7 @@ from pathlib import Path
 
 from configs.errors import ConfigError, UnknownModelVersion
 from configs.schema import load_federation
-from lineage.state import StateLayout, configure_environment
+from lineage.state import StateLayout, configure_environment, use_tracking_server
 
 
 def contract_init(config_path: Path, site_id: str, out: Path | None, margin: float, overwrite: bool) -> int:
@@ -73,7 +73,7 @@ def data_push(config_path: Path, site_id: str) -> int:
             f"site {site.id}'s folder {site.root} is not inside a DVC project with a dvc.yaml",
             fix="run the site's preprocessing inside the project checkout (`dvc repro preprocess@<site>`)",
         )
-    summary = dvc.push_site(repo, site.id, site.remote_url)
+    summary = dvc.push_site(repo, site.id, site.remote_url, site.dvc_endpoint_url, site.aws_credentials_file)
     locked = dvc.locked_hashes(repo).get(site.id, "not in dvc.lock")
     print(
         f"{site.id}: preprocess@{site.id} (data {locked}) -> remote {dvc.remote_name(site.id)} at {site.remote_url}: "
@@ -96,6 +96,7 @@ def lineage(config_path: Path, model: str, version: str) -> int:
         raise UnknownModelVersion(f"{version!r} is not a model version number", fix="pass --version N, e.g. 1")
     config = load_federation(config_path)
     state = StateLayout(config.state_dir)
+    use_tracking_server(state, config.deployment.mlflow_tracking_uri)
     if not os.environ.get("MLFLOW_TRACKING_URI") and not state.mlflow_db.exists():
         raise UnknownModelVersion(
             f"{config.name} has no tracking store yet ({state.mlflow_db})",

@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 from configs.errors import NotDeployed, QuorumError, ReplyRejected
 from configs.schema import FederationConfig, load_federation
 from evaluation.drift import DriftSummary, retrain_decision, site_is_drifting
-from lineage.artifacts import LocalArtifactStore
+from lineage.artifacts import ArtifactStore, federation_store
 from lineage.audit import AuditEntry, AuditLog
 from lineage.state import StateLayout
 
@@ -52,15 +52,19 @@ def summary_key(site_id: str, stamp: str) -> str:
 
 
 def newest_summaries(
-    store: LocalArtifactStore, site_ids: Sequence[str]
+    store: ArtifactStore, site_ids: Sequence[str]
 ) -> tuple[dict[str, DriftSummary], dict[str, str], dict[str, str]]:
     """Per site, its newest stored summary and its key, or why it has none that can be used."""
     summaries: dict[str, DriftSummary] = {}
     evidence: dict[str, str] = {}
     unavailable: dict[str, str] = {}
     for site_id in site_ids:
-        folder = store.path(f"{MONITORING}/{site_id}")
-        stamps = sorted(path.stem for path in folder.glob("*.json")) if folder.is_dir() else []
+        prefix = f"{MONITORING}/{site_id}"
+        stamps = sorted(
+            key.removeprefix(prefix + "/").removesuffix(".json")
+            for key in store.list_keys(prefix)
+            if key.endswith(".json") and key.count("/") == prefix.count("/") + 1
+        )
         if not stamps:
             unavailable[site_id] = "no drift summary stored yet (its monitor deployment has not run)"
             continue
@@ -73,7 +77,7 @@ def newest_summaries(
     return summaries, evidence, unavailable
 
 
-def _read_summary(store: LocalArtifactStore, key: str, site_id: str) -> DriftSummary:
+def _read_summary(store: ArtifactStore, key: str, site_id: str) -> DriftSummary:
     try:
         data = store.get_json(key)
     except ValueError as exc:
@@ -151,7 +155,7 @@ def drift_check_flow(
     logger = get_run_logger()
     config = load_federation(config_path)
     failed = _check_sites(config_path, governance_path, config.site_ids) if check_sites else {}
-    store = LocalArtifactStore(StateLayout(config.state_dir).artifacts)
+    store = federation_store(config)
     usable = [site_id for site_id in config.site_ids if site_id not in failed]
     summaries, evidence, unavailable = newest_summaries(store, usable)
     unavailable.update(failed)

@@ -14,13 +14,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from configs.errors import QuorumError
-from lineage.artifacts import ArtifactCorrupt, LocalArtifactStore
+from lineage.artifacts import ArtifactCorrupt, ArtifactStore
 from tasks.messages import Request
 
 
 @dataclass(frozen=True)
 class JobExchange:
-    store: LocalArtifactStore
+    store: ArtifactStore
     job_id: str
 
     def _key(self, *parts: str) -> str:
@@ -86,8 +86,9 @@ class JobExchange:
 
     def replied(self, site_id: str) -> int:
         """The newest request this site already answered: where a restarted session picks up."""
-        folder = self.store.path(self._key("replies"))
-        if not folder.is_dir():
-            return 0
-        answered = [int(p.parent.name) for p in folder.glob(f"*/{site_id}.json") if p.parent.name.isdigit()]
+        answered = [
+            int(parts[-2])
+            for parts in (key.split("/") for key in self.store.list_keys(self._key("replies")))
+            if parts[-1] == f"{site_id}.json" and parts[-2].isdigit()
+        ]
         return max(answered, default=0)

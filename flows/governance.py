@@ -134,7 +134,7 @@ def rollback_flow(ctx: JobContext, key: Path, to_version: str | None = None, rea
     assert current is not None  # rollback_target refuses a missing champion
     _require_registered(ctx, target)
     quorum = verify_version(ctx.store, ctx.governance, name, target, today)
-    digest = provenance_digest(ctx.store.path(model_key(name, target)))
+    digest = provenance_digest(ctx.store.checkout(model_key(name, target)))
     result = RollbackResult(name, current, target, approver, quorum, digest)
     with transaction() as txn:
         txn.set("ctx", ctx)

@@ -11,7 +11,7 @@ from typing import Any
 
 from configs.errors import QuorumError
 from flows.preprocess import PreprocessResult
-from lineage.artifacts import LocalArtifactStore
+from lineage.artifacts import ArtifactStore
 from tasks.messages import fingerprint_from_dict
 from tasks.model import Weights
 
@@ -29,7 +29,7 @@ def _key(job_id: str, name: str) -> str:
     return f"jobs/{job_id}/{name}"
 
 
-def save_job(store: LocalArtifactStore, record: JobRecord) -> None:
+def save_job(store: ArtifactStore, record: JobRecord) -> None:
     prep = record.preprocess
     store.put_json(
         _key(record.job_id, "job.json"),
@@ -44,11 +44,11 @@ def save_job(store: LocalArtifactStore, record: JobRecord) -> None:
     )
 
 
-def load_job(store: LocalArtifactStore, job_id: str) -> JobRecord:
+def load_job(store: ArtifactStore, job_id: str) -> JobRecord:
     key = _key(job_id, "job.json")
     if not store.exists(key):
         raise QuorumError(
-            f"job {job_id} has no record in {store.root} (it stopped before its sites were prepared)",
+            f"job {job_id} has no record in {store.location} (it stopped before its sites were prepared)",
             fix="start a new job with `quorum run` (nothing of that job needs keeping)",
         )
     data: Any = store.get_json(key)
@@ -58,7 +58,7 @@ def load_job(store: LocalArtifactStore, job_id: str) -> JobRecord:
     return JobRecord(job_id, str(data["run_id"]), str(data["config_path"]), str(data["governance_path"]), prep)
 
 
-def last_checkpoint(store: LocalArtifactStore, job_id: str) -> tuple[int, Weights | None, list[dict[str, Any]]]:
+def last_checkpoint(store: ArtifactStore, job_id: str) -> tuple[int, Weights | None, list[dict[str, Any]]]:
     """The newest completed round, its global weights (sha256-checked) and every completed round's manifest."""
     manifests: list[dict[str, Any]] = []
     server_round = 1

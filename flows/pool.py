@@ -55,7 +55,7 @@ class PoolRunner(SiteRunner):
                         "config_path": self.config_path,
                         "site_id": site_id,
                         "job_id": self.ctx.job_id,
-                        "store_root": str(self.ctx.store.root),
+                        "store_root": self.ctx.store.location,
                     },
                     timeout=0,
                     tags=[f"job:{self.ctx.job_id}"],
@@ -105,7 +105,7 @@ class PoolRunner(SiteRunner):
                     elif self._gone(site_id):
                         replies[site_id] = self._silent(site_id, "stopped answering (its session is gone)")
             if len(replies) < len(site_ids):
-                time.sleep(POLL_S)
+                time.sleep(max(POLL_S, self.exchange.store.poll_s))
         self._first_request = False
         for site_id in site_ids:
             if site_id not in replies:

@@ -54,7 +54,7 @@ def _restore_champion_alias(txn: Transaction) -> None:
 
 @task(cache_policy=NO_CACHE)
 def record_promotion(ctx: JobContext, version: str, quorum: QuorumResult, previous: str | None) -> None:
-    provenance = provenance_digest(ctx.store.path(model_key(ctx.config.model_name, version)))
+    provenance = provenance_digest(ctx.store.checkout(model_key(ctx.config.model_name, version)))
     set_version_tags(
         ctx.tracker,
         ctx.config.model_name,
@@ -142,10 +142,11 @@ def promote_flow(
     files = fetch_files(ctx.tracker, ctx.store, name, version)
     facts = _build_facts(ctx, verdict, lineage_tags, run_id, site_evidence)
     provenance = write_provenance(files, build_statement(files, name, version, facts))
+    ctx.store.publish(model_key(name, version), files)
     set_version_tags(ctx.tracker, name, version, {"provenance.sha256": provenance})
     signatures = sign_version(ctx.store, name, version, approver_keys)
     set_version_tags(ctx.tracker, name, version, {f"signature.{s.approver}": s.digest for s in signatures})
-    quorum = check_quorum(files, ctx.store.path(signatures_key(name, version)), ctx.governance)
+    quorum = check_quorum(files, ctx.store.checkout(signatures_key(name, version)), ctx.governance)
     if not quorum.met:
         ctx.audit.append(
             "awaiting_approval",

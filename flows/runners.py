@@ -1,9 +1,9 @@
 """Where site work runs: the seam between the round loop and the sites.
 
-``LocalRunner`` (the embedded default) runs each site's work as a Prefect task in a thread pool of
-this process; each task still reads only its own site's folder. A runner returns, per site, either
-the site's result or the expected failure that kept it out, and never decides what happens next:
-that is the coordinator's call (``min_sites``).
+``LocalRunner`` (the embedded default) runs the sites' work as Prefect tasks in this process; each site
+still reads only its own folder. A runner returns, per site, either the site's result or the expected
+failure that kept it out, and never decides what happens next: that is the coordinator's call
+(``min_sites``).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from prefect import task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import PrefectFuture
+from prefect.utilities.annotations import quote
 
 from configs.errors import QuorumError
 from configs.schema import FederationConfig
@@ -24,6 +24,7 @@ from tasks import site as site_work
 from tasks import site_secagg
 from tasks.model import Weights
 from tasks.site_secagg import MaskedUpdate
+from tasks.training import torch_threads
 
 T = TypeVar("T")
 
@@ -101,39 +102,57 @@ def _guarded(work: Callable[..., T], site_id: str, *args: Any) -> T | SiteFailur
         return SiteFailure.of(site_id, error)
 
 
+def _at_each_site(
+    work: Callable[..., T], config: FederationConfig, site_ids: Sequence[str], *args: Any
+) -> dict[str, T | SiteFailure]:
+    """``work(config, site_id, *args)`` at one site after the other; one site's expected failure stays its own.
+
+    On one torch thread: the sites share this process's cores, and the small models they train run
+    fastest without a thread pool to wake for every batch.
+    """
+    with torch_threads(1):
+        return {site_id: _guarded(work, site_id, config, site_id, *args) for site_id in site_ids}
+
+
+@task(cache_policy=NO_CACHE, task_run_name="train-round-{server_round}")
+def train_at_sites(
+    config: FederationConfig,
+    site_ids: Sequence[str],
+    weights: Weights,
+    server_round: int,
+    secagg: SecAggRound | None = None,
+) -> dict[str, Any]:
+    if secagg is not None:
+        masked = site_secagg.train_site_masked
+        return _at_each_site(masked, config, site_ids, weights, server_round, secagg.job_id, secagg.peers)
+    return _at_each_site(site_work.train_site, config, site_ids, weights, server_round)
+
+
+@task(cache_policy=NO_CACHE)
+def keys_at_sites(config: FederationConfig, site_ids: Sequence[str], job_id: str) -> dict[str, Any]:
+    return _at_each_site(site_secagg.public_key, config, site_ids, job_id)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="reveal-round-{server_round}")
+def reveal_at_sites(
+    config: FederationConfig,
+    site_ids: Sequence[str],
+    secagg: SecAggRound,
+    server_round: int,
+    dropped: tuple[str, ...],
+) -> dict[str, Any]:
+    reveal = site_secagg.reveal_seeds
+    return _at_each_site(reveal, config, site_ids, secagg.job_id, server_round, secagg.peers, dropped)
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_at_sites(config: FederationConfig, site_ids: Sequence[str], weights: Weights) -> dict[str, Any]:
+    return _at_each_site(site_work.evaluate_site, config, site_ids, weights)
+
+
 @task(cache_policy=NO_CACHE, task_run_name="preprocess-{site_id}")
 def site_preprocess(config: FederationConfig, site_id: str) -> site_work.DataFingerprint | SiteFailure:
     return _guarded(site_work.preprocess_site, site_id, config, site_id)
-
-
-@task(cache_policy=NO_CACHE, task_run_name="train-{site_id}-round-{server_round}")
-def site_train(
-    config: FederationConfig, site_id: str, weights: Weights, server_round: int, secagg: SecAggRound | None = None
-) -> Reply:
-    if secagg is not None:
-        return _guarded(
-            site_secagg.train_site_masked, site_id, config, site_id, weights, server_round, secagg.job_id, secagg.peers
-        )
-    return _guarded(site_work.train_site, site_id, config, site_id, weights, server_round)
-
-
-@task(cache_policy=NO_CACHE, task_run_name="keys-{site_id}")
-def site_keys(config: FederationConfig, site_id: str, job_id: str) -> bytes | SiteFailure:
-    return _guarded(site_secagg.public_key, site_id, config, site_id, job_id)
-
-
-@task(cache_policy=NO_CACHE, task_run_name="reveal-{site_id}-round-{server_round}")
-def site_reveal(
-    config: FederationConfig, site_id: str, secagg: SecAggRound, server_round: int, dropped: tuple[str, ...]
-) -> dict[str, bytes] | SiteFailure:
-    return _guarded(
-        site_secagg.reveal_seeds, site_id, config, site_id, secagg.job_id, server_round, secagg.peers, dropped
-    )
-
-
-@task(cache_policy=NO_CACHE, task_run_name="evaluate-{site_id}")
-def site_evaluate(config: FederationConfig, site_id: str, weights: Weights) -> SiteEvaluation | SiteFailure:
-    return _guarded(site_work.evaluate_site, site_id, config, site_id, weights)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="monitor-{site_id}")
@@ -142,33 +161,50 @@ def site_monitor(config: FederationConfig, site_id: str, champion: Weights | Non
 
 
 class LocalRunner(SiteRunner):
-    """All sites in this process, as concurrent Prefect tasks of the calling flow."""
+    """All sites in this process, as Prefect tasks of the calling flow.
+
+    Training, evaluation and the secure-aggregation keys and seeds are compute on data already loaded:
+    each is one task that visits the sites in turn. A task per site would cost every site its own
+    task-run state changes on the Prefect API, and sites run side by side in threads fight over the
+    interpreter lock on a few cores (small-batch training is mostly Python), so in turn is sooner.
+    Preprocessing and monitoring read raw files and write reports, and a site mostly waits on its files:
+    there each site is a task of its own, all running side by side. A site's own training time is in
+    its reply (``SiteUpdate.train_s``).
+    """
 
     def __init__(self, config: FederationConfig) -> None:
         self.config = config
 
-    def _fan_out(self, futures: dict[str, PrefectFuture[Any]]) -> dict[str, Any]:
+    def _quoted_config(self) -> quote:
+        """The config as a task argument Prefect passes on untouched: it would otherwise walk every field
+        at every task call, looking for results of upstream tasks to wait on, and a config holds none."""
+        return quote(self.config)
+
+    def _in_turn(self, step: Task[..., dict[str, Any]], site_ids: Sequence[str], *args: Any) -> dict[str, Any]:
+        return step(self._quoted_config(), list(site_ids), *args)
+
+    def _side_by_side(self, step: Task[..., Any], site_ids: Sequence[str], *args: Any) -> dict[str, Any]:
+        futures = {site_id: step.submit(self._quoted_config(), site_id, *args) for site_id in site_ids}
         return {site_id: future.result() for site_id, future in futures.items()}
 
     def preprocess(self, site_ids: Sequence[str]) -> dict[str, Any]:
-        return self._fan_out({s: site_preprocess.submit(self.config, s) for s in site_ids})
+        return self._side_by_side(site_preprocess, site_ids)
 
     def train(
         self, site_ids: Sequence[str], weights: Weights, server_round: int, secagg: SecAggRound | None = None
     ) -> dict[str, Any]:
-        return self._fan_out({s: site_train.submit(self.config, s, weights, server_round, secagg) for s in site_ids})
+        return self._in_turn(train_at_sites, site_ids, weights, server_round, secagg)
 
     def keys(self, site_ids: Sequence[str], job_id: str) -> dict[str, Any]:
-        return self._fan_out({s: site_keys.submit(self.config, s, job_id) for s in site_ids})
+        return self._in_turn(keys_at_sites, site_ids, job_id)
 
     def reveal(
         self, site_ids: Sequence[str], secagg: SecAggRound, server_round: int, dropped: Collection[str]
     ) -> dict[str, Any]:
-        gone = tuple(sorted(dropped))
-        return self._fan_out({s: site_reveal.submit(self.config, s, secagg, server_round, gone) for s in site_ids})
+        return self._in_turn(reveal_at_sites, site_ids, secagg, server_round, tuple(sorted(dropped)))
 
     def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, Any]:
-        return self._fan_out({s: site_evaluate.submit(self.config, s, weights) for s in site_ids})
+        return self._in_turn(evaluate_at_sites, site_ids, weights)
 
     def monitor(self, site_ids: Sequence[str], champion: Weights | None) -> dict[str, Any]:
-        return self._fan_out({s: site_monitor.submit(self.config, s, champion) for s in site_ids})
+        return self._side_by_side(site_monitor, site_ids, champion)

@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 from configs.errors import ContractFailed
 from configs.schema import load_federation, load_governance
 from flows.site_session import check_site_root
-from lineage.artifacts import LocalArtifactStore
+from lineage.artifacts import federation_store
 from lineage.state import StateLayout
 from tasks import site as site_work
 
@@ -50,7 +50,7 @@ def monitor_site_flow(config_path: str, governance_path: str, site_id: str) -> d
     config = load_federation(config_path)
     check_site_root(config, site_id)
     state = StateLayout(config.state_dir)
-    store = LocalArtifactStore(state.artifacts)
+    store = federation_store(config, site_id)
     tracker = open_tracker(state, config.name)
     version = alias_version(tracker, config.model_name, CHAMPION)
     champion = None

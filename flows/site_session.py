@@ -23,7 +23,7 @@ from configs.errors import ConfigError, QuorumError
 from configs.schema import FederationConfig, load_federation
 from flows.deployments import SITE_ROOT_ENV
 from flows.exchange import JobExchange
-from lineage.artifacts import LocalArtifactStore
+from lineage.artifacts import LocalArtifactStore, federation_store
 from tasks import site as site_work
 from tasks import site_secagg
 from tasks.messages import Request
@@ -150,7 +150,10 @@ def site_session(config_path: str, site_id: str, job_id: str, store_root: str, i
     """Serve one job at one site; runs on the site's own work pool."""
     config = load_federation(config_path)
     check_site_root(config, site_id)
-    exchange = JobExchange(LocalArtifactStore(Path(store_root)), job_id)
+    # an S3 store is opened from the config, with this site's own cache and credentials; a local
+    # store is the coordinator's folder, which this host shares
+    store = federation_store(config, site_id) if config.storage.artifacts else LocalArtifactStore(Path(store_root))
+    exchange = JobExchange(store, job_id)
     warm_up()
     get_run_logger().info("site %s joined job %s (cwd %s)", site_id, job_id, os.getcwd())
-    return serve(config, site_id, exchange, idle_timeout_s)
+    return serve(config, site_id, exchange, idle_timeout_s, max(POLL_S, store.poll_s))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from configs.errors import QuorumError, ToolError
-from configs.schema import FederationConfig
+from configs.schema import FederationConfig, expand_secrets
 from flows.deployments import COORDINATOR_POOL, SITE_ROOT_ENV, site_pool
 from lineage.state import StateLayout
 
@@ -56,13 +56,27 @@ class Service:
         return True
 
 
+# what a process may need to reach S3 as the coordinator; a site worker never inherits these
+_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+_AWS_FILES = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_PROFILE")
+
+
+def prefect_database_url(url: str) -> str:
+    """Prefect's server talks to PostgreSQL through asyncpg; users write the plain URL."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+asyncpg://" + url.removeprefix(plain)
+    return url
+
+
 class Stack:
-    def __init__(self, config: FederationConfig, state: StateLayout) -> None:
+    def __init__(self, config: FederationConfig, state: StateLayout, database: str | None = None) -> None:
         self.config = config
         self.state = state
         self.folder = state.root / "services"
         self.prefect_url = f"http://{HOST}:{config.deployment.prefect_port}/api"
         self.mlflow_url = f"http://{HOST}:{config.deployment.mlflow_port}"
+        self.database = database or config.deployment.prefect_database
 
     def service(self, name: str) -> Service:
         return Service(name, self.folder / f"{name}.pid", self.folder / f"{name}.log")
@@ -111,11 +125,51 @@ class Stack:
         )
         return env
 
+    def coordinator_env(self) -> dict[str, str]:
+        """The coordinator side (servers, coordinator worker) also gets this shell's S3 credentials."""
+        env = self.base_env()
+        env.update({k: v for k, v in os.environ.items() if k in _AWS_ENV + _AWS_FILES})
+        if self.config.storage.endpoint_url:
+            env["MLFLOW_S3_ENDPOINT_URL"] = self.config.storage.endpoint_url
+        return env
+
+    def site_env(self, site_id: str) -> dict[str, str]:
+        """Only this site's data root and, if configured, its own credentials file: nothing of the coordinator's."""
+        site = self.config.site(site_id)
+        env = {**self.base_env(), SITE_ROOT_ENV: str(site.root)}
+        env.update({k: v for k, v in os.environ.items() if k in ("AWS_DEFAULT_REGION", "AWS_REGION")})
+        if site.aws_credentials_file is not None:
+            env["AWS_SHARED_CREDENTIALS_FILE"] = str(site.aws_credentials_file)
+        return env
+
+    def mlflow_server(self) -> tuple[list[str], dict[str, str]]:
+        """MLflow's command and environment: its configured database and artifact location.
+
+        SQLite and a folder by default. Artifacts are served through the MLflow server
+        (``--artifacts-destination``), so clients need no S3 credentials of their own to log or
+        fetch a model. The database URL travels in the environment, not the command line, where
+        any local user could read its password with ``ps``.
+        """
+        deployment = self.config.deployment
+        backend = (
+            expand_secrets(deployment.mlflow_database, "deployment.mlflow_database")
+            if deployment.mlflow_database
+            else self.state.tracking_uri
+        )
+        artifacts = deployment.mlflow_artifacts or self.state.mlflow_artifacts.resolve().as_uri()
+        command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", HOST]
+        command += ["--port", str(deployment.mlflow_port), "--artifacts-destination", artifacts]
+        return command, {**self.coordinator_env(), "MLFLOW_BACKEND_STORE_URI": backend}
+
     def start_servers(self) -> None:
         bin_dir = Path(sys.executable).parent
         port = str(self.config.deployment.prefect_port)
         server_env = {**self.base_env(), "PREFECT_UI_API_URL": self.prefect_url}
         server_env.pop("PREFECT_API_URL")
+        if self.database:
+            server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = prefect_database_url(
+                expand_secrets(self.database, "deployment.prefect_database")
+            )
         _require_free(self.config.deployment.prefect_port, self.service("prefect-server"))
         _require_free(self.config.deployment.mlflow_port, self.service("mlflow-server"))
         self._start(
@@ -124,38 +178,37 @@ class Stack:
             server_env,
             self.state.root,
         )
-        self._start(
-            "mlflow-server",
-            [
-                str(bin_dir / "mlflow"),
-                "server",
-                "--host",
-                HOST,
-                "--port",
-                str(self.config.deployment.mlflow_port),
-                "--backend-store-uri",
-                self.state.tracking_uri,
-                "--default-artifact-root",
-                self.state.mlflow_artifacts.resolve().as_uri(),
-            ],
-            self.base_env(),
-            self.state.root,
-        )
+        self._start("mlflow-server", *self.mlflow_server(), self.state.root)
         _wait_http(f"{self.prefect_url}/health", "Prefect server", self.service("prefect-server"), 120)
         _wait_http(f"{self.mlflow_url}/health", "MLflow server", self.service("mlflow-server"), 120)
         self.write_endpoints()
 
-    def start_workers(self, project: Path) -> None:
+    def prepare_storage(self) -> None:
+        """Check the S3 artifact store answers before any job relies on it; create its bucket if missing.
+
+        Creating the bucket suits MinIO or a test server; on AWS the operator creates buckets and
+        their policies, and this only confirms the coordinator's credentials reach it.
+        """
+        if self.config.storage.artifacts is None:
+            return
+        from lineage.artifacts import federation_store
+        from lineage.s3_store import S3ArtifactStore
+
+        store = federation_store(self.config)
+        assert isinstance(store, S3ArtifactStore)
+        store.ensure_bucket()
+
+    def start_workers(self, project: Path, site_workers: bool = True) -> None:
         prefect = str(Path(sys.executable).parent / "prefect")
-        env = {**self.base_env(), "QUORUM_PROJECT": str(project)}
+        env = {**self.coordinator_env(), "QUORUM_PROJECT": str(project)}
         self._start(
             f"worker-{COORDINATOR_POOL}",
             [prefect, "worker", "start", "--pool", COORDINATOR_POOL, "--type", "process"],
             env,
             project,
         )
-        for site in self.config.sites:
-            site_env = {**self.base_env(), SITE_ROOT_ENV: str(site.root)}
+        for site in self.config.sites if site_workers else ():
+            site_env = self.site_env(site.id)
             site.root.mkdir(parents=True, exist_ok=True)
             self._start(
                 f"worker-{site.id}",

@@ -64,13 +64,21 @@ def _dvc_command() -> list[str]:
     return [found]
 
 
-def _run(repo: Path, *args: str, fix: str = "") -> str:
+_AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def _run(repo: Path, *args: str, fix: str = "", credentials_file: Path | None = None) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    if credentials_file is not None:  # the site's own file and nothing the shell happens to carry
+        env = {k: v for k, v in env.items() if k not in _AWS_CREDENTIALS}
+        env["AWS_SHARED_CREDENTIALS_FILE"] = str(credentials_file)
     result = subprocess.run([*_dvc_command(), *args], cwd=repo, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip().splitlines()
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        errors = [line.strip() for line in lines if line.startswith("ERROR")]  # DVC ends with a support banner
+        detail = errors[-1] if errors else (lines[-1] if lines else "no output")
         raise ToolError(
-            f"dvc {' '.join(args)} failed in {repo}: {detail[-1] if detail else 'no output'}",
+            f"dvc {' '.join(args)} failed in {repo}: {detail}",
             fix=fix or "run the same dvc command in that folder to see the full message",
         )
     return result.stdout
@@ -137,13 +145,16 @@ def remote_name(site_id: str) -> str:
     return f"site-{site_id}"
 
 
-def push_site(repo: Path, site_id: str, url: str) -> str:
+def push_site(
+    repo: Path, site_id: str, url: str, endpoint_url: str | None = None, credentials_file: Path | None = None
+) -> str:
     """Push one site's committed processed data to that site's own remote; return DVC's summary line.
 
     The remote is written to ``.dvc/config.local`` (git-ignored by DVC), never to the shared
     ``.dvc/config``: where a site keeps its data is the site's business, and a remote in the shared
     config would invite ``dvc push`` of everything to one place. Only ``preprocess@<site>`` is
-    pushed, so no other site's objects can reach this remote.
+    pushed, so no other site's objects can reach this remote. For S3 the site's own credentials file
+    goes into that same local config, so no other site's push can use it.
     """
     stage = stage_name(site_id)
     if stage not in defined_stages(repo):
@@ -155,6 +166,10 @@ def push_site(repo: Path, site_id: str, url: str) -> str:
         Path(url).mkdir(parents=True, exist_ok=True)
     name = remote_name(site_id)
     _run(repo, "remote", "add", "--local", "--force", name, url)
+    if url.startswith("s3://"):
+        for option, value in (("endpointurl", endpoint_url), ("credentialpath", credentials_file)):
+            if value is not None:
+                _run(repo, "remote", "modify", "--local", name, option, str(value))
     out = _run(
         repo,
         "push",
@@ -162,6 +177,7 @@ def push_site(repo: Path, site_id: str, url: str) -> str:
         name,
         "--no-run-cache",
         stage,
+        credentials_file=credentials_file if url.startswith("s3://") else None,
         fix=f"if files are missing from the cache, record the data first: `dvc commit {stage}` (the lifecycle does)",
     )
     lines = [line.strip() for line in out.splitlines() if line.strip()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import tempfile
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from configs.errors import SignatureError
 from configs.schema import GovernanceConfig
-from lineage.artifacts import LocalArtifactStore
+from lineage.artifacts import ArtifactStore
 from lineage.provenance import verify_provenance
 from lineage.signing import QuorumResult, Signature, require_quorum, sign_model
 from lineage.tracking import Tracker, download_version
@@ -33,28 +34,34 @@ def signatures_key(name: str, version: str) -> str:
     return f"models/{name}/v{version}/signatures"
 
 
-def fetch_files(tracker: Tracker, store: LocalArtifactStore, name: str, version: str) -> Path:
-    """The version's model folder in the artifact store, downloaded on first use."""
-    target = store.path(model_key(name, version))
-    if target.is_dir():
-        return target
-    staging = target.with_name(".files.download")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    downloaded = download_version(tracker, name, version, staging)
-    downloaded.rename(target) if downloaded != staging else staging.rename(target)
-    shutil.rmtree(staging, ignore_errors=True)
-    return target
+def fetched_key(name: str, version: str) -> str:
+    """Written after the last model file, so a half-copied version is never taken for a whole one."""
+    return f"models/{name}/v{version}/files.complete"
 
 
-def sign_version(
-    store: LocalArtifactStore, name: str, version: str, keys: Sequence[tuple[str, Path]]
-) -> list[Signature]:
+def fetch_files(tracker: Tracker, store: ArtifactStore, name: str, version: str) -> Path:
+    """The version's model folder from the artifact store, copied there from MLflow on first use."""
+    key = model_key(name, version)
+    if not store.exists(fetched_key(name, version)):
+        with tempfile.TemporaryDirectory(prefix="quorum-fetch-") as staging:
+            downloaded = download_version(tracker, name, version, Path(staging) / "files")
+            store.publish(key, downloaded)
+        store.put_json(fetched_key(name, version), {"model": name, "version": version})
+    return store.checkout(key)
+
+
+def _present(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def sign_version(store: ArtifactStore, name: str, version: str, keys: Sequence[tuple[str, Path]]) -> list[Signature]:
     """Sign the version's files once per ``(approver, private key)``."""
-    files = store.path(model_key(name, version))
-    folder = store.path(signatures_key(name, version))
+    files = store.checkout(model_key(name, version))
+    folder = store.checkout(signatures_key(name, version))
     folder.mkdir(parents=True, exist_ok=True)
-    return [sign_model(files, key, folder / f"{approver}.sig", approver) for approver, key in keys]
+    signatures = [sign_model(files, key, folder / f"{approver}.sig", approver) for approver, key in keys]
+    store.publish(signatures_key(name, version), folder)
+    return signatures
 
 
 def verify_files(
@@ -70,19 +77,19 @@ def verify_files(
 
 
 def verify_version(
-    store: LocalArtifactStore, governance: GovernanceConfig, name: str, version: str, now: date | None = None
+    store: ArtifactStore, governance: GovernanceConfig, name: str, version: str, now: date | None = None
 ) -> QuorumResult:
     """``verify_files`` on the version's folder in the artifact store."""
-    files = store.path(model_key(name, version))
-    if not files.is_dir():
+    files = store.checkout(model_key(name, version))
+    if not _present(files):
         raise SignatureError(
             f"no files for {name} version {version} in the artifact store", fix="run the promote stage again"
         )
-    return verify_files(files, store.path(signatures_key(name, version)), governance, name, version, now)
+    return verify_files(files, store.checkout(signatures_key(name, version)), governance, name, version, now)
 
 
 def load_verified_weights(
-    tracker: Tracker, store: LocalArtifactStore, governance: GovernanceConfig, name: str, version: str
+    tracker: Tracker, store: ArtifactStore, governance: GovernanceConfig, name: str, version: str
 ) -> Weights:
     """What the coordinator does before using a model: fetch, verify quorum and provenance, then load."""
     files = fetch_files(tracker, store, name, version)
@@ -91,7 +98,7 @@ def load_verified_weights(
 
 
 def install_verified(
-    store: LocalArtifactStore, governance: GovernanceConfig, name: str, version: str, destination: Path
+    store: ArtifactStore, governance: GovernanceConfig, name: str, version: str, destination: Path
 ) -> QuorumResult:
     """Copy a version's files and signatures to ``destination`` and verify the copy there.
 
@@ -102,8 +109,8 @@ def install_verified(
     staging = destination.with_name(f".{destination.name}.{secrets.token_hex(6)}.tmp")
     try:
         for key, folder in ((model_key(name, version), "files"), (signatures_key(name, version), "signatures")):
-            source = store.path(key)
-            if not source.is_dir():
+            source = store.checkout(key)
+            if not _present(source):
                 raise SignatureError(
                     f"no {folder} for {name} version {version} in the artifact store", fix="run the promote stage again"
                 )

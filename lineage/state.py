@@ -6,6 +6,7 @@ removing the folder resets a federation and tests get full isolation from a temp
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,3 +63,25 @@ def configure_environment(state: StateLayout) -> None:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def use_tracking_server(state: StateLayout, configured_uri: str | None) -> None:
+    """Talk to the MLflow server that owns this federation's store, when there is one.
+
+    With ``quorum up`` running (or a server named in the config), the store may be PostgreSQL
+    and S3 that only the server reaches; writing to the SQLite file beside it would split the
+    lineage in two. An explicit ``MLFLOW_TRACKING_URI`` still wins.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    if configured_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = configured_uri
+        return
+    services = state.root / "services"
+    try:
+        pid = int((services / "mlflow-server.pid").read_text().strip())
+        os.kill(pid, 0)
+        uri = json.loads((services / "endpoints.json").read_text())["mlflow_tracking_uri"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    os.environ["MLFLOW_TRACKING_URI"] = str(uri)

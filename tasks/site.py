@@ -180,7 +180,19 @@ def evaluate_site(config: FederationConfig, site_id: str, weights: Weights) -> S
     site = config.site(site_id)
     features, labels, groups = load_split(config, site, "test")
     scores = predict_scores(weights, features, config.model.hidden_sizes)
-    return evaluate_local(site_id, scores, labels, groups)
+    return _without_small_groups(evaluate_local(site_id, scores, labels, groups), config.gates.min_group_size)
+
+
+def _without_small_groups(evaluation: SiteEvaluation, min_group_size: int) -> SiteEvaluation:
+    """Name only the protected groups with at least ``min_group_size`` test examples at this site.
+
+    A group's name is a raw value of the protected column, and no config declares those values: a rare
+    or mistyped one (one person's free text) would leave the site as a key, with that person's
+    confusion counts under it. A smaller group is too small for the fairness gate to judge here; its
+    examples still count in ``overall``, and a group is judged pooled over the sites that do name it.
+    """
+    kept = {name: counts for name, counts in evaluation.groups.items() if counts.n >= min_group_size}
+    return replace(evaluation, groups=kept)
 
 
 def monitor_site(config: FederationConfig, site_id: str, champion: Weights | None) -> DriftSummary:

@@ -16,6 +16,17 @@ FEATURES = {
     "categorical": {"region_type": ["urban", "suburban", "rural"], "channel": ["online", "branch", "phone"]},
 }
 
+# gates a 2-site pool job on a few hundred rows can pass: the pool tests are about dispatch, not quality
+POOL_GATES = {
+    "min_accuracy": 0.5,
+    "min_auc": 0.55,
+    "min_site_accuracy": 0.4,
+    "max_selection_rate_gap": 0.6,
+    "max_regression": None,
+    "min_sites": 1,
+    "min_examples": 50,
+}
+
 
 def site_entry(site_id: str) -> dict[str, object]:
     """One synthetic site's config entry, laid out the way tasks.synth writes its data."""

@@ -127,3 +127,47 @@ def test_push_outside_a_dvc_project_is_a_clear_error(tmp_path: Path, capsys: pyt
     err = capsys.readouterr().err
     assert code == 2
     assert "is not inside a DVC project" in err and "fix:" in err
+
+
+@pytest.mark.integration
+@needs_dvc
+def test_each_site_pushes_to_its_own_s3_bucket_with_its_own_credentials(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.s3_server import dummy_aws_env, moto_server, raw_client
+
+    for name, value in dummy_aws_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    with moto_server() as endpoint:
+        client = raw_client(endpoint)  # the test's own view of the buckets, with the test's credentials
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # from here on only the sites' own files
+            monkeypatch.delenv(name)
+        remotes = {}
+        for site_id in ("alpha", "beta"):
+            client.create_bucket(Bucket=f"dvc-{site_id}")
+            credentials = project / "sites" / site_id / ".aws-credentials"  # kept at the site, never in git
+            credentials.write_text(f"[default]\naws_access_key_id = {site_id}\naws_secret_access_key = {site_id}-s\n")
+            remotes[site_id] = {
+                "dvc_remote": f"s3://dvc-{site_id}/processed",
+                "dvc_endpoint_url": endpoint,
+                "aws_credentials_file": f"sites/{site_id}/.aws-credentials",
+            }
+        config = str(_federation(project, remotes))
+
+        codes = [main(["data", "push", "--site", s, "--config", config]) for s in ("alpha", "beta")]
+
+        stored = {
+            site_id: {
+                item["Key"].removeprefix("processed/files/md5/").replace("/", "")
+                for item in client.list_objects_v2(Bucket=f"dvc-{site_id}").get("Contents", [])
+            }
+            for site_id in ("alpha", "beta")
+        }
+    local = (project / ".dvc" / "config.local").read_text()
+    assert codes == [0, 0]
+    assert stored["alpha"] == _site_objects(project, "alpha") and stored["beta"] == _site_objects(project, "beta")
+    assert stored["alpha"].isdisjoint(stored["beta"])
+    for site_id in ("alpha", "beta"):  # each remote names its own site's credentials file, and only that one
+        section = local.split(f"'remote \"site-{site_id}\"']")[1].split("['")[0]
+        assert f"sites/{site_id}/.aws-credentials" in section and endpoint in section
+    assert "credentialpath" not in (project / ".dvc" / "config").read_text()

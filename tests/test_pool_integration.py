@@ -1,5 +1,8 @@
 """Real dispatch: a Prefect server and MLflow server on free loopback ports, one worker per site pool,
-and `quorum run --runner pool` as a user would type it. Every process started here is stopped."""
+and `quorum run --runner pool` as a user would type it. Every process started here is stopped.
+
+The sites' data carries canaries in every raw column (``tests.canary``); the last test searches
+everything the jobs wrote outside the sites, service logs and the Prefect server's database included."""
 
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from configs.schema import load_federation
 from flows.deployments import render, write
 from flows.stack import Stack, deploy
 from lineage.state import StateLayout
-from tests.federation import write_federation, write_governance
+from tests.canary import plant_federation, planted_canaries, scan, scan_text
+from tests.federation import POOL_GATES, write_federation, write_governance
 
 pytestmark = pytest.mark.integration
 QUORUM = str(Path(sys.executable).with_name("quorum"))
@@ -45,21 +49,12 @@ def _federation(
         "round_deadline_s": 30,
         "session_start_timeout_s": start_s,
     }
-    gates = {
-        "min_accuracy": 0.5,
-        "min_auc": 0.55,
-        "min_site_accuracy": 0.4,
-        "max_selection_rate_gap": 0.6,
-        "max_regression": None,
-        "min_sites": 1,
-        "min_examples": 50,
-    }
     return write_federation(
         root,
         SITES,
         rounds=rounds,
         min_sites=min_sites,
-        gates=gates,
+        gates=POOL_GATES,
         extra={"deployment": deployment, "drift": {"min_rows": 30}},
         name=name,
     )
@@ -71,6 +66,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     config_path = _federation(root, _free_port(), _free_port(), rounds=3, min_sites=1, name="federation.yaml")
     governance_path, keys = write_governance(root)
     config = load_federation(config_path)
+    plant_federation(config)  # every job of this module reads these sites' data (the later configs reuse it)
     state = StateLayout(config.state_dir).ensure()
     running = Stack(config, state)
     saved = os.environ.get("PREFECT_API_URL")
@@ -86,7 +82,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         deploy(prefect_file, root, running.base_env())
         running.start_workers(root)
         running.wait_for_workers(pools, timeout_s=120)
-        yield {"root": root, "config": config_path, "governance": governance_path, "keys": keys, "stack": running}
+        yield {
+            "root": root,
+            "config": config_path,
+            "governance": governance_path,
+            "keys": keys,
+            "stack": running,
+            "outputs": [],
+        }
     finally:
         running.stop()
         scope.close()
@@ -119,6 +122,13 @@ def _quorum_run(env: dict[str, Any], config: Path, job_id: str, **popen: Any) ->
     )
 
 
+def _finish(env: dict[str, Any], process: subprocess.Popen[str]) -> tuple[str, str]:
+    """Wait for a `quorum run`; what it printed is kept for the canary scan at the end."""
+    out, err = process.communicate(timeout=600)
+    env["outputs"].append(out + err)
+    return out, err
+
+
 def _flow_runs(api: str, job_id: str) -> list[dict[str, Any]]:
     response = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [f"job:{job_id}"]}}})
     response.raise_for_status()
@@ -133,7 +143,7 @@ def _logs(api: str, flow_run_id: str) -> list[str]:
 
 def test_lifecycle_runs_each_site_on_its_own_pool(stack: dict[str, Any]) -> None:
     process = _quorum_run(stack, stack["config"], "pool-job-1")
-    out, err = process.communicate(timeout=600)
+    out, err = _finish(stack, process)
     api = stack["stack"].prefect_url
     sessions = _flow_runs(api, "pool-job-1")
     config = load_federation(stack["config"])
@@ -159,7 +169,7 @@ def test_job_finishes_when_a_site_worker_is_killed_mid_job(stack: dict[str, Any]
     worker = stack["stack"].service("worker-beta")
     os.killpg(worker.pid(), signal.SIGKILL)
 
-    out, err = process.communicate(timeout=600)
+    out, err = _finish(stack, process)
     manifests = [json.loads((store / f"{r:04d}" / "manifest.json").read_text()) for r in range(1, 7)]
 
     assert process.returncode == 0, err + out
@@ -172,7 +182,7 @@ def test_a_site_without_worker_fails_the_job_with_a_clear_message(stack: dict[st
     config_path = _federation(stack["root"], *_ports(stack), rounds=2, min_sites=2, name="strict.yaml", start_s=20)
     process = _quorum_run(stack, config_path, "pool-job-3")
 
-    _out, err = process.communicate(timeout=600)
+    _out, err = _finish(stack, process)
 
     assert process.returncode != 0
     assert "site beta did not answer" in err and "prefect worker start --pool site-beta" in err
@@ -182,3 +192,27 @@ def test_a_site_without_worker_fails_the_job_with_a_clear_message(stack: dict[st
 def _ports(stack: dict[str, Any]) -> tuple[int, int]:
     config = load_federation(stack["config"])
     return config.deployment.prefect_port, config.deployment.mlflow_port
+
+
+def test_no_canary_leaves_the_sites_in_pool_mode(stack: dict[str, Any]) -> None:
+    # runs last: after every job of this module, on everything they wrote
+    config = load_federation(stack["config"])
+    state = StateLayout(config.state_dir)
+    services = stack["stack"].folder
+    canaries = planted_canaries(config)
+    stores = [
+        state.mlflow_db,
+        state.mlflow_artifacts,
+        state.artifacts,
+        state.audit_log,
+        state.prefect_home / "prefect.db",
+        *(services / f"{name}.log" for name in ("prefect-server", "mlflow-server", *(f"worker-{s}" for s in SITES))),
+    ]
+
+    found = scan([stack["root"]], canaries, skip=[site.root for site in config.sites])
+    printed = [hit for index, text in enumerate(stack["outputs"]) for hit in scan_text(text, f"run {index}", canaries)]
+
+    assert [str(place) for place in stores if not found.covers(place)] == []
+    assert len(stack["outputs"]) == 3  # every `quorum run` of this module
+    assert found.hits == (), found.report()
+    assert printed == []

@@ -41,7 +41,7 @@ def test_resume_continues_after_the_last_completed_round(tmp_path: Path, prefect
     dying = DyingRunner(first.config, die_at=3)
     with pytest.raises(CoordinatorKilled):
         run_lifecycle(first, dying, keys[:2])
-    rounds = first.store.path("jobs/job-resume/rounds")
+    rounds = first.store.checkout("jobs/job-resume/rounds")
     stamps = {p.name: p.stat().st_mtime_ns for p in rounds.glob("*/global.npz")}
 
     again = load_context(str(config_path), str(governance_path), "job-resume")

@@ -362,7 +362,7 @@ def test_secure_aggregation_over_the_pool_exchange_survives_a_site_that_drops_af
 
 def _requests(runner: Any) -> list[dict[str, Any]]:
     """Every request the coordinator posted in this job, oldest first."""
-    folder = runner.exchange.store.path(f"jobs/{runner.ctx.job_id}/requests")
+    folder = runner.exchange.store.checkout(f"jobs/{runner.ctx.job_id}/requests")
     return [json.loads(p.read_text()) for p in sorted(folder.glob("0*.json"))]
 
 
