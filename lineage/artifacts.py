@@ -164,6 +164,12 @@ class LocalArtifactStore(ArtifactStore):
     def checkout(self, prefix: str) -> Path:
         return self._path(prefix)
 
+    def publish(self, prefix: str, folder: Path) -> list[str]:
+        """A checkout is the store's own folder: publishing it back has nothing to copy (or hash)."""
+        if folder.resolve() == self._path(prefix):
+            return self.list_keys(prefix)
+        return super().publish(prefix, folder)
+
     def path(self, key: str) -> Path:
         """A local path for tools that need one (signing, MLflow)."""
         return self._path(key)
