@@ -98,16 +98,17 @@ def refusal(exc: BaseException, *, what: str, bucket: str, endpoint: str, locati
         if isinstance(err, NoCredentialsError | PartialCredentialsError):
             return StoreAccessDenied(
                 f"no usable AWS credentials to {what} ({err})",
-                fix="give this site's worker its own credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                "or AWS_PROFILE (with AWS_SHARED_CREDENTIALS_FILE)",
+                fix="at a site, set sites.<id>.aws_credentials_file in the federation config to the site's own "
+                "credentials file; for the coordinator, export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE) before `quorum up` / `quorum run`",
             )
         if isinstance(err, ClientError):
             code = error_code(err)
             if code == "NoSuchBucket":
                 return BucketMissing(
                     f"bucket {bucket!r} does not exist at {endpoint} (trying to {what})",
-                    fix=f"ask the operator to create it, check the store URL {location}, "
-                    "or call ensure_bucket() on a dev endpoint",
+                    fix=f"check the store URL {location}; create the bucket (on a dev endpoint such as "
+                    "MinIO, `quorum up` creates it)",
                 )
             if code in _DENIED_CODES:
                 return StoreAccessDenied(
