@@ -170,10 +170,6 @@ class LocalArtifactStore(ArtifactStore):
             return self.list_keys(prefix)
         return super().publish(prefix, folder)
 
-    def path(self, key: str) -> Path:
-        """A local path for tools that need one (signing, MLflow)."""
-        return self._path(key)
-
 
 def file_sha256(path: Path) -> str:
     return file_digest(path, "sha256")
