@@ -5,7 +5,7 @@ and 6 string categorical columns of 3 to 50 categories; 7 columns shifted in the
 written once to Parquet. Each contender then runs in its own fresh process that loads the windows,
 resets the kernel's peak-RSS mark (``/proc/self/clear_refs``) and times one call:
 
-- ``check_drift``: ``evaluation.drift.check_drift`` as a site runs it (no HTML report unless
+- ``check_drift``: ``quorum.evaluation.drift.check_drift`` as a site runs it (no HTML report unless
   ``--html``), i.e. column checks, the statistics, and the per-column notes;
 - ``scipy``: the same per-column statistics computed with scipy directly, with the method Evidently
   picks at this size (over 1000 reference rows: Wasserstein distance normed by the reference's
@@ -83,8 +83,8 @@ def make_windows(rows: int, folder: Path) -> None:
 
 
 def run_check_drift(reference: Any, current: Any, html_dir: Path | None) -> dict[str, float]:
-    from configs.schema import DriftConfig
-    from evaluation.drift import check_drift
+    from quorum.configs.schema import DriftConfig
+    from quorum.evaluation.drift import check_drift
 
     summary = check_drift(
         reference,
@@ -153,7 +153,7 @@ def child(name: str, folder: Path) -> None:
         import evidently.metrics
         import evidently.presets  # noqa: F401
 
-        import evaluation.drift  # noqa: F401
+        import quorum.evaluation.drift  # noqa: F401
 
         html_dir = folder / "html" if name == "check_drift+html" else None
         work = lambda: run_check_drift(reference, current, html_dir)  # noqa: E731

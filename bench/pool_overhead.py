@@ -37,8 +37,8 @@ def _free_port() -> int:
 
 
 def _rounds(runner, config, fingerprints, side_by_side: bool) -> list[float]:  # type: ignore[no-untyped-def]
-    from flows.tuning import start_weights
-    from tasks.aggregate import fedavg
+    from quorum.flows.tuning import start_weights
+    from quorum.tasks.aggregate import fedavg
 
     weights, _ = start_weights(config, fingerprints)
     overheads = []
@@ -56,8 +56,8 @@ def _rounds(runner, config, fingerprints, side_by_side: bool) -> list[float]:  #
 def _local(config_path: Path, governance_path: Path) -> tuple[float, list[float]]:
     from prefect import flow
 
-    from flows.context import load_context
-    from flows.runners import LocalRunner
+    from quorum.flows.context import load_context
+    from quorum.flows.runners.local import LocalRunner
 
     @flow(name="bench-local")
     def job() -> tuple[float, list[float]]:
@@ -72,8 +72,8 @@ def _local(config_path: Path, governance_path: Path) -> tuple[float, list[float]
 
 
 def _pool(config_path: Path, governance_path: Path) -> tuple[float, list[float]]:
-    from flows.context import load_context
-    from flows.pool import PoolRunner
+    from quorum.flows.context import load_context
+    from quorum.flows.runners.pool import PoolRunner
 
     ctx = load_context(str(config_path), str(governance_path), "bench-pool-job")
     runner = PoolRunner(ctx, str(config_path))
@@ -88,10 +88,10 @@ def _pool(config_path: Path, governance_path: Path) -> tuple[float, list[float]]
 
 def _with_stack(config_path: Path, governance_path: Path) -> tuple[tuple[float, list[float]], ...]:
     """One real Prefect server for both runners (Prefect binds its API address at first import)."""
-    from configs.schema import load_federation
-    from flows.deployments import render, write
-    from flows.stack import Stack, deploy
-    from lineage.state import StateLayout
+    from quorum.configs.schema import load_federation
+    from quorum.infra.deployments import render, write
+    from quorum.infra.stack import Stack, deploy
+    from quorum.lineage.state import StateLayout
 
     config = load_federation(config_path)
     state = StateLayout(config.state_dir).ensure()

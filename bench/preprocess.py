@@ -7,9 +7,9 @@ columns (``name``, ``email``) that the site drops (or hashes, with ``--pii-mode 
 
 Each measurement runs in a fresh Python process, so peak memory is that step's own:
 (a) pandas alone: ``pd.read_csv(path)``;
-(b) contract: what ``preprocess`` does up to the verdict: ``tasks.data.read_table``, PII removal and
-    ``tasks.contract.validate_contract`` (Great Expectations, the full result written at the site);
-(c) preprocess: ``tasks.site.preprocess_site``: (b), then cleaning, the stratified split, feature
+(b) contract: what ``preprocess`` does up to the verdict: ``quorum.tasks.data.read_table``, PII removal and
+    ``quorum.tasks.contract.validate_contract`` (Great Expectations, the full result written at the site);
+(c) preprocess: ``quorum.tasks.site.preprocess_site``: (b), then cleaning, the stratified split, feature
     moments, the Parquet outputs and their DVC hash.
 Time is the step alone (imports, including Great Expectations', are reported separately); peak memory is
 the process's peak resident set (``resource.getrusage``), imports included. The data is generated in a
@@ -98,11 +98,11 @@ def child(step: str, config_path: Path) -> dict[str, float]:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
         import great_expectations  # noqa: F401  (its import cost is reported apart from the step)
 
-        from configs.schema import load_federation
-        from tasks.contract import validate_contract
-        from tasks.data import read_table
-        from tasks.pii import protect_pii
-        from tasks.site import preprocess_site
+        from quorum.configs.schema import load_federation
+        from quorum.tasks.contract import validate_contract
+        from quorum.tasks.data import read_table
+        from quorum.tasks.pii import protect_pii
+        from quorum.tasks.site import preprocess_site
 
         config = load_federation(config_path)
         site = config.site("site")

@@ -2,8 +2,8 @@
 
 (a) A model folder of 1 GiB of random bytes (8 files of 128 MiB, numpy seed 0) in a temp folder.
     Timed on the same files in the same run, page cache warm for all (one untimed read first):
-    ``lineage.signing.sign_model`` and ``verify_signature`` (OpenSSF model-signing, sha256 per file),
-    ``lineage.provenance.build_statement`` (our own subject digests, re-computed at every verify),
+    ``quorum.lineage.signing.sign_model`` and ``verify_signature`` (OpenSSF model-signing, sha256 per file),
+    ``quorum.lineage.provenance.build_statement`` (our own subject digests, re-computed at every verify),
     and coreutils ``sha256sum`` over the same files, once sequentially and once with one process per
     CPU. Throughput in MB/s (10^6 bytes per second); ratio = throughput / sequential sha256sum.
 (b) Mean time to roll back: a tiny federation (3 sites, 2 rounds) where v1 and then v2 were promoted.
@@ -77,9 +77,9 @@ def sha256sum(files: list[Path], processes: int) -> None:
 
 
 def bench_signing(repeats: int) -> None:
-    from lineage.keys import generate_key_pair
-    from lineage.provenance import BuildFacts, build_statement
-    from lineage.signing import sign_model, verify_signature
+    from quorum.lineage.keys import generate_key_pair
+    from quorum.lineage.provenance import BuildFacts, build_statement
+    from quorum.lineage.signing import sign_model, verify_signature
 
     model, signature = WORK / "model", WORK / "signatures" / "ann.sig"
     files = write_model(model)
@@ -106,12 +106,12 @@ def bench_signing(repeats: int) -> None:
 
 
 def bench_rollback() -> None:
-    from flows.context import load_context
-    from flows.deploy import deploy_flow, read_deployment
-    from flows.governance import rollback_flow
-    from flows.lifecycle import lifecycle
-    from flows.promote import promote_approved
-    from lineage.tracking import CHAMPION, alias_version
+    from quorum.flows.context import load_context
+    from quorum.flows.deploy import deploy_flow, read_deployment
+    from quorum.flows.governance import rollback_flow
+    from quorum.flows.lifecycle import lifecycle
+    from quorum.flows.promote import promote_approved
+    from quorum.lineage.tracking import CHAMPION, alias_version
     from tests.federation import write_federation, write_governance
 
     root = WORK / "federation"

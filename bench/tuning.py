@@ -4,10 +4,11 @@ The fixed workload: 8 sites x 5,000 rows x 32 float32 features (numpy seed 0; si
 4 features by 0.25 * i; label = 1 if x @ w + 0.5 * noise > 0, w from seed 42), 20% held out per site;
 MLP 32-64-64-1, SGD lr 0.05, batch 64, 1 local epoch, 10 rounds of FedAvg with every site, 1 thread.
 
-(a) Quorum: ``tasks.training.train_local`` per site and ``tasks.aggregate.fedavg`` per round, the
+(a) Quorum: ``quorum.tasks.training.train_local`` per site and ``quorum.tasks.aggregate.fedavg`` per round, the
     functions the LocalRunner's tasks call, run sequentially without Prefect.
     With ``--prefect``, also the site work as the runners call it on processed site folders:
-    ``tasks.site.train_site`` sequentially (site split cached after its first read), then the real ``LocalRunner``
+    ``quorum.tasks.site.train_site`` sequentially (site split cached after its first read), then the real
+    ``LocalRunner``
     inside a Prefect flow (starts a temporary Prefect server: slow to start, so it is opt-in), each run
     next to a run of (b), so their ratio is taken under the same machine load.
 (b) Plain torch: the same rounds with state dicts, ``torch.randperm`` and in-place averaging.
@@ -40,10 +41,10 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from configs.schema import FederationConfig
-from tasks.aggregate import fedavg
-from tasks.model import ScaledMLP, Weights, initial_weights
-from tasks.training import LocalTrainingConfig, predict_scores, train_local
+from quorum.configs.schema import FederationConfig
+from quorum.tasks.aggregate import fedavg
+from quorum.tasks.model import ScaledMLP, Weights, initial_weights
+from quorum.tasks.training import LocalTrainingConfig, predict_scores, train_local
 
 SITES, ROWS, FEATURES, SHIFTED, TEST_FRACTION = 8, 5_000, 32, 4, 0.2
 HIDDEN = (64, 64)
@@ -170,8 +171,8 @@ def prefect_rounds(sites: list[tuple[Split, Split]], repeats: int) -> dict[str, 
     os.environ.pop("PREFECT_API_URL", None)
     from prefect import flow
 
-    from flows.runners import LocalRunner
-    from tasks.site import train_site
+    from quorum.flows.runners.local import LocalRunner
+    from quorum.tasks.site import train_site
 
     config, site_ids = _site_folders(root, sites)
     start_weights = initial_weights(FEATURES, HIDDEN, np.zeros(FEATURES), np.ones(FEATURES), seed=0)
@@ -230,8 +231,8 @@ def _site_folders(root: Path, sites: list[tuple[Split, Split]]) -> tuple[Federat
     """Processed site folders as ``preprocess_site`` leaves them, and a federation config over them."""
     import pandas as pd
 
-    from configs.schema import FederationConfig
-    from tasks.site import TEST_FILE, TRAIN_FILE
+    from quorum.configs.schema import FederationConfig
+    from quorum.tasks.site import TEST_FILE, TRAIN_FILE
 
     names = [f"f{i:02d}" for i in range(FEATURES)]
     site_ids = [f"site-{i}" for i in range(SITES)]
@@ -290,7 +291,7 @@ def measure(work: Callable[[], object]) -> tuple[float, int]:
 
 
 def aggregation_figures(rules: Sequence[str]) -> None:
-    from tasks.strategies import aggregate
+    from quorum.tasks.strategies import aggregate
 
     replies = big_updates()
     model_bytes = AGG_PARAMS * 4
@@ -299,7 +300,7 @@ def aggregation_figures(rules: Sequence[str]) -> None:
     for rule in rules:
 
         def work(rule: str = rule) -> object:
-            if rule == "fedavg":  # tasks.aggregate.fedavg itself, as the round loop calls it today
+            if rule == "fedavg":  # quorum.tasks.aggregate.fedavg itself, as the round loop calls it today
                 return fedavg(replies)
             return aggregate(rule, replies, trim_fraction=0.125, num_byzantine=1, multi_krum_m=3)  # type: ignore[arg-type]
 

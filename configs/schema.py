@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from configs.errors import ConfigError, UnknownSite
+from quorum.configs.errors import ConfigError, UnknownSite
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
 M = TypeVar("M", bound=BaseModel)
@@ -229,12 +229,12 @@ class TrainingConfig(BaseModel):
         return 1.0 if self.server_optimizer in ("fedavg", "fedavgm") else 0.01
 
     def sites_per_round(self, num_sites: int) -> int:
-        """How many sites a round asks (``tasks.strategies.sample_sites`` draws exactly this many)."""
+        """How many sites a round asks (``quorum.tasks.strategies.sample_sites`` draws exactly this many)."""
         return min(num_sites, max(self.min_sites, math.ceil(self.sample_fraction * num_sites)))
 
 
 class GatePolicy(BaseModel):
-    """Thresholds ``evaluation.gates.decide`` applies; ``None`` switches a gate off."""
+    """Thresholds ``quorum.evaluation.gates.decide`` applies; ``None`` switches a gate off."""
 
     model_config = _FROZEN
 

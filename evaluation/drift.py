@@ -1,10 +1,10 @@
 """Data and prediction drift per site, and the federation-wide decision to retrain.
 
 Each site compares its current window with its reference window, column by column, with the
-tests Evidently picks by default (``evaluation.drift_stats`` computes them directly, which is
+tests Evidently picks by default (``quorum.evaluation.drift_stats`` computes them directly, which is
 several times faster than running Evidently's report). Only statistics, column names and counts
 leave the site (a ``DriftSummary``); Evidently's full HTML report, which shows distributions and
-therefore data, is written next to the site's data and stays there (``evaluation.drift_report``).
+therefore data, is written next to the site's data and stays there (``quorum.evaluation.drift_report``).
 The verdicts (``site_is_drifting``, ``retrain_decision``) are pure so the coordinator can apply
 them to summaries without Evidently, pandas data or network access.
 
@@ -24,9 +24,9 @@ from typing import Any, TypeGuard
 import numpy as np
 import pandas as pd
 
-from configs.errors import ReplyRejected, SiteDataError, ToolError
-from configs.schema import DriftConfig
-from evaluation.drift_stats import Kind, column_test
+from quorum.configs.errors import ReplyRejected, SiteDataError, ToolError
+from quorum.configs.schema import DriftConfig
+from quorum.evaluation.drift_stats import Kind, column_test
 
 PREDICTION_COLUMN = "prediction"
 REPORT_FILENAME = "drift_report.html"
@@ -292,7 +292,7 @@ def check_drift(
     both windows) is skipped and listed in ``problems`` so one bad column does not hide
     drift in the others; only when nothing is left to compare does the check fail.
 
-    The statistics are Evidently's default tests computed directly (``evaluation.drift_stats``),
+    The statistics are Evidently's default tests computed directly (``quorum.evaluation.drift_stats``),
     one column at a time so at most one column's values are copied at once. Evidently itself runs
     only for the HTML report, written to ``report_dir`` when one is given and ``config.html_report``
     is on, and its verdicts must then agree with ours.
@@ -308,7 +308,7 @@ def check_drift(
     rows = (len(reference), len(current))
     prediction, scores, score_problems = _prediction_drift(kinds, reference_scores, current_scores, rows)
     if report_dir is not None and config.html_report:
-        from evaluation.drift_report import write_html_report
+        from quorum.evaluation.drift_report import write_html_report
 
         expected = features if prediction is None else (*features, prediction)
         write_html_report(

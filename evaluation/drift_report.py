@@ -3,7 +3,7 @@
 The report shows distributions, so it never leaves the site. It is the expensive part of a drift
 check (Evidently computes each column's test three times and draws a figure per column), so it
 runs only when asked (``drift.html_report`` and a report folder). Because the summary's statistics
-come from ``evaluation.drift_stats`` and the page from Evidently, the two are compared here: a
+come from ``quorum.evaluation.drift_stats`` and the page from Evidently, the two are compared here: a
 report that contradicts the summary a site sent would be worse than no report.
 
 Evidently is imported inside ``write_html_report`` only: its import takes seconds.
@@ -21,9 +21,9 @@ from typing import Any
 
 import pandas as pd
 
-from configs.errors import ToolError
-from configs.schema import DriftConfig
-from evaluation.drift import (
+from quorum.configs.errors import ToolError
+from quorum.configs.schema import DriftConfig
+from quorum.evaluation.drift import (
     PREDICTION_COLUMN,
     REPORT_FILENAME,
     FeatureDrift,
@@ -31,7 +31,7 @@ from evaluation.drift import (
     summary_from_report,
     value_drifts,
 )
-from evaluation.drift_stats import Kind
+from quorum.evaluation.drift_stats import Kind
 
 
 def write_html_report(

@@ -5,7 +5,7 @@ table and a ValueDrift per column) and builds a plotly figure per column; on a m
 is over ten times the statistics themselves. The summary that leaves a site needs only the
 statistics, so they are computed here with the method Evidently would pick and the exact formula
 of its ``stattests`` modules (Evidently 0.7), and Evidently runs only to write the HTML report.
-When it does, ``evaluation.drift`` compares its verdicts with these and refuses to disagree.
+When it does, ``quorum.evaluation.drift`` compares its verdicts with these and refuses to disagree.
 
 The method depends on the reference size and the number of distinct values, as in Evidently's
 ``_get_default_stattest``: up to 1000 reference rows a test with a p-value (K-S, chi-square, or a

@@ -11,9 +11,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from configs.schema import GatePolicy
-from evaluation.metrics import BinaryCounts, accuracy, auc
-from evaluation.report import EvaluationReport, SiteEvaluation, fairness_gaps
+from quorum.configs.schema import GatePolicy
+from quorum.evaluation.metrics import BinaryCounts, accuracy, auc
+from quorum.evaluation.report import EvaluationReport, SiteEvaluation, fairness_gaps
 
 _FAILED_RELATION = {">=": "<", "<=": ">"}
 _TAG_UNSAFE = re.compile(r"[^\w.\-]+")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from evaluation.metrics import BinaryCounts, merge, recall, selection_rate, summarize
+from quorum.evaluation.metrics import BinaryCounts, merge, recall, selection_rate, summarize
 
 
 @dataclass(frozen=True)

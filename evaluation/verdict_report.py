@@ -12,9 +12,9 @@ import html
 import io
 import math
 
-from configs.schema import GatePolicy
-from evaluation.gates import Verdict
-from evaluation.report import EvaluationReport
+from quorum.configs.schema import GatePolicy
+from quorum.evaluation.gates import Verdict
+from quorum.evaluation.report import EvaluationReport
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }

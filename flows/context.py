@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from configs.schema import FederationConfig, GovernanceConfig, load_federation, load_governance
-from lineage.artifacts import ArtifactStore, federation_store
-from lineage.audit import AuditLog
-from lineage.state import StateLayout, configure_environment
-from lineage.tracking import Tracker, open_tracker
+from quorum.configs.schema import FederationConfig, GovernanceConfig, load_federation, load_governance
+from quorum.lineage.artifacts import ArtifactStore, federation_store
+from quorum.lineage.audit import AuditLog
+from quorum.lineage.state import StateLayout, configure_environment
+from quorum.lineage.tracking import Tracker, open_tracker
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from configs.errors import ChampionError, SignatureError
-from configs.schema import SiteConfig
-from flows.context import JobContext, load_context
-from lineage.provenance import provenance_digest
-from lineage.registry import fetch_files, install_verified, load_weights
-from lineage.tracking import CHAMPION, alias_version
+from quorum.configs.errors import ChampionError, SignatureError
+from quorum.configs.schema import SiteConfig
+from quorum.flows.context import JobContext, load_context
+from quorum.lineage.provenance import provenance_digest
+from quorum.lineage.registry import fetch_files, install_verified, load_weights
+from quorum.lineage.tracking import CHAMPION, alias_version
 
 DEPLOYED_DIR = "deployed"
 RECORD_FILE = "champion.json"

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field, replace
 
 from prefect import flow, get_run_logger
 
-from configs.errors import NotDeployed, QuorumError, ReplyRejected
-from configs.schema import FederationConfig, load_federation
-from evaluation.drift import DriftSummary, retrain_decision, site_is_drifting
-from lineage.artifacts import ArtifactStore, federation_store
-from lineage.audit import AuditEntry, AuditLog
-from lineage.state import StateLayout
+from quorum.configs.errors import NotDeployed, QuorumError, ReplyRejected
+from quorum.configs.schema import FederationConfig, load_federation
+from quorum.evaluation.drift import DriftSummary, retrain_decision, site_is_drifting
+from quorum.lineage.artifacts import ArtifactStore, federation_store
+from quorum.lineage.audit import AuditEntry, AuditLog
+from quorum.lineage.state import StateLayout
 
 LIFECYCLE_DEPLOYMENT = "lifecycle/lifecycle"
 MONITORING = "monitoring"
@@ -133,7 +133,7 @@ def start_lifecycle(reason: str, drifting: Sequence[str], evidence: Mapping[str,
 
 def _check_sites(config_path: str, governance_path: str, site_ids: Sequence[str]) -> dict[str, str]:
     """Run every site's monitor flow here; a site that cannot be checked is reported, not fatal."""
-    from flows.site_flows import monitor_site_flow
+    from quorum.flows.site_flows import monitor_site_flow
 
     failures = {}
     for site_id in site_ids:

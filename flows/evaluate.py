@@ -6,16 +6,16 @@ from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 
-from configs.errors import NotEnoughSites
-from evaluation.gates import Verdict, decide
-from evaluation.report import EvaluationReport, SiteEvaluation
-from evaluation.verdict_report import verdict_html
-from flows.context import JobContext
-from flows.runners import SiteFailure, SiteRunner
-from lineage.registry import load_verified_weights
-from lineage.tracking import CHAMPION, alias_version
-from tasks.model import Weights
-from tasks.site import DataFingerprint
+from quorum.configs.errors import NotEnoughSites
+from quorum.evaluation.gates import Verdict, decide
+from quorum.evaluation.report import EvaluationReport, SiteEvaluation
+from quorum.evaluation.verdict_report import verdict_html
+from quorum.flows.context import JobContext
+from quorum.flows.runners.local import SiteFailure, SiteRunner
+from quorum.lineage.registry import load_verified_weights
+from quorum.lineage.tracking import CHAMPION, alias_version
+from quorum.tasks.model import Weights
+from quorum.tasks.site import DataFingerprint
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,16 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import transaction
 
-from configs.errors import ChampionError, NotPermitted
-from configs.schema import GovernanceConfig
-from flows.context import JobContext
-from flows.promote import move_champion_alias
-from lineage.audit import AuditEntry
-from lineage.keys import approver_for_private_key
-from lineage.provenance import provenance_digest
-from lineage.registry import model_key, verify_version
-from lineage.signing import QuorumResult, today_utc
-from lineage.tracking import CHAMPION, alias_version, set_version_tags, version_tags
+from quorum.configs.errors import ChampionError, NotPermitted
+from quorum.configs.schema import GovernanceConfig
+from quorum.flows.context import JobContext
+from quorum.flows.promote import move_champion_alias
+from quorum.lineage.audit import AuditEntry
+from quorum.lineage.keys import approver_for_private_key
+from quorum.lineage.provenance import provenance_digest
+from quorum.lineage.registry import model_key, verify_version
+from quorum.lineage.signing import QuorumResult, today_utc
+from quorum.lineage.tracking import CHAMPION, alias_version, set_version_tags, version_tags
 
 ROLLED_BACK = "rolled_back"
 

@@ -14,17 +14,17 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 
-from flows.context import JobContext, git_commit, load_context
-from flows.evaluate import EvaluationResult, evaluate_flow
-from flows.jobs import JobRecord, load_job, save_job
-from flows.monitor import MonitorResult, monitor_flow
-from flows.preprocess import PreprocessResult, preprocess_flow
-from flows.promote import PromotionResult, promote_flow
-from flows.runners import LocalRunner, SiteRunner
-from flows.tuning import TuningResult, tune_flow
-from lineage.keys import approver_for_private_key
-from lineage.provenance import SiteEvidence
-from tasks.features import feature_names
+from quorum.flows.context import JobContext, git_commit, load_context
+from quorum.flows.evaluate import EvaluationResult, evaluate_flow
+from quorum.flows.monitor import MonitorResult, monitor_flow
+from quorum.flows.preprocess import PreprocessResult, preprocess_flow
+from quorum.flows.promote import PromotionResult, promote_flow
+from quorum.flows.runners.jobs import JobRecord, load_job, save_job
+from quorum.flows.runners.local import LocalRunner, SiteRunner
+from quorum.flows.tuning import TuningResult, tune_flow
+from quorum.lineage.keys import approver_for_private_key
+from quorum.lineage.provenance import SiteEvidence
+from quorum.tasks.features import feature_names
 
 CODE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,7 +79,7 @@ def _lineage_tags(ctx: JobContext, prep: PreprocessResult, commit: str, run_id: 
 
 def _unchanged_champion(ctx: JobContext, prep: PreprocessResult) -> str | None:
     """The champion's version when it was trained on exactly these sites' data and this config."""
-    from lineage.staleness import champion_tags, changes_since
+    from quorum.lineage.staleness import champion_tags, changes_since
 
     version, tags = champion_tags(ctx.tracker, ctx.config.model_name)
     if version is None:
@@ -229,7 +229,7 @@ def lifecycle(
     ctx = load_context(config_path, governance_path, job_id)
     site_runner: SiteRunner
     if runner == "pool":
-        from flows.pool import PoolRunner
+        from quorum.flows.runners.pool import PoolRunner
 
         site_runner = PoolRunner(ctx, str(ctx.config.source))
     else:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 
-from evaluation.drift import DriftSummary, retrain_decision
-from flows.context import JobContext
-from flows.runners import SiteFailure, SiteRunner
-from lineage.registry import load_verified_weights
-from lineage.tracking import CHAMPION, alias_version
+from quorum.evaluation.drift import DriftSummary, retrain_decision
+from quorum.flows.context import JobContext
+from quorum.flows.runners.local import SiteFailure, SiteRunner
+from quorum.lineage.registry import load_verified_weights
+from quorum.lineage.tracking import CHAMPION, alias_version
 
 
 @dataclass(frozen=True)

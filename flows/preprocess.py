@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 
-from configs.errors import NotEnoughSites, ToolError
-from configs.schema import FederationConfig
-from flows.runners import SiteFailure, SiteRunner
-from lineage import dvc
-from tasks.site import DataFingerprint
+from quorum.configs.errors import NotEnoughSites, ToolError
+from quorum.configs.schema import FederationConfig
+from quorum.flows.runners.local import SiteFailure, SiteRunner
+from quorum.lineage import dvc
+from quorum.tasks.site import DataFingerprint
 
 
 @dataclass(frozen=True)

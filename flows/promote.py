@@ -18,14 +18,14 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction, transaction
 
-from configs.errors import GateFailed
-from evaluation.gates import Verdict
-from flows.context import JobContext
-from lineage.provenance import BuildFacts, SiteEvidence, build_statement, provenance_digest, write_provenance
-from lineage.registry import fetch_files, model_key, sign_version, signatures_key, verify_version
-from lineage.signing import QuorumResult, check_quorum
-from lineage.tracking import CANDIDATE, CHAMPION, alias_version, log_model, register, set_alias, set_version_tags
-from tasks.model import Weights, model_from_weights
+from quorum.configs.errors import GateFailed
+from quorum.evaluation.gates import Verdict
+from quorum.flows.context import JobContext
+from quorum.lineage.provenance import BuildFacts, SiteEvidence, build_statement, provenance_digest, write_provenance
+from quorum.lineage.registry import fetch_files, model_key, sign_version, signatures_key, verify_version
+from quorum.lineage.signing import QuorumResult, check_quorum
+from quorum.lineage.tracking import CANDIDATE, CHAMPION, alias_version, log_model, register, set_alias, set_version_tags
+from quorum.tasks.model import Weights, model_from_weights
 
 
 @dataclass(frozen=True)

@@ -14,19 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-from configs.errors import ChampionError, ConfigError, NotEnoughSites
-from configs.schema import FederationConfig, TrainingConfig
-from flows.context import JobContext
-from flows.runners import Reply, SecAggRound, SiteFailure, SiteRunner
-from lineage.registry import load_verified_weights
-from lineage.tracking import CHAMPION, alias_version
-from tasks.model import Weights
-from tasks.privacy import PrivacyAccountant, private_mean
-from tasks.replies import validate_masked_reply, validate_reply
-from tasks.secagg import add_mean_delta, secure_sum
-from tasks.site import SiteUpdate
-from tasks.site_secagg import MaskedUpdate
-from tasks.strategies import (
+from quorum.configs.errors import ChampionError, ConfigError, NotEnoughSites
+from quorum.configs.schema import FederationConfig, TrainingConfig
+from quorum.flows.context import JobContext
+from quorum.flows.runners.local import Reply, SecAggRound, SiteFailure, SiteRunner
+from quorum.lineage.registry import load_verified_weights
+from quorum.lineage.tracking import CHAMPION, alias_version
+from quorum.tasks.model import Weights
+from quorum.tasks.privacy import PrivacyAccountant, private_mean
+from quorum.tasks.replies import validate_masked_reply, validate_reply
+from quorum.tasks.secagg import add_mean_delta, secure_sum
+from quorum.tasks.site import SiteUpdate
+from quorum.tasks.site_secagg import MaskedUpdate
+from quorum.tasks.strategies import (
     ServerOptimizerState,
     aggregate,
     keep_fixed,

@@ -12,12 +12,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from configs.errors import ContractFailed
-from configs.schema import load_federation, load_governance
-from flows.site_session import check_site_root
-from lineage.artifacts import federation_store
-from lineage.state import StateLayout
-from tasks import site as site_work
+from quorum.configs.errors import ContractFailed
+from quorum.configs.schema import load_federation, load_governance
+from quorum.flows.runners.site_session import check_site_root
+from quorum.lineage.artifacts import federation_store
+from quorum.lineage.state import StateLayout
+from quorum.tasks import site as site_work
 
 
 @flow(name="site-preprocess")
@@ -44,8 +44,8 @@ def preprocess_site_flow(config_path: str, site_id: str) -> dict[str, Any]:
 @flow(name="site-monitor")
 def monitor_site_flow(config_path: str, governance_path: str, site_id: str) -> dict[str, Any]:
     """Drift of this site's current window against its training snapshot, scored by the verified champion."""
-    from lineage.registry import load_verified_weights
-    from lineage.tracking import CHAMPION, alias_version, open_tracker
+    from quorum.lineage.registry import load_verified_weights
+    from quorum.lineage.tracking import CHAMPION, alias_version, open_tracker
 
     config = load_federation(config_path)
     check_site_root(config, site_id)

@@ -3,7 +3,7 @@
 configure (which sites, which weights) -> dispatch -> validate replies -> aggregate -> evaluate,
 with each round's global weights and metrics checkpointed in the artifact store. What each phase
 does under the configured strategy, aggregation rule, sampling, secure aggregation or differential
-privacy is chosen in ``flows.rounds``; the maths lives in ``tasks``.
+privacy is chosen in ``quorum.flows.rounds``; the maths lives in ``tasks``.
 """
 
 from __future__ import annotations
@@ -13,18 +13,18 @@ from dataclasses import dataclass
 import numpy as np
 from prefect import flow, get_run_logger
 
-from configs.schema import FederationConfig
-from evaluation.metrics import merge, summarize
-from evaluation.report import SiteEvaluation
-from flows import rounds
-from flows.context import JobContext
-from flows.jobs import last_checkpoint
-from flows.runners import SecAggRound, SiteFailure, SiteRunner
-from tasks.aggregate import weighted_loss_avg
-from tasks.features import feature_names, merge_moments
-from tasks.model import Weights, initial_weights
-from tasks.site import DataFingerprint
-from tasks.strategies import ServerOptimizerState, sample_sites, trainable_tensors
+from quorum.configs.schema import FederationConfig
+from quorum.evaluation.metrics import merge, summarize
+from quorum.evaluation.report import SiteEvaluation
+from quorum.flows import rounds
+from quorum.flows.context import JobContext
+from quorum.flows.runners.jobs import last_checkpoint
+from quorum.flows.runners.local import SecAggRound, SiteFailure, SiteRunner
+from quorum.tasks.aggregate import weighted_loss_avg
+from quorum.tasks.features import feature_names, merge_moments
+from quorum.tasks.model import Weights, initial_weights
+from quorum.tasks.site import DataFingerprint
+from quorum.tasks.strategies import ServerOptimizerState, sample_sites, trainable_tensors
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The artifact store: content the coordinator and sites exchange, addressed by key, checked by sha256.
 
 Two back ends behind one interface: a local folder (the embedded default) and S3 or any
-S3-compatible service (``lineage.s3_store``). Writes are atomic, so a reader never sees half an
+S3-compatible service (``quorum.lineage.s3_store``). Writes are atomic, so a reader never sees half an
 object, and every read can be checked against the digest recorded when it was written. Tools that
 need a folder (model-signing, provenance) work on ``checkout(prefix)`` and write back with
 ``publish(prefix, folder)``; for the local store both are the store's own folder.
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from configs.errors import QuorumError
-from configs.schema import FederationConfig, StorageConfig
-from lineage.hashing import file_digest
+from quorum.configs.errors import QuorumError
+from quorum.configs.schema import FederationConfig, StorageConfig
+from quorum.tasks.hashing import file_digest
 
 
 class ArtifactMissing(QuorumError, FileNotFoundError):
@@ -183,7 +183,7 @@ def open_store(storage: StorageConfig, local_root: Path, cache: Path) -> Artifac
     """
     if storage.artifacts is None:
         return LocalArtifactStore(local_root)
-    from lineage.s3_store import S3ArtifactStore
+    from quorum.lineage.s3_store import S3ArtifactStore
 
     return S3ArtifactStore(
         storage.artifacts,
@@ -201,7 +201,7 @@ def federation_store(config: FederationConfig, site_id: str | None = None) -> Ar
     Each opener mirrors S3 objects into a cache of its own: the coordinator under its state folder,
     a site inside its own folder, so nothing a site fetches lands where another site could read it.
     """
-    from lineage.state import StateLayout
+    from quorum.lineage.state import StateLayout
 
     state = StateLayout(config.state_dir)
     cache = state.root / "cache" if site_id is None else config.site(site_id).root / ".quorum-cache"

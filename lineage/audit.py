@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from configs.errors import AuditLogError
+from quorum.configs.errors import AuditLogError
 
 GENESIS_HASH = "0" * 64
 _FIELDS: tuple[tuple[str, type], ...] = (

@@ -7,8 +7,6 @@ test pins that equality against the real ``dvc`` command. Only this hash ever le
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -18,28 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from configs.errors import ToolError
-from lineage.hashing import file_digest
+from quorum.configs.errors import ToolError
 
 STAGE = "preprocess"
-
-
-def file_md5(path: Path) -> str:
-    return file_digest(path, "md5")
-
-
-def directory_md5(folder: Path) -> str:
-    """DVC 3's digest of a directory output."""
-    entries = sorted(
-        ({"md5": file_md5(path), "relpath": path.relative_to(folder).as_posix()} for path in _files(folder)),
-        key=lambda entry: entry["relpath"],
-    )
-    payload = json.dumps(entries, sort_keys=True).encode("utf-8")
-    return hashlib.md5(payload).hexdigest() + ".dir"
-
-
-def _files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file()]
 
 
 def find_repo(path: Path) -> Path | None:

@@ -15,8 +15,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from configs.errors import ConfigError
-from configs.schema import GovernanceConfig
+from quorum.configs.errors import ConfigError
+from quorum.configs.schema import GovernanceConfig
 
 _PRIVATE_MODE = 0o600
 _PUBLIC_MODE = 0o644

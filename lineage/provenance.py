@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from configs.errors import ProvenanceError
-from lineage.hashing import file_digest
+from quorum.configs.errors import ProvenanceError
+from quorum.tasks.hashing import file_digest
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://quorum.dev/provenance/v1"

@@ -15,15 +15,15 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from configs.errors import SignatureError
-from configs.schema import GovernanceConfig
-from lineage.artifacts import ArtifactStore
-from lineage.provenance import verify_provenance
-from lineage.signing import QuorumResult, Signature, require_quorum, sign_model
-from lineage.tracking import Tracker, download_version
+from quorum.configs.errors import SignatureError
+from quorum.configs.schema import GovernanceConfig
+from quorum.lineage.artifacts import ArtifactStore
+from quorum.lineage.provenance import verify_provenance
+from quorum.lineage.signing import QuorumResult, Signature, require_quorum, sign_model
+from quorum.lineage.tracking import Tracker, download_version
 
 if TYPE_CHECKING:
-    from tasks.model import Weights
+    from quorum.tasks.model import Weights
 
 
 def model_key(name: str, version: str) -> str:
@@ -127,6 +127,6 @@ def load_weights(files: Path) -> Weights:
     """Load a model folder's weights; call only on a folder that was just verified."""
     import mlflow.pytorch
 
-    from tasks.model import get_weights
+    from quorum.tasks.model import get_weights
 
     return get_weights(mlflow.pytorch.load_model(str(files)))

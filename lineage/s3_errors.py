@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from configs.errors import ConfigError, QuorumError, ToolError
-from lineage.artifacts import check_key
+from quorum.configs.errors import ConfigError, QuorumError, ToolError
+from quorum.lineage.artifacts import check_key
 
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _TRANSIENT_CODES = frozenset(

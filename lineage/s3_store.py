@@ -20,8 +20,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from configs.errors import ConfigError
-from lineage.artifacts import (
+from quorum.configs.errors import ConfigError
+from quorum.lineage.artifacts import (
     ArtifactCorrupt,
     ArtifactMissing,
     ArtifactStore,
@@ -30,7 +30,7 @@ from lineage.artifacts import (
     file_sha256,
     sha256_bytes,
 )
-from lineage.s3_errors import (
+from quorum.lineage.s3_errors import (
     MISSING_KEY_CODES,
     BucketMissing,
     StoreAccessDenied,

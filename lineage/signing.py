@@ -24,8 +24,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from configs.errors import ConfigError, QuorumNotMet, SignatureError
-from configs.schema import Approver, GovernanceConfig
+from quorum.configs.errors import ConfigError, QuorumNotMet, SignatureError
+from quorum.configs.schema import Approver, GovernanceConfig
 
 SIGNATURE_SUFFIX = ".sig"
 _CHANGED = "model differs from what was signed"
@@ -258,7 +258,7 @@ def _quorum_problem(model_dir: Path, signature_path: Path, governance: Governanc
 
 def _shared_key_problem(approver: Approver, counted_keys: dict[str, str]) -> str | None:
     """Record the approver's key; reject if another counted approver already used the same key."""
-    from lineage.keys import public_key_fingerprint
+    from quorum.lineage.keys import public_key_fingerprint
 
     fingerprint = public_key_fingerprint(approver.public_key)
     other = counted_keys.setdefault(fingerprint, approver.name)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from lineage import dvc
-from lineage.tracking import CHAMPION, Tracker, alias_version, version_tags
+from quorum.lineage import dvc
+from quorum.lineage.tracking import CHAMPION, Tracker, alias_version, version_tags
 
 DataStatus = Literal["current", "stale", "new", "unversioned"]
 DATA_TAG = "data."

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+SITE_ROOT_ENV = "QUORUM_SITE_ROOT"  # the one data root a site worker may read
+
 
 @dataclass(frozen=True)
 class StateLayout:
@@ -55,7 +57,7 @@ def configure_environment(state: StateLayout) -> None:
     """Point Prefect and MLflow at this state folder before either is imported.
 
     Prefect reads these at import time; an explicit ``PREFECT_API_URL`` (a real server) wins. The
-    MLflow store is chosen in ``lineage.tracking.open_tracker`` (``MLFLOW_TRACKING_URI`` wins there).
+    MLflow store is chosen in ``quorum.lineage.tracking.open_tracker`` (``MLFLOW_TRACKING_URI`` wins there).
     """
     state.ensure()
     os.environ.setdefault("PREFECT_HOME", str(state.prefect_home))

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from configs.errors import ToolError
-from lineage.state import StateLayout
+from quorum.configs.errors import ToolError
+from quorum.lineage.state import StateLayout
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from configs.errors import UnknownModelVersion
-from lineage.tracking import Tracker
+from quorum.configs.errors import UnknownModelVersion
+from quorum.lineage.tracking import Tracker
 
 
 @dataclass(frozen=True)

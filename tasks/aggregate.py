@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from configs.errors import ReplyRejected
+from quorum.configs.errors import ReplyRejected
 
 Weights = list[NDArray[np.float32]]
 _SLICE = 1 << 20  # elements summed at a time: two float64 buffers of 8 MB, whatever the layer size

@@ -24,8 +24,8 @@ from typing import Any
 
 import pandas as pd
 
-from configs.errors import SiteDataError, ToolError
-from configs.schema import ContractConfig, FeatureConfig, SiteConfig
+from quorum.configs.errors import SiteDataError, ToolError
+from quorum.configs.schema import ContractConfig, FeatureConfig, SiteConfig
 
 _REPORT_NAME = "contract_result.json"
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from configs.errors import SiteDataError
+from quorum.configs.errors import SiteDataError
 
 if TYPE_CHECKING:
     import pandas as pd

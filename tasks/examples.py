@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from configs.errors import ConfigError, ToolError
+from quorum.configs.errors import ConfigError, ToolError
 
 if TYPE_CHECKING:
     import pandas as pd

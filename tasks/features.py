@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from configs.errors import SiteDataError
-from configs.schema import FeatureConfig, SiteConfig
+from quorum.configs.errors import SiteDataError
+from quorum.configs.schema import FeatureConfig, SiteConfig
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from configs.errors import ReplyRejected
-from evaluation.metrics import BinaryCounts
-from evaluation.report import SiteEvaluation
-from tasks.contract import ContractSummary
-from tasks.features import Moments
+from quorum.configs.errors import ReplyRejected
+from quorum.evaluation.metrics import BinaryCounts
+from quorum.evaluation.report import SiteEvaluation
+from quorum.tasks.contract import ContractSummary
+from quorum.tasks.features import Moments
 
 Kind = Literal["preprocess", "train", "evaluate", "monitor", "keys", "reveal", "stop"]
 KINDS: tuple[str, ...] = ("preprocess", "train", "evaluate", "monitor", "keys", "reveal", "stop")
@@ -91,7 +91,7 @@ def fingerprint_to_dict(fp: Any) -> dict[str, Any]:
 
 
 def fingerprint_from_dict(data: Mapping[str, Any]) -> Any:
-    from tasks.site import DataFingerprint
+    from quorum.tasks.site import DataFingerprint
 
     try:
         moments = data.get("moments")

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from configs.errors import SiteDataError
+from quorum.configs.errors import SiteDataError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from configs.schema import SiteConfig
+    from quorum.configs.schema import SiteConfig
 
 SALT_FILE = ".salt"
 SALT_BYTES = 32

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from numpy.typing import NDArray
 
-from configs.errors import ConfigError, ReplyRejected
+from quorum.configs.errors import ConfigError, ReplyRejected
 
 Weights = list[NDArray[np.float32]]
 

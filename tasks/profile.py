@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from configs.schema import ContractConfig, FeatureConfig, FederationConfig, SiteConfig
-from tasks.data import read_table, require_columns
-from tasks.pii import protect_pii
+from quorum.configs.schema import ContractConfig, FeatureConfig, FederationConfig, SiteConfig
+from quorum.tasks.data import read_table, require_columns
+from quorum.tasks.pii import protect_pii
 
 if TYPE_CHECKING:
     import pandas as pd

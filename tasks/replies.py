@@ -9,8 +9,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 if TYPE_CHECKING:
-    from tasks.site import SiteUpdate
-    from tasks.site_secagg import MaskedUpdate
+    from quorum.tasks.site import SiteUpdate
+    from quorum.tasks.site_secagg import MaskedUpdate
 
 MAX_EXAMPLES = 1_000_000_000
 

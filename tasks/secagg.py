@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from numpy.typing import NDArray
 
-from configs.errors import ReplyRejected
+from quorum.configs.errors import ReplyRejected
 
 Weights = list[NDArray[np.float32]]
 Masked = NDArray[np.uint64]

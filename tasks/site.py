@@ -16,19 +16,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from configs.errors import SiteDataError
-from configs.schema import FeatureConfig, FederationConfig, SiteConfig
-from evaluation.report import SiteEvaluation
-from tasks.contract import ContractSummary, validate_contract
-from tasks.data import read_table, require_columns
-from tasks.features import GROUP, LABEL, Moments, clean, schema_hash, split_train_test, to_matrix
-from tasks.pii import protect_pii
+from quorum.configs.errors import SiteDataError
+from quorum.configs.schema import FeatureConfig, FederationConfig, SiteConfig
+from quorum.evaluation.report import SiteEvaluation
+from quorum.tasks.contract import ContractSummary, validate_contract
+from quorum.tasks.data import read_table, require_columns
+from quorum.tasks.features import GROUP, LABEL, Moments, clean, schema_hash, split_train_test, to_matrix
+from quorum.tasks.hashing import directory_md5
+from quorum.tasks.pii import protect_pii
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from evaluation.drift import DriftSummary
-    from tasks.model import Weights
+    from quorum.evaluation.drift import DriftSummary
+    from quorum.tasks.model import Weights
 
 TRAIN_FILE = "train.parquet"
 TEST_FILE = "test.parquet"
@@ -85,8 +86,6 @@ def preprocess_site(config: FederationConfig, site_id: str) -> DataFingerprint:
     train, test = split_train_test(frame, config.training.test_fraction, seed=config.seed)
     moments = Moments.of(to_matrix(train, config.features))  # before writing: a failure here keeps the old data
     _write_processed(site.processed_dir, {TRAIN_FILE: train, TEST_FILE: test})
-    from lineage.dvc import directory_md5
-
     return DataFingerprint(
         site_id=site.id,
         data_hash=directory_md5(site.processed_dir),
@@ -152,7 +151,7 @@ def _read_split(
 
 
 def train_site(config: FederationConfig, site_id: str, weights: Weights, server_round: int) -> SiteUpdate:
-    from tasks.training import LocalTrainingConfig, train_local
+    from quorum.tasks.training import LocalTrainingConfig, train_local
 
     site = config.site(site_id)
     features, labels, _ = load_split(config, site, "train")
@@ -175,7 +174,7 @@ def train_site(config: FederationConfig, site_id: str, weights: Weights, server_
 
 
 def evaluate_site(config: FederationConfig, site_id: str, weights: Weights) -> SiteEvaluation:
-    from tasks.training import evaluate_local, predict_scores
+    from quorum.tasks.training import evaluate_local, predict_scores
 
     site = config.site(site_id)
     features, labels, groups = load_split(config, site, "test")
@@ -197,8 +196,8 @@ def _without_small_groups(evaluation: SiteEvaluation, min_group_size: int) -> Si
 
 def monitor_site(config: FederationConfig, site_id: str, champion: Weights | None) -> DriftSummary:
     """Compare the training snapshot with the site's current window; the full report stays here."""
-    from evaluation.drift import check_drift
-    from tasks.training import predict_scores
+    from quorum.evaluation.drift import check_drift
+    from quorum.tasks.training import predict_scores
 
     site = config.site(site_id)
     if site.current_path is None:

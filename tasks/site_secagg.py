@@ -2,7 +2,7 @@
 
 The private key is created at the site, stays in the site's own folder (``<root>/.secagg/<job>.key``,
 mode 0600) and never travels; only the public key does. A masked update is the site's example-weighted
-*delta* to the global model (``[n * (w_site - w_global), n]``, see :mod:`tasks.secagg`): deltas are small,
+*delta* to the global model (``[n * (w_site - w_global), n]``, see :mod:`quorum.tasks.secagg`): deltas are small,
 so the fixed-point encoding has room, and the coordinator adds the decoded mean delta to its global model.
 """
 
@@ -20,12 +20,12 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
-from configs.errors import ReplyRejected, SiteDataError
-from configs.schema import FederationConfig, SiteConfig
-from tasks.secagg import Masked, SecAggSite, flatten
+from quorum.configs.errors import ReplyRejected, SiteDataError
+from quorum.configs.schema import FederationConfig, SiteConfig
+from quorum.tasks.secagg import Masked, SecAggSite, flatten
 
 if TYPE_CHECKING:
-    from tasks.model import Weights
+    from quorum.tasks.model import Weights
 
 KEY_DIR = ".secagg"
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -108,7 +108,7 @@ def train_site_masked(
     peers: Mapping[str, bytes],
 ) -> MaskedUpdate:
     """Train as usual, then send ``[n * (trained - global), n]`` plus this site's pairwise masks with every peer."""
-    from tasks import site as site_work
+    from quorum.tasks import site as site_work
 
     site = site_key(config, site_id, job_id)
     _checked_peers(site, peers)  # before training: a bad key list would waste the work

@@ -1,6 +1,6 @@
 """Robust aggregation rules, server optimizers, site sampling and update screening, as pure functions.
 
-Replies are ``(weights, num_examples)`` pairs, as for :func:`tasks.aggregate.fedavg`; nothing here
+Replies are ``(weights, num_examples)`` pairs, as for :func:`quorum.tasks.aggregate.fedavg`; nothing here
 mutates them. Statistics that need every site at once (median, trimmed mean, Krum distances) run over
 fixed-size slices of one layer at a time, so the extra memory is the result (one model) plus a slice
 buffer whose size does not grow with the model, whatever the number of sites.
@@ -16,8 +16,8 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from configs.errors import ConfigError, NotEnoughSites, ReplyRejected
-from tasks.aggregate import fedavg
+from quorum.configs.errors import ConfigError, NotEnoughSites, ReplyRejected
+from quorum.tasks.aggregate import fedavg
 
 Weights = list[NDArray[np.float32]]
 Replies = Sequence[tuple[Sequence[NDArray[np.float32]], int]]
@@ -91,7 +91,7 @@ def _check_replies(replies: Replies) -> None:
             raise ReplyRejected(
                 f"reply {index} has tensor shapes {[list(w.shape) for w in weights]}, reply 0 has "
                 f"{[list(s) for s in shapes]}",
-                fix="validate every reply with tasks.replies.validate_reply before aggregating",
+                fix="validate every reply with quorum.tasks.replies.validate_reply before aggregating",
             )
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from configs.schema import FederationConfig, SiteConfig
+from quorum.configs.schema import FederationConfig, SiteConfig
 
 if TYPE_CHECKING:
     import pandas as pd

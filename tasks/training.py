@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from configs.errors import ConfigError
-from evaluation.metrics import BinaryCounts, counts_from_scores
-from evaluation.report import SiteEvaluation
-from tasks.model import Weights, build_model, get_weights, set_weights
+from quorum.configs.errors import ConfigError
+from quorum.evaluation.metrics import BinaryCounts, counts_from_scores
+from quorum.evaluation.report import SiteEvaluation
+from quorum.tasks.model import Weights, build_model, get_weights, set_weights
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from types import MappingProxyType
 
 import pandas as pd
 
-from configs.schema import FederationConfig, SiteConfig
+from quorum.configs.schema import FederationConfig, SiteConfig
 
 MARKER = "zorblax"  # inside every text canary: a truncated or re-cased copy of one is still found
 PII = MappingProxyType(

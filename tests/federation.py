@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from configs.schema import load_federation
-from lineage.keys import generate_key_pair
-from tasks.synth import synth_federation
+from quorum.configs.schema import load_federation
+from quorum.lineage.keys import generate_key_pair
+from quorum.tasks.synth import synth_federation
 
 FEATURES = {
     "numeric": ["age", "income", "tenure_months", "num_products", "balance", "credit_score"],
@@ -29,7 +29,7 @@ POOL_GATES = {
 
 
 def site_entry(site_id: str) -> dict[str, object]:
-    """One synthetic site's config entry, laid out the way tasks.synth writes its data."""
+    """One synthetic site's config entry, laid out the way quorum.tasks.synth writes its data."""
     return {
         "root": f"sites/{site_id}",
         "target": "churned",

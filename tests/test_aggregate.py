@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from configs.errors import ReplyRejected
-from tasks.aggregate import fedavg, weighted_loss_avg
-from tasks.replies import MAX_EXAMPLES, validate_reply
-from tasks.site import SiteUpdate
+from quorum.configs.errors import ReplyRejected
+from quorum.tasks.aggregate import fedavg, weighted_loss_avg
+from quorum.tasks.replies import MAX_EXAMPLES, validate_reply
+from quorum.tasks.site import SiteUpdate
 
 
 def f32(values: object) -> NDArray[np.float32]:

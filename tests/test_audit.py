@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from configs.errors import AuditLogError
-from lineage.audit import GENESIS_HASH, AuditLog
+from quorum.configs.errors import AuditLogError
+from quorum.lineage.audit import GENESIS_HASH, AuditLog
 
 
 def filled_log(tmp_path: Path, count: int = 4) -> AuditLog:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from configs.schema import load_federation
-from flows.cli import main
-from tasks.contract import validate_contract
-from tasks.examples import SITES, SPLIT_COLUMN, breast_cancer_frame, split_sites
+from quorum.cli.main import main
+from quorum.configs.schema import load_federation
+from quorum.tasks.contract import validate_contract
+from quorum.tasks.examples import SITES, SPLIT_COLUMN, breast_cancer_frame, split_sites
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "configs" / "examples" / "breast_cancer.yaml"
@@ -62,7 +62,7 @@ def test_example_runs_end_to_end_and_registers_a_champion(
 ) -> None:
     from mlflow import MlflowClient
 
-    from lineage.state import StateLayout
+    from quorum.lineage.state import StateLayout
     from tests.federation import write_governance
 
     examples = tmp_path / "configs" / "examples"

@@ -23,14 +23,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from configs.schema import FederationConfig, load_federation
-from lineage.artifacts import LocalArtifactStore
-from lineage.state import StateLayout
+from quorum.configs.schema import FederationConfig, load_federation
+from quorum.lineage.artifacts import LocalArtifactStore
+from quorum.lineage.state import StateLayout
 from tests.canary import GROUP, NUMBERS, PII, UNDECLARED, Canaries, plant_federation, planted_canaries, scan
 from tests.federation import write_federation, write_governance
 
 if TYPE_CHECKING:
-    from flows.lifecycle import LifecycleResult
+    from quorum.flows.lifecycle import LifecycleResult
 
 REJECTED = "gamma"  # its training window also holds undeclared categories and labels: its contract fails
 
@@ -57,7 +57,7 @@ class CanaryRun:
 
 @pytest.fixture(scope="module")
 def canary_run(tmp_path_factory: pytest.TempPathFactory, prefect_harness: Path) -> CanaryRun:
-    from flows.lifecycle import lifecycle
+    from quorum.flows.lifecycle import lifecycle
 
     root = tmp_path_factory.mktemp("canary")
     config_path = write_federation(root, rounds=2)

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from configs.schema import FederationConfig, load_federation
-from flows.cli import main
-from tasks.synth import SiteProfile, synth_site
+from quorum.cli.main import main
+from quorum.configs.schema import FederationConfig, load_federation
+from quorum.tasks.synth import SiteProfile, synth_site
 from tests.federation import FEATURES, site_entry
 
 FEDERATION = {

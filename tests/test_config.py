@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from configs.errors import ConfigError, UnknownSite
-from configs.schema import FederationConfig, load_federation, load_governance
+from quorum.configs.errors import ConfigError, UnknownSite
+from quorum.configs.schema import FederationConfig, load_federation, load_governance
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -434,8 +434,8 @@ def test_gate_min_sites_above_the_number_of_sites_is_rejected(tmp_path: Path) ->
 def test_a_pii_column_cannot_take_another_role(tmp_path: Path, role: str) -> None:
     import yaml
 
-    from configs.errors import ConfigError
-    from configs.schema import load_federation
+    from quorum.configs.errors import ConfigError
+    from quorum.configs.schema import load_federation
 
     raw = yaml.safe_load((REPO_CONFIGS / "federation.yaml").read_text())
     raw["sites"]["north"][role] = "email"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from configs.errors import SiteDataError, ToolError
-from configs.schema import ContractConfig, FeatureConfig, SiteConfig
-from tasks.contract import ContractSummary, FailedExpectation, build_suite_spec, validate_contract
+from quorum.configs.errors import SiteDataError, ToolError
+from quorum.configs.schema import ContractConfig, FeatureConfig, SiteConfig
+from quorum.tasks.contract import ContractSummary, FailedExpectation, build_suite_spec, validate_contract
 
 ROWS = 10
 FEATURES = FeatureConfig(numeric=("age", "income"), categorical={"region": ("north", "south")})
@@ -258,7 +258,7 @@ def test_suite_spec_is_plain_data_and_covers_every_column() -> None:
 
 
 def test_importing_the_module_does_not_import_great_expectations() -> None:
-    code = "import sys, tasks.contract; sys.exit('great_expectations' in sys.modules)"
+    code = "import sys, quorum.tasks.contract; sys.exit('great_expectations' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
 
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0

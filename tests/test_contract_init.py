@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from configs.errors import ConfigError
-from configs.schema import ContractConfig, FeatureConfig, SiteConfig, load_federation
-from flows.cli import main
-from tasks.contract import build_suite_spec
-from tasks.profile import Margins, contract_from_profile, profile_frame, widen
+from quorum.cli.main import main
+from quorum.configs.errors import ConfigError
+from quorum.configs.schema import ContractConfig, FeatureConfig, SiteConfig, load_federation
+from quorum.tasks.contract import build_suite_spec
+from quorum.tasks.profile import Margins, contract_from_profile, profile_frame, widen
 from tests.federation import write_federation
 
 FEATURES = FeatureConfig(numeric=("age", "income"), categorical={"region": ("north", "south", "east")})
@@ -143,7 +143,7 @@ def test_contract_file_errors_are_clear(
 def test_contract_init_writes_a_contract_the_federation_can_use(
     federation: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tasks.site import preprocess_site
+    from quorum.tasks.site import preprocess_site
 
     code = main(["contract", "init", "--site", "alpha", "--config", str(federation)])
 
@@ -181,7 +181,7 @@ def test_contract_init_never_overwrites_a_committed_contract(
 
 
 def test_great_expectations_sees_only_the_checked_columns(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tasks.contract as contract
+    import quorum.tasks.contract as contract
 
     seen: list[list[str]] = []
 

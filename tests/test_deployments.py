@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from configs.schema import load_federation, load_governance
-from flows.deployments import COORDINATOR_POOL, render
+from quorum.configs.schema import load_federation, load_governance
+from quorum.infra.deployments import COORDINATOR_POOL, render
 
 REPO = Path(__file__).resolve().parent.parent
 

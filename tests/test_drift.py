@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs.errors import ReplyRejected, SiteDataError, ToolError
-from configs.schema import DriftConfig
-from evaluation.drift import (
+from quorum.configs.errors import ReplyRejected, SiteDataError, ToolError
+from quorum.configs.schema import DriftConfig
+from quorum.evaluation.drift import (
     REPORT_FILENAME,
     DriftSummary,
     FeatureDrift,
@@ -261,7 +261,7 @@ def test_nothing_checkable_is_a_site_data_error() -> None:
 
 
 def test_importing_the_module_does_not_import_evidently() -> None:
-    code = "import sys, evaluation.drift; sys.exit('evidently' in sys.modules)"
+    code = "import sys, quorum.evaluation.drift; sys.exit('evidently' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
 
@@ -371,8 +371,8 @@ def test_small_windows_use_tests_with_p_values_like_evidently(tmp_path: Path) ->
 def test_a_statistic_that_disagrees_with_evidently_is_a_tool_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import evaluation.drift as drift
-    from evaluation.drift_stats import ColumnTest
+    import quorum.evaluation.drift as drift
+    from quorum.evaluation.drift_stats import ColumnTest
 
     monkeypatch.setattr(drift, "column_test", lambda *args: ColumnTest("K-S p_value", 0.9, 0.05, False))
     reference, current = _windows()

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from configs.schema import load_federation
-from evaluation.drift import DriftSummary, FeatureDrift
-from flows import drift_check
-from flows.cli import main
-from lineage.artifacts import LocalArtifactStore
-from lineage.audit import AuditLog
-from lineage.state import StateLayout
-from tasks.site import preprocess_site
+from quorum.cli.main import main
+from quorum.configs.schema import load_federation
+from quorum.evaluation.drift import DriftSummary, FeatureDrift
+from quorum.flows import drift_check
+from quorum.lineage.artifacts import LocalArtifactStore
+from quorum.lineage.audit import AuditLog
+from quorum.lineage.state import StateLayout
+from quorum.tasks.site import preprocess_site
 from tests.federation import write_federation, write_governance
 
 
@@ -43,7 +43,7 @@ def fake_trigger(monkeypatch: pytest.MonkeyPatch) -> FakeTrigger:
 @pytest.fixture
 def quiet_console_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI trims Prefect's console for good (right for one process per command); keep it for this test."""
-    monkeypatch.setattr("flows.commands._quiet_console", lambda verbose: None)
+    monkeypatch.setattr("quorum.cli.commands._quiet_console", lambda verbose: None)
 
 
 def _audit(config_path: Path) -> AuditLog:
@@ -55,7 +55,7 @@ def _audit(config_path: Path) -> AuditLog:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory, prefect_harness: Path) -> tuple[Path, Path]:
-    """Three synthetic sites, preprocessed; beta's current window drifts (tasks.synth), k = 1."""
+    """Three synthetic sites, preprocessed; beta's current window drifts (quorum.tasks.synth), k = 1."""
     root = tmp_path_factory.mktemp("drift-check")
     config_path = write_federation(root)
     governance_path, _ = write_governance(root)

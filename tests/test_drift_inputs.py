@@ -1,4 +1,4 @@
-"""A site's drift check on a bad current window, end to end through ``tasks.site.monitor_site``.
+"""A site's drift check on a bad current window, end to end through ``quorum.tasks.site.monitor_site``.
 
 The windows are small CSVs written the way a site's export would arrive; each bad one must give a
 per-feature message in the summary (or one clear ``SiteDataError``), never a crash.
@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs.errors import SiteDataError
-from configs.schema import FederationConfig, load_federation
-from evaluation.drift import DriftSummary
-from tasks.features import to_matrix
-from tasks.model import Weights, initial_weights
-from tasks.site import TRAIN_FILE, monitor_site, preprocess_site
+from quorum.configs.errors import SiteDataError
+from quorum.configs.schema import FederationConfig, load_federation
+from quorum.evaluation.drift import DriftSummary
+from quorum.tasks.features import to_matrix
+from quorum.tasks.model import Weights, initial_weights
+from quorum.tasks.site import TRAIN_FILE, monitor_site, preprocess_site
 from tests.federation import write_federation
 
 SITE = "alpha"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lineage.dvc import commit_stages, directory_md5, find_repo, locked_hashes, stage_name
+from quorum.lineage.dvc import commit_stages, find_repo, locked_hashes, stage_name
+from quorum.tasks.hashing import directory_md5
 
 DVC = Path(sys.executable).with_name("dvc")
 

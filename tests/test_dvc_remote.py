@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
-from lineage.dvc import commit_stages, directory_md5, file_md5
+from quorum.cli.main import main
+from quorum.lineage.dvc import commit_stages
+from quorum.tasks.hashing import directory_md5, file_md5
 
 DVC = Path(sys.executable).with_name("dvc")
 needs_dvc = pytest.mark.skipif(

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from configs.errors import ConfigError
-from tasks.model import initial_weights
-from tasks.training import LocalTrainingConfig, train_local
+from quorum.configs.errors import ConfigError
+from quorum.tasks.model import initial_weights
+from quorum.tasks.training import LocalTrainingConfig, train_local
 
 HIDDEN = (8,)
 

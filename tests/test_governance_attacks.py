@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from configs.errors import (
+from quorum.configs.errors import (
     AuditLogError,
     ChampionError,
     GateFailed,
@@ -31,12 +31,12 @@ from configs.errors import (
     QuorumNotMet,
     SignatureError,
 )
-from evaluation.gates import GateResult, Verdict
-from flows.context import JobContext, load_context
-from lineage.keys import generate_key_pair, public_key_fingerprint
-from lineage.provenance import PREDICATE_TYPE, PROVENANCE_FILE, STATEMENT_TYPE, file_digests
-from lineage.registry import model_key, sign_version, signatures_key, verify_version
-from lineage.tracking import CANDIDATE, CHAMPION, alias_version, version_tags
+from quorum.evaluation.gates import GateResult, Verdict
+from quorum.flows.context import JobContext, load_context
+from quorum.lineage.keys import generate_key_pair, public_key_fingerprint
+from quorum.lineage.provenance import PREDICATE_TYPE, PROVENANCE_FILE, STATEMENT_TYPE, file_digests
+from quorum.lineage.registry import model_key, sign_version, signatures_key, verify_version
+from quorum.lineage.tracking import CANDIDATE, CHAMPION, alias_version, version_tags
 from tests.federation import write_federation, write_governance
 from tests.test_signing import cli_verify
 
@@ -100,7 +100,7 @@ def _restore_cli_logging() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def history(tmp_path_factory: pytest.TempPathFactory, prefect_harness: Path) -> Path:
     """Run one real lifecycle twice: v1 becomes champion (ann + ben), v2 awaits a second approval."""
-    from flows.lifecycle import lifecycle
+    from quorum.flows.lifecycle import lifecycle
 
     root = tmp_path_factory.mktemp("governed")
     config_path = write_federation(root, rounds=2)
@@ -130,7 +130,7 @@ def approved(world: World) -> World:
 
 def attempt_promotion(world: World, *fragments: str, governance_path: Path | None = None) -> SignatureError:
     """Try to make v2 champion; assert it is refused naming ``fragments`` and that nothing moved."""
-    from flows.promote import promote_approved
+    from quorum.flows.promote import promote_approved
 
     events = world.events()
     with pytest.raises(SignatureError) as info:
@@ -154,7 +154,7 @@ def flip_byte(path: Path) -> None:
 
 
 def test_control_an_untampered_fully_approved_version_is_promoted(approved: World) -> None:
-    from flows.promote import promote_approved
+    from quorum.flows.promote import promote_approved
 
     result = promote_approved(approved.context(), "2")
 
@@ -292,8 +292,8 @@ def test_a_signature_replayed_from_an_earlier_version_is_refused(world: World) -
 
 
 def test_a_promotion_while_the_verdict_failed_registers_nothing(world: World) -> None:
-    from flows.promote import promote_flow
-    from lineage.registry import load_weights
+    from quorum.flows.promote import promote_flow
+    from quorum.lineage.registry import load_weights
 
     ctx = world.context()
     failed = Verdict(passed=False, gates=(GateResult("auc", 0.55, 0.7, False, "auc 0.5500 < 0.7000"),))
@@ -312,8 +312,8 @@ def test_a_promotion_while_the_verdict_failed_registers_nothing(world: World) ->
 def test_a_tampered_audit_log_fails_verification_naming_the_line(
     approved: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.cli import main
-    from flows.promote import promote_approved
+    from quorum.cli.main import main
+    from quorum.flows.promote import promote_approved
 
     promote_approved(approved.context(), "2")
     log = approved.root / "state" / "audit.jsonl"
@@ -335,13 +335,13 @@ def test_a_tampered_audit_log_fails_verification_naming_the_line(
 
 
 def rollback(world: World, approver: str, to_version: str | None = None, governance_path: Path | None = None) -> object:
-    from flows.governance import rollback_flow
+    from quorum.flows.governance import rollback_flow
 
     return rollback_flow(world.context(governance_path), world.keys[approver], to_version, "test")
 
 
 def deploy(world: World, site_id: str = "alpha") -> object:
-    from flows.deploy import deploy_flow
+    from quorum.flows.deploy import deploy_flow
 
     return deploy_flow(str(world.config_path), str(world.governance_path), site_id)
 
@@ -349,8 +349,8 @@ def deploy(world: World, site_id: str = "alpha") -> object:
 def test_rollback_returns_to_the_previous_champion_and_the_next_deploy_loads_it(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.cli import main
-    from flows.deploy import read_deployment
+    from quorum.cli.main import main
+    from quorum.flows.deploy import read_deployment
 
     config = ["--config", str(world.config_path), "--governance", str(world.governance_path)]
     site = world.context().config.site("alpha")
@@ -378,8 +378,8 @@ def test_rollback_returns_to_the_previous_champion_and_the_next_deploy_loads_it(
 
 
 def test_deploy_refuses_a_tampered_champion_and_the_site_keeps_what_it_runs(approved: World) -> None:
-    from flows.deploy import read_deployment
-    from flows.promote import promote_approved
+    from quorum.flows.deploy import read_deployment
+    from quorum.flows.promote import promote_approved
 
     promote_approved(approved.context(), "2")
     deploy(approved)
@@ -398,7 +398,7 @@ def test_deploy_refuses_a_tampered_champion_and_the_site_keeps_what_it_runs(appr
 
 
 def test_rollback_refuses_a_tampered_earlier_champion(approved: World) -> None:
-    from flows.promote import promote_approved
+    from quorum.flows.promote import promote_approved
 
     promote_approved(approved.context(), "2")
     flip_byte(approved.files("1") / "MLmodel")
@@ -411,7 +411,7 @@ def test_rollback_refuses_a_tampered_earlier_champion(approved: World) -> None:
 
 
 def test_rollback_needs_an_approver_governance_allows(approved: World) -> None:
-    from flows.promote import promote_approved
+    from quorum.flows.promote import promote_approved
 
     promote_approved(approved.context(), "2")
     data = yaml.safe_load(approved.governance_path.read_text())
@@ -430,7 +430,7 @@ def test_rollback_needs_an_approver_governance_allows(approved: World) -> None:
 
 
 def test_rollback_refuses_without_an_earlier_champion_or_to_a_version_never_champion(approved: World) -> None:
-    from flows.promote import promote_approved
+    from quorum.flows.promote import promote_approved
 
     with pytest.raises(ChampionError, match="v1 is the first champion"):
         rollback(approved, "ann")
@@ -442,7 +442,7 @@ def test_rollback_refuses_without_an_earlier_champion_or_to_a_version_never_cham
 
 
 def test_rollback_refuses_when_the_alias_was_moved_outside_quorum(approved: World) -> None:
-    from flows.promote import promote_approved
+    from quorum.flows.promote import promote_approved
 
     promote_approved(approved.context(), "2")
     rollback(approved, "ann")
@@ -455,8 +455,8 @@ def test_rollback_refuses_when_the_alias_was_moved_outside_quorum(approved: Worl
 
 
 def test_a_failed_rollback_step_puts_the_champion_back(approved: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.promote import promote_approved
-    from lineage.audit import AuditLog
+    from quorum.flows.promote import promote_approved
+    from quorum.lineage.audit import AuditLog
 
     promote_approved(approved.context(), "2")
 
@@ -471,7 +471,7 @@ def test_a_failed_rollback_step_puts_the_champion_back(approved: World, monkeypa
 
 
 def test_generating_a_key_with_a_config_records_it_in_the_audit_log(world: World) -> None:
-    from flows.cli import main
+    from quorum.cli.main import main
 
     keys = world.root / "new-keys"
     before = world.events()
@@ -486,7 +486,7 @@ def test_generating_a_key_with_a_config_records_it_in_the_audit_log(world: World
 
 
 def test_cli_refusals_are_reported_without_a_traceback(world: World, capsys: pytest.CaptureFixture[str]) -> None:
-    from flows.cli import main
+    from quorum.cli.main import main
     from tests.test_cli_errors import assert_reported
 
     config = ["--config", str(world.config_path), "--governance", str(world.governance_path)]

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from configs.errors import ChampionError, ConfigError, NotPermitted, QuorumNotMet
-from configs.schema import Approver, GovernanceConfig, load_governance
-from flows.governance import champion_history, require_rollback_right, rollback_target
-from lineage.audit import AuditEntry
-from lineage.keys import generate_key_pair
-from lineage.signing import check_quorum, require_quorum, sign_model
+from quorum.configs.errors import ChampionError, ConfigError, NotPermitted, QuorumNotMet
+from quorum.configs.schema import Approver, GovernanceConfig, load_governance
+from quorum.flows.governance import champion_history, require_rollback_right, rollback_target
+from quorum.lineage.audit import AuditEntry
+from quorum.lineage.keys import generate_key_pair
+from quorum.lineage.signing import check_quorum, require_quorum, sign_model
 
 NAMES = ("ann", "ben", "cyd")
 

@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs.schema import load_federation, load_governance
-from lineage.artifacts import LocalArtifactStore
-from lineage.registry import verify_version
-from lineage.state import StateLayout
+from quorum.configs.schema import load_federation, load_governance
+from quorum.lineage.artifacts import LocalArtifactStore
+from quorum.lineage.registry import verify_version
+from quorum.lineage.state import StateLayout
 from tests.federation import write_federation, write_governance
 
 
 @pytest.fixture(scope="module")
 def lifecycle_run(tmp_path_factory: pytest.TempPathFactory, prefect_harness: Path):  # type: ignore[no-untyped-def]
-    from flows.lifecycle import lifecycle
+    from quorum.flows.lifecycle import lifecycle
 
     root = tmp_path_factory.mktemp("federation")
     config_path = write_federation(root, rounds=3)
@@ -65,7 +65,7 @@ def test_mlflow_run_holds_dataset_inputs_and_round_metrics(lifecycle_run) -> Non
 
 
 def test_audit_log_records_the_decisions(lifecycle_run) -> None:  # type: ignore[no-untyped-def]
-    from lineage.audit import AuditLog
+    from quorum.lineage.audit import AuditLog
 
     _, config_path, _, _ = lifecycle_run
     log = AuditLog(StateLayout(load_federation(config_path).state_dir).audit_log)
@@ -79,10 +79,10 @@ def test_audit_log_records_the_decisions(lifecycle_run) -> None:  # type: ignore
 def test_fine_tuning_starts_from_the_verified_champion_with_a_frozen_layer(  # type: ignore[no-untyped-def]
     lifecycle_run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows import rounds
-    from flows.context import load_context
-    from flows.runners import LocalRunner
-    from flows.tuning import tune_flow
+    from quorum.flows import rounds
+    from quorum.flows.context import load_context
+    from quorum.flows.runners.local import LocalRunner
+    from quorum.flows.tuning import tune_flow
 
     root, _, governance_path, result = lifecycle_run
     training = {"start_from": "champion", "freeze_layers": 1}

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from configs.schema import load_federation
-from flows.cli import main
-from lineage.state import StateLayout
+from quorum.cli.main import main
+from quorum.configs.schema import load_federation
+from quorum.lineage.state import StateLayout
 from tests.federation import write_federation, write_governance
 
 
 @pytest.fixture(scope="module")
 def lifecycle_run(tmp_path_factory: pytest.TempPathFactory, prefect_harness: Path):  # type: ignore[no-untyped-def]
-    from flows.lifecycle import lifecycle
+    from quorum.flows.lifecycle import lifecycle
 
     root = tmp_path_factory.mktemp("lineage")
     config_path = write_federation(root, site_ids=("alpha", "beta"), rounds=2)

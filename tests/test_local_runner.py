@@ -14,10 +14,10 @@ import torch
 from prefect import flow
 from prefect.runtime import task_run
 
-from configs.errors import SiteDataError
-from configs.schema import FederationConfig
-from flows.runners import LocalRunner, SiteFailure
-from tasks import site as site_work
+from quorum.configs.errors import SiteDataError
+from quorum.configs.schema import FederationConfig
+from quorum.flows.runners.local import LocalRunner, SiteFailure
+from quorum.tasks import site as site_work
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -11,9 +11,9 @@ import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
-from configs.schema import GatePolicy
-from evaluation.gates import Verdict, decide
-from evaluation.metrics import (
+from quorum.configs.schema import GatePolicy
+from quorum.evaluation.gates import Verdict, decide
+from quorum.evaluation.metrics import (
     HISTOGRAM_BINS,
     BinaryCounts,
     accuracy,
@@ -28,7 +28,7 @@ from evaluation.metrics import (
     selection_rate,
     summarize,
 )
-from evaluation.report import EvaluationReport, SiteEvaluation
+from quorum.evaluation.report import EvaluationReport, SiteEvaluation
 
 # --- counts_from_scores ------------------------------------------------------------------------
 

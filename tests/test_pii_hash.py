@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from configs.errors import ConfigError, SiteDataError
-from configs.schema import SiteConfig, load_federation
-from tasks.pii import SALT_BYTES, SALT_FILE, hash_pii, protect_pii, site_salt
+from quorum.configs.errors import ConfigError, SiteDataError
+from quorum.configs.schema import SiteConfig, load_federation
+from quorum.tasks.pii import SALT_BYTES, SALT_FILE, hash_pii, protect_pii, site_salt
 from tests.canary import PII, Canaries, scan
 from tests.federation import write_federation
 
@@ -106,7 +106,7 @@ def test_unknown_pii_mode_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_canaries_never_reach_the_processed_data(tmp_path: Path) -> None:
-    from tasks.site import preprocess_site
+    from quorum.tasks.site import preprocess_site
 
     config_path = write_federation(tmp_path, site_ids=("alpha", "beta"))
     config = yaml.safe_load(config_path.read_text())

@@ -22,10 +22,10 @@ import httpx
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from configs.schema import load_federation
-from flows.deployments import render, write
-from flows.stack import Stack, deploy
-from lineage.state import StateLayout
+from quorum.configs.schema import load_federation
+from quorum.infra.deployments import render, write
+from quorum.infra.stack import Stack, deploy
+from quorum.lineage.state import StateLayout
 from tests.canary import plant_federation, planted_canaries, scan, scan_text
 from tests.federation import POOL_GATES, write_federation, write_governance
 

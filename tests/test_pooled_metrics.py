@@ -1,7 +1,7 @@
 """Metrics combined from the counts sites send equal the same metrics on the pooled raw rows (sklearn).
 
 Three sites of different sizes, base rates and score distributions reduce their test rows with the
-real site function (``tasks.training.evaluate_local``); the coordinator's numbers from the merged
+real site function (``quorum.tasks.training.evaluate_local``); the coordinator's numbers from the merged
 counts are compared with sklearn on the concatenated labels and scores. Threshold metrics and group
 rates must match exactly; AUC and calibration error within their binning error.
 """
@@ -13,9 +13,9 @@ import pytest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import accuracy_score, f1_score, log_loss, recall_score, roc_auc_score
 
-from evaluation.metrics import HISTOGRAM_BINS, calibration_error
-from evaluation.report import EvaluationReport, fairness_gaps
-from tasks.training import evaluate_local
+from quorum.evaluation.metrics import HISTOGRAM_BINS, calibration_error
+from quorum.evaluation.report import EvaluationReport, fairness_gaps
+from quorum.tasks.training import evaluate_local
 
 THRESHOLD = 0.5
 SITES = {"north": (2400, 0.25, 1.4), "south": (700, 0.45, 0.8), "east": (150, 0.1, 2.0)}  # rows, base rate, signal

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from configs.errors import ConfigError, ReplyRejected
-from tasks.privacy import PrivacyAccountant, add_gaussian_noise, budget_exceeded, clip_update, epsilon_spent
+from quorum.configs.errors import ConfigError, ReplyRejected
+from quorum.tasks.privacy import PrivacyAccountant, add_gaussian_noise, budget_exceeded, clip_update, epsilon_spent
 
 
 def f32(values: object) -> NDArray[np.float32]:

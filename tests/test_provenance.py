@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from configs.errors import ProvenanceError, SignatureError
-from lineage.keys import generate_key_pair
-from lineage.provenance import (
+from quorum.configs.errors import ProvenanceError, SignatureError
+from quorum.lineage.keys import generate_key_pair
+from quorum.lineage.provenance import (
     PREDICATE_TYPE,
     PROVENANCE_FILE,
     STATEMENT_TYPE,
@@ -23,7 +23,7 @@ from lineage.provenance import (
     verify_provenance,
     write_provenance,
 )
-from lineage.signing import sign_model, verify_signature
+from quorum.lineage.signing import sign_model, verify_signature
 
 FACTS = BuildFacts(
     job_id="job-1",

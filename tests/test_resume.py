@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from flows.runners import LocalRunner
+from quorum.flows.runners.local import LocalRunner
 from tests.federation import write_federation, write_governance
 
 
@@ -32,8 +32,8 @@ class DyingRunner(LocalRunner):
 
 
 def test_resume_continues_after_the_last_completed_round(tmp_path: Path, prefect_harness: Path) -> None:
-    from flows.context import load_context
-    from flows.lifecycle import run_lifecycle
+    from quorum.flows.context import load_context
+    from quorum.flows.lifecycle import run_lifecycle
 
     config_path = write_federation(tmp_path, ("alpha", "beta"), rounds=4, min_sites=2)
     governance_path, keys = write_governance(tmp_path)
@@ -59,7 +59,7 @@ def test_resume_continues_after_the_last_completed_round(tmp_path: Path, prefect
 def test_resume_of_an_unknown_job_is_a_clear_error(
     tmp_path: Path, prefect_harness: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.cli import main
+    from quorum.cli.main import main
 
     config_path = write_federation(tmp_path, ("alpha", "beta"), rounds=1, min_sites=2)
     governance_path, _ = write_governance(tmp_path)

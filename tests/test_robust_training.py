@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from tasks.model import Weights, initial_weights
-from tasks.replies import validate_reply
-from tasks.site import SiteUpdate
-from tasks.strategies import AggregationRule, aggregate
-from tasks.training import LocalTrainingConfig, predict_scores, train_local
+from quorum.tasks.model import Weights, initial_weights
+from quorum.tasks.replies import validate_reply
+from quorum.tasks.site import SiteUpdate
+from quorum.tasks.strategies import AggregationRule, aggregate
+from quorum.tasks.training import LocalTrainingConfig, predict_scores, train_local
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

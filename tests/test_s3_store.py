@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs.errors import ConfigError
-from lineage.artifacts import ArtifactCorrupt, ArtifactMissing, StoreUnavailable
-from lineage.s3_errors import is_transient
-from lineage.s3_store import BucketMissing, S3ArtifactStore, StoreAccessDenied, StoreUrlInvalid
+from quorum.configs.errors import ConfigError
+from quorum.lineage.artifacts import ArtifactCorrupt, ArtifactMissing, StoreUnavailable
+from quorum.lineage.s3_errors import is_transient
+from quorum.lineage.s3_store import BucketMissing, S3ArtifactStore, StoreAccessDenied, StoreUrlInvalid
 from tests.s3_server import FlakyProxy, bucket, flaky_proxy, moto_server, raw_client, s3_endpoint
 
 __all__ = ["bucket", "flaky_proxy", "s3_endpoint"]  # fixtures, imported for pytest to find
@@ -351,7 +351,7 @@ def test_the_store_pickles_without_its_client(store: S3ArtifactStore) -> None:
 
 
 def test_importing_the_module_does_not_import_boto3() -> None:
-    probe = "import sys, lineage.s3_store; print('boto3' in sys.modules)"
+    probe = "import sys, quorum.lineage.s3_store; print('boto3' in sys.modules)"
 
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from configs.errors import ConfigError
-from configs.schema import expand_secrets, load_federation
-from flows.cli import main
-from flows.stack import Stack, prefect_database_url
-from lineage.artifacts import LocalArtifactStore, federation_store
-from lineage.s3_store import S3ArtifactStore
-from lineage.state import StateLayout
+from quorum.cli.main import main
+from quorum.configs.errors import ConfigError
+from quorum.configs.schema import expand_secrets, load_federation
+from quorum.infra.stack import Stack, prefect_database_url
+from quorum.lineage.artifacts import LocalArtifactStore, federation_store
+from quorum.lineage.s3_store import S3ArtifactStore
+from quorum.lineage.state import StateLayout
 from tests.federation import site_entry, write_federation
 
 

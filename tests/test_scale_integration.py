@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from configs.schema import load_federation, load_governance
-from flows.stack import Stack
-from lineage.state import StateLayout
+from quorum.configs.schema import load_federation, load_governance
+from quorum.infra.stack import Stack
+from quorum.lineage.state import StateLayout
 from tests.federation import POOL_GATES, site_entry, write_federation, write_governance
 from tests.postgres_server import postgres_cluster
 from tests.s3_server import FlakyProxy, dummy_aws_env, free_port, moto_server, raw_client
@@ -188,8 +188,8 @@ def test_lifecycle_on_postgres_and_s3(infra: dict[str, Any]) -> None:
     assert any(k.endswith("/MLmodel") for k in _keys(client, MLFLOW, "runs/"))
     assert not any(p.is_file() for p in StateLayout(config.state_dir).artifacts.rglob("*"))  # no local copy
     # the signatures verify on what is in the bucket
-    from lineage.artifacts import federation_store
-    from lineage.registry import verify_version
+    from quorum.lineage.artifacts import federation_store
+    from quorum.lineage.registry import verify_version
 
     quorum = verify_version(federation_store(config), load_governance(infra["governance"]), MODEL, "1")
     assert quorum.met and set(quorum.valid_approvers) == {"ann", "ben"}

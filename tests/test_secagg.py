@@ -9,9 +9,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
-from configs.errors import ReplyRejected
-from tasks.aggregate import fedavg
-from tasks.secagg import (
+from quorum.configs.errors import ReplyRejected
+from quorum.tasks.aggregate import fedavg
+from quorum.tasks.secagg import (
     SecAggSite,
     decode,
     encode,

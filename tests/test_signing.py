@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from configs.errors import ConfigError, QuorumNotMet, SignatureError
-from configs.schema import Approver, GovernanceConfig
-from lineage.keys import generate_key_pair, public_key_fingerprint
-from lineage.signing import QuorumResult, check_quorum, require_quorum, sign_model, verify_signature
+from quorum.configs.errors import ConfigError, QuorumNotMet, SignatureError
+from quorum.configs.schema import Approver, GovernanceConfig
+from quorum.lineage.keys import generate_key_pair, public_key_fingerprint
+from quorum.lineage.signing import QuorumResult, check_quorum, require_quorum, sign_model, verify_signature
 
 MODEL_SIGNING_CLI = Path("/work/main/.venv/bin/model_signing")
 PEOPLE = ("alice", "bob", "carol", "mallory")

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs.errors import SiteDataError
-from configs.schema import FeatureConfig, SiteConfig
-from tasks.data import read_table, require_columns
-from tasks.features import (
+from quorum.configs.errors import SiteDataError
+from quorum.configs.schema import FeatureConfig, SiteConfig
+from quorum.tasks.data import read_table, require_columns
+from quorum.tasks.features import (
     GROUP,
     LABEL,
     Moments,
@@ -22,8 +22,8 @@ from tasks.features import (
     split_train_test,
     to_matrix,
 )
-from tasks.pii import drop_pii
-from tasks.synth import PROFILES, SiteProfile, synth_site
+from quorum.tasks.pii import drop_pii
+from quorum.tasks.synth import PROFILES, SiteProfile, synth_site
 
 FEATURES = FeatureConfig(
     numeric=("age", "income"),

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from lineage.dvc import committed_hashes
-from lineage.staleness import SiteDataState, champion_data, changes_since, compare_data, stale_sites
+from quorum.lineage.dvc import committed_hashes
+from quorum.lineage.staleness import SiteDataState, champion_data, changes_since, compare_data, stale_sites
 
 LOCK = """\
 schema: '2.0'
@@ -113,17 +113,17 @@ def test_without_a_commit_the_working_tree_lock_is_used(git_repo: Path) -> None:
 def test_quorum_run_checks_for_changes_unless_forced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], only_if_changed: bool
 ) -> None:
-    import flows.lifecycle
-    import flows.report
-    from flows.cli import main
+    import quorum.cli.report
+    import quorum.flows.lifecycle
+    from quorum.cli.main import main
     from tests.federation import write_federation, write_governance
 
     config_path = write_federation(tmp_path, site_ids=("alpha", "beta"))
     governance_path, _ = write_governance(tmp_path, approvers=("ann",), quorum=1)
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(flows.lifecycle, "lifecycle", lambda **kwargs: seen.update(kwargs))
-    monkeypatch.setattr(flows.report, "print_summary", lambda result: None)
-    monkeypatch.setattr("flows.commands._quiet_console", lambda verbose: None)
+    monkeypatch.setattr(quorum.flows.lifecycle, "lifecycle", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(quorum.cli.report, "print_summary", lambda result: None)
+    monkeypatch.setattr("quorum.cli.commands._quiet_console", lambda verbose: None)
 
     code = main(["run", "--config", str(config_path), "--governance", str(governance_path), *argv])
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from configs.errors import ConfigError, NotEnoughSites, ReplyRejected
-from tasks.aggregate import fedavg
-from tasks.strategies import (
+from quorum.configs.errors import ConfigError, NotEnoughSites, ReplyRejected
+from quorum.tasks.aggregate import fedavg
+from quorum.tasks.strategies import (
     ServerOptimizerState,
     aggregate,
     coordinate_median,
@@ -229,7 +229,7 @@ def step(
 
 
 def test_trainable_mask_matches_the_model() -> None:
-    from tasks.model import build_model
+    from quorum.tasks.model import build_model
 
     model = build_model(3, (4,))
     parameters = {id(p) for p in model.parameters()}

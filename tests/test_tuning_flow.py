@@ -19,17 +19,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from configs.errors import ConfigError, SiteDataError
-from flows.context import JobContext, load_context
-from flows.runners import LocalRunner, SecAggRound
-from flows.tuning import TuningResult, start_weights, tune_flow
-from tasks import site as site_work
-from tasks.model import Weights
-from tasks.privacy import epsilon_spent
-from tasks.secagg import decode, flatten
-from tasks.site import DataFingerprint, SiteUpdate
-from tasks.site_secagg import MaskedUpdate
-from tasks.strategies import sample_sites
+from quorum.configs.errors import ConfigError, SiteDataError
+from quorum.flows.context import JobContext, load_context
+from quorum.flows.runners.local import LocalRunner, SecAggRound
+from quorum.flows.tuning import TuningResult, start_weights, tune_flow
+from quorum.tasks import site as site_work
+from quorum.tasks.model import Weights
+from quorum.tasks.privacy import epsilon_spent
+from quorum.tasks.secagg import decode, flatten
+from quorum.tasks.site import DataFingerprint, SiteUpdate
+from quorum.tasks.site_secagg import MaskedUpdate
+from quorum.tasks.strategies import sample_sites
 from tests.federation import write_federation, write_governance
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,7 +54,7 @@ class Tuned:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory, prefect_harness: Path) -> Federation:
-    from flows.preprocess import preprocess_flow
+    from quorum.flows.preprocess import preprocess_flow
 
     root = tmp_path_factory.mktemp("tuning")
     config_path = write_federation(root, SITES)
@@ -254,7 +254,7 @@ def test_fine_tuning_from_a_checkpoint_keeps_the_frozen_layer_identical(federati
 
 
 def test_a_checkpoint_of_another_layout_is_a_config_error(federation: Federation) -> None:
-    from flows.rounds import seed_weights
+    from quorum.flows.rounds import seed_weights
 
     np.savez(federation.root / "other.npz", np.zeros(3, dtype=np.float32))
     ctx = context(federation, "bad-seed", 1, {"start_from": "checkpoint", "checkpoint": "other.npz"})
@@ -308,9 +308,9 @@ def test_secure_aggregation_over_the_pool_exchange_survives_a_site_that_drops_af
     federation: Federation,
 ) -> None:
     """PoolRunner and the site sessions' ``handle``: delta publishes its key, then never sends its update."""
-    from flows.pool import PoolRunner
-    from flows.site_session import handle
-    from tasks.aggregate import fedavg
+    from quorum.flows.runners.pool import PoolRunner
+    from quorum.flows.runners.site_session import handle
+    from quorum.tasks.aggregate import fedavg
 
     deployment = {"round_deadline_s": 1.0, "session_start_timeout_s": 1.0}  # delta's silence costs 1 s
     path = write_federation(
@@ -339,7 +339,7 @@ def test_secure_aggregation_over_the_pool_exchange_survives_a_site_that_drops_af
     serving = threading.Thread(target=sessions, daemon=True)
     serving.start()
     try:
-        from flows import rounds
+        from quorum.flows import rounds
 
         weights, _ = start_weights(ctx.config, federation.fingerprints)
         keys, missing = rounds.collect_keys(runner, SITES, ctx.job_id)

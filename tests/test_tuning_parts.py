@@ -13,20 +13,20 @@ import pandas as pd
 import pytest
 from numpy.typing import NDArray
 
-from configs.errors import ConfigError, NotEnoughSites, ReplyRejected
-from configs.schema import FederationConfig, TrainingConfig
-from evaluation.report import SiteEvaluation
-from flows import rounds
-from flows.runners import SecAggRound, SiteFailure, SiteRunner
-from tasks import site as site_work
-from tasks.messages import Request
-from tasks.model import Weights, initial_weights
-from tasks.privacy import private_mean
-from tasks.replies import validate_masked_reply
-from tasks.secagg import SecAggSite, flatten
-from tasks.site_secagg import MaskedUpdate, key_path, public_key, reveal_seeds, train_site_masked
-from tasks.strategies import keep_fixed, min_replies, trainable_tensors
-from tasks.training import LocalTrainingConfig, freeze_leading_layers, train_local
+from quorum.configs.errors import ConfigError, NotEnoughSites, ReplyRejected
+from quorum.configs.schema import FederationConfig, TrainingConfig
+from quorum.evaluation.report import SiteEvaluation
+from quorum.flows import rounds
+from quorum.flows.runners.local import SecAggRound, SiteFailure, SiteRunner
+from quorum.tasks import site as site_work
+from quorum.tasks.messages import Request
+from quorum.tasks.model import Weights, initial_weights
+from quorum.tasks.privacy import private_mean
+from quorum.tasks.replies import validate_masked_reply
+from quorum.tasks.secagg import SecAggSite, flatten
+from quorum.tasks.site_secagg import MaskedUpdate, key_path, public_key, reveal_seeds, train_site_masked
+from quorum.tasks.strategies import keep_fixed, min_replies, trainable_tensors
+from quorum.tasks.training import LocalTrainingConfig, freeze_leading_layers, train_local
 
 HIDDEN = (8, 4)
 
@@ -80,7 +80,7 @@ def test_freezing_must_leave_a_layer_to_train(count: int) -> None:
 
 
 def test_freeze_leading_layers_returns_only_what_still_trains() -> None:
-    from tasks.model import build_model
+    from quorum.tasks.model import build_model
 
     model = build_model(5, HIDDEN)
 
@@ -320,7 +320,7 @@ def five_updates() -> tuple[Weights, dict[str, tuple[Weights, int]]]:
 
 
 def fedavg_of(updates: dict[str, tuple[Weights, int]], sites: Collection[str]) -> Weights:
-    from tasks.aggregate import fedavg
+    from quorum.tasks.aggregate import fedavg
 
     return fedavg([updates[s] for s in sorted(sites)])
 

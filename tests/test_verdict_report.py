@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from configs.schema import GatePolicy, load_federation
-from evaluation.gates import decide
-from evaluation.report import EvaluationReport, SiteEvaluation
-from evaluation.verdict_report import site_chart_png, verdict_html
-from flows.cli import main
-from lineage.state import StateLayout
+from quorum.cli.main import main
+from quorum.configs.schema import GatePolicy, load_federation
+from quorum.evaluation.gates import decide
+from quorum.evaluation.report import EvaluationReport, SiteEvaluation
+from quorum.evaluation.verdict_report import site_chart_png, verdict_html
+from quorum.lineage.state import StateLayout
 from tests.federation import write_federation, write_governance
 from tests.test_metrics_gates import BETTER_CHAMPION, GOOD, POLICY, counts
 
@@ -52,7 +52,7 @@ def test_page_renders_a_site_without_auc() -> None:
 def test_failing_gates_stop_the_run_and_the_cli_names_each_with_value_and_bound(
     tmp_path: Path, prefect_harness: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("flows.commands._quiet_console", lambda verbose: None)  # it adds handlers for good
+    monkeypatch.setattr("quorum.cli.commands._quiet_console", lambda verbose: None)  # it adds handlers for good
     gates = {"min_accuracy": 0.99, "min_auc": 0.99, "max_calibration_error": 0.001, "min_sites": 2, "min_examples": 50}
     config_path = write_federation(tmp_path, ("alpha", "beta"), rounds=1, gates=gates)
     governance_path, keys = write_governance(tmp_path)

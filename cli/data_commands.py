@@ -1,6 +1,6 @@
 """What the site-data ``quorum`` commands do: contract init, data push, data example, lineage.
 
-Like ``flows.commands``, imported only once one of these commands was chosen; none of them starts
+Like ``quorum.cli.commands``, imported only once one of these commands was chosen; none of them starts
 Prefect. ``contract init`` and ``data push`` run *at a site*, on that site's own files.
 """
 
@@ -11,15 +11,15 @@ import os
 import re
 from pathlib import Path
 
-from configs.errors import ConfigError, UnknownModelVersion
-from configs.schema import load_federation
-from lineage.state import StateLayout, configure_environment, use_tracking_server
+from quorum.configs.errors import ConfigError, UnknownModelVersion
+from quorum.configs.schema import load_federation
+from quorum.lineage.state import StateLayout, configure_environment, use_tracking_server
 
 
 def contract_init(config_path: Path, site_id: str, out: Path | None, margin: float, overwrite: bool) -> int:
     """Profile one site's snapshot and write the contract it suggests, for a person to review and commit."""
-    from tasks.contract import validate_contract
-    from tasks.profile import Margins, contract_document, contract_from_profile, profile_frame, read_snapshot
+    from quorum.tasks.contract import validate_contract
+    from quorum.tasks.profile import Margins, contract_document, contract_from_profile, profile_frame, read_snapshot
 
     config = load_federation(config_path)
     site = config.site(site_id)
@@ -63,7 +63,7 @@ def _write_json(path: Path, payload: object) -> Path:
 
 def data_push(config_path: Path, site_id: str) -> int:
     """Push one site's committed processed data to that site's own DVC remote."""
-    from lineage import dvc
+    from quorum.lineage import dvc
 
     config = load_federation(config_path)
     site = config.site(site_id)
@@ -83,7 +83,7 @@ def data_push(config_path: Path, site_id: str) -> int:
 
 
 def data_example(name: str, out: Path) -> int:
-    from tasks.examples import write_example
+    from quorum.tasks.examples import write_example
 
     for path in write_example(name, out):
         print(f"wrote {path}")
@@ -103,8 +103,8 @@ def lineage(config_path: Path, model: str, version: str) -> int:
             fix="run the lifecycle first (`quorum run`), or pass the --config of the federation that trained it",
         )
     configure_environment(state)
-    from lineage.tracking import open_tracker
-    from lineage.version_lineage import read_lineage
+    from quorum.lineage.tracking import open_tracker
+    from quorum.lineage.version_lineage import read_lineage
 
     print(read_lineage(open_tracker(state, config.name), model, version).render())
     return 0

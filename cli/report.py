@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
-from flows.lifecycle import LifecycleResult
-from flows.promote import describe_pending
+from quorum.flows.lifecycle import LifecycleResult
+from quorum.flows.promote import describe_pending
 
 
 def _figures(result: LifecycleResult) -> list[tuple[str, str, str]]:

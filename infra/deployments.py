@@ -14,10 +14,9 @@ from typing import Any
 
 import yaml
 
-from configs.schema import FederationConfig
+from quorum.configs.schema import FederationConfig
 
 COORDINATOR_POOL = "coordinator"
-SITE_ROOT_ENV = "QUORUM_SITE_ROOT"  # the one data root a site worker may read
 PROJECT_VAR = "{{ $QUORUM_PROJECT }}"
 
 
@@ -41,7 +40,7 @@ def render(config: FederationConfig, governance_path: Path, project: Path, appro
         {
             "name": "lifecycle",
             "description": "The whole lifecycle, every site on its own pool. Scheduled retraining.",
-            "entrypoint": "flows.lifecycle:lifecycle",
+            "entrypoint": "quorum.flows.lifecycle:lifecycle",
             "work_pool": {"name": COORDINATOR_POOL, "job_variables": {"working_dir": PROJECT_VAR}},
             "parameters": {
                 "config_path": config_path,
@@ -57,7 +56,7 @@ def render(config: FederationConfig, governance_path: Path, project: Path, appro
                 "Reads every site's newest drift summary; starts the lifecycle when at least "
                 f"drift.min_sites_to_retrain ({config.drift.min_sites_to_retrain}) sites drift."
             ),
-            "entrypoint": "flows.drift_check:drift_check_flow",
+            "entrypoint": "quorum.flows.drift_check:drift_check_flow",
             "work_pool": {"name": COORDINATOR_POOL, "job_variables": {"working_dir": PROJECT_VAR}},
             "parameters": {"config_path": config_path, "governance_path": governance, "trigger": True},
             "schedules": [{"interval": config.deployment.monitor_interval_s, "active": True}],
@@ -69,20 +68,20 @@ def render(config: FederationConfig, governance_path: Path, project: Path, appro
             {
                 "name": f"session-{site.id}",
                 "description": f"Serves one training job at site {site.id} (started by the lifecycle).",
-                "entrypoint": "flows.site_session:site_session",
+                "entrypoint": "quorum.flows.runners.site_session:site_session",
                 "work_pool": dict(pool),
             },
             {
                 "name": f"preprocess-{site.id}",
                 "description": f"Validate and prepare site {site.id}'s data; only its fingerprint leaves.",
-                "entrypoint": "flows.site_flows:preprocess_site_flow",
+                "entrypoint": "quorum.flows.site_flows:preprocess_site_flow",
                 "work_pool": dict(pool),
                 "parameters": {"config_path": config_path, "site_id": site.id},
             },
             {
                 "name": f"monitor-{site.id}",
                 "description": f"Drift at site {site.id}; only the summary leaves.",
-                "entrypoint": "flows.site_flows:monitor_site_flow",
+                "entrypoint": "quorum.flows.site_flows:monitor_site_flow",
                 "work_pool": dict(pool),
                 "parameters": {"config_path": config_path, "governance_path": governance, "site_id": site.id},
                 "schedules": [{"interval": config.deployment.monitor_interval_s, "active": True}],
@@ -90,7 +89,7 @@ def render(config: FederationConfig, governance_path: Path, project: Path, appro
             {
                 "name": f"deploy-{site.id}",
                 "description": f"Verify the champion's signatures and provenance at site {site.id}, then load it.",
-                "entrypoint": "flows.deploy:deploy_flow",
+                "entrypoint": "quorum.flows.deploy:deploy_flow",
                 "work_pool": dict(pool),
                 "parameters": {"config_path": config_path, "governance_path": governance, "site_id": site.id},
             },

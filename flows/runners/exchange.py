@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from configs.errors import QuorumError
-from lineage.artifacts import ArtifactCorrupt, ArtifactStore
-from tasks.messages import Request
+from quorum.configs.errors import QuorumError
+from quorum.lineage.artifacts import ArtifactCorrupt, ArtifactStore
+from quorum.tasks.messages import Request
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from configs.errors import QuorumError
+from quorum.configs.errors import QuorumError
 
 DEFAULT_CONFIG = "configs/federation.yaml"
 DEFAULT_GOVERNANCE = "configs/governance.yaml"
@@ -211,13 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.demo(Path(args.config), Path(args.governance), verbose=args.verbose)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.run(
         Path(args.config),
@@ -232,7 +232,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.up(
         Path(args.config), Path(args.governance), Path(args.prefect_file), args.database, not args.no_site_workers
@@ -240,80 +240,80 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.worker(Path(args.config), args.site, args.api_url)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.status(Path(args.config))
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.down(Path(args.config))
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.render_infra(Path(args.config), Path(args.governance), Path(args.out), not args.no_demo_keys)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.synth(Path(args.config), overwrite=args.overwrite)
 
 
 def _cmd_data_push(args: argparse.Namespace) -> int:
-    from flows import data_commands
+    from quorum.cli import data_commands
 
     return data_commands.data_push(Path(args.config), args.site)
 
 
 def _cmd_data_example(args: argparse.Namespace) -> int:
-    from flows import data_commands
+    from quorum.cli import data_commands
 
     return data_commands.data_example(args.name, Path(args.out))
 
 
 def _cmd_contract_init(args: argparse.Namespace) -> int:
-    from flows import data_commands
+    from quorum.cli import data_commands
 
     out = Path(args.out) if args.out else None
     return data_commands.contract_init(Path(args.config), args.site, out, args.margin, args.overwrite)
 
 
 def _cmd_lineage(args: argparse.Namespace) -> int:
-    from flows import data_commands
+    from quorum.cli import data_commands
 
     return data_commands.lineage(Path(args.config), args.model, args.version)
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.preprocess_one(Path(args.config), args.site)
 
 
 def _cmd_keys_generate(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.keys_generate(args.name, Path(args.out), Path(args.config) if args.config else None)
 
 
 def _cmd_approve(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.approve(Path(args.config), Path(args.governance), args.model, args.version, Path(args.key))
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.rollback(
         Path(args.config), Path(args.governance), args.model, Path(args.key), args.to_version, args.reason, args.verbose
@@ -321,13 +321,13 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.deploy(Path(args.config), Path(args.governance), args.site, args.verbose)
 
 
 def _cmd_drift_check(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.drift_check(
         Path(args.config),
@@ -339,19 +339,19 @@ def _cmd_drift_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit_show(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.audit_show(Path(args.config))
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.audit_verify(Path(args.config))
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from flows import commands
+    from quorum.cli import commands
 
     return commands.ui(Path(args.config), args.port)
 

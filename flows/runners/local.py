@@ -17,14 +17,14 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from configs.errors import QuorumError
-from configs.schema import FederationConfig
-from evaluation.report import SiteEvaluation
-from tasks import site as site_work
-from tasks import site_secagg
-from tasks.model import Weights
-from tasks.site_secagg import MaskedUpdate
-from tasks.training import torch_threads
+from quorum.configs.errors import QuorumError
+from quorum.configs.schema import FederationConfig
+from quorum.evaluation.report import SiteEvaluation
+from quorum.tasks import site as site_work
+from quorum.tasks import site_secagg
+from quorum.tasks.model import Weights
+from quorum.tasks.site_secagg import MaskedUpdate
+from quorum.tasks.training import torch_threads
 
 T = TypeVar("T")
 

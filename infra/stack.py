@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from configs.errors import QuorumError, ToolError
-from configs.schema import FederationConfig, expand_secrets
-from flows.deployments import COORDINATOR_POOL, SITE_ROOT_ENV, site_pool
-from lineage.state import StateLayout
+from quorum.configs.errors import QuorumError, ToolError
+from quorum.configs.schema import FederationConfig, expand_secrets
+from quorum.infra.deployments import COORDINATOR_POOL, site_pool
+from quorum.lineage.state import SITE_ROOT_ENV, StateLayout
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -191,8 +191,8 @@ class Stack:
         """
         if self.config.storage.artifacts is None:
             return
-        from lineage.artifacts import federation_store
-        from lineage.s3_store import S3ArtifactStore
+        from quorum.lineage.artifacts import federation_store
+        from quorum.lineage.s3_store import S3ArtifactStore
 
         store = federation_store(self.config)
         assert isinstance(store, S3ArtifactStore)

@@ -13,16 +13,16 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from configs.errors import QuorumError, ReplyRejected
-from evaluation.drift import DriftSummary
-from evaluation.report import SiteEvaluation
-from flows.context import JobContext
-from flows.exchange import JobExchange
-from flows.runners import Reply, SecAggRound, SiteFailure, SiteRunner
-from tasks.messages import PUBLIC_KEY_BYTES, Request, evaluation_from_dict, fingerprint_from_dict
-from tasks.model import Weights
-from tasks.site import DataFingerprint, SiteUpdate
-from tasks.site_secagg import MaskedUpdate
+from quorum.configs.errors import QuorumError, ReplyRejected
+from quorum.evaluation.drift import DriftSummary
+from quorum.evaluation.report import SiteEvaluation
+from quorum.flows.context import JobContext
+from quorum.flows.runners.exchange import JobExchange
+from quorum.flows.runners.local import Reply, SecAggRound, SiteFailure, SiteRunner
+from quorum.tasks.messages import PUBLIC_KEY_BYTES, Request, evaluation_from_dict, fingerprint_from_dict
+from quorum.tasks.model import Weights
+from quorum.tasks.site import DataFingerprint, SiteUpdate
+from quorum.tasks.site_secagg import MaskedUpdate
 
 SESSION_FLOW = "site-session"
 POLL_S = 0.02

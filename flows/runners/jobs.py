@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from configs.errors import QuorumError
-from flows.preprocess import PreprocessResult
-from lineage.artifacts import ArtifactStore
-from tasks.messages import fingerprint_from_dict
-from tasks.model import Weights
+from quorum.configs.errors import QuorumError
+from quorum.flows.preprocess import PreprocessResult
+from quorum.lineage.artifacts import ArtifactStore
+from quorum.tasks.messages import fingerprint_from_dict
+from quorum.tasks.model import Weights
 
 
 @dataclass(frozen=True)

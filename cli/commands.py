@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from configs.errors import ConfigError, QuorumError
-from configs.schema import FederationConfig, GovernanceConfig, load_federation, load_governance
-from lineage.state import StateLayout, configure_environment, use_tracking_server
+from quorum.configs.errors import ConfigError, QuorumError
+from quorum.configs.schema import FederationConfig, GovernanceConfig, load_federation, load_governance
+from quorum.lineage.state import StateLayout, configure_environment, use_tracking_server
 
 
 def _prepare(config_path: Path) -> tuple[FederationConfig, StateLayout]:
@@ -66,7 +66,7 @@ class _OurLines(logging.Filter):
 
 def demo_keys(governance: GovernanceConfig, state: StateLayout) -> list[str]:
     """Create the demo approvers' key pairs on first use; return their private key paths."""
-    from lineage.keys import generate_key_pair
+    from quorum.lineage.keys import generate_key_pair
 
     keys = []
     for approver in governance.approvers:
@@ -84,7 +84,7 @@ def demo_keys(governance: GovernanceConfig, state: StateLayout) -> list[str]:
 
 
 def demo(config_path: Path, governance_path: Path, verbose: bool) -> int:
-    from tasks.synth import synth_federation
+    from quorum.tasks.synth import synth_federation
 
     config, state = _prepare(config_path)
     written = synth_federation(config)
@@ -117,7 +117,7 @@ def run(
 
 def _use_stack(config: FederationConfig, state: StateLayout) -> None:
     """Point this process at the servers `quorum up` started (before Prefect is imported)."""
-    from flows.stack import Stack
+    from quorum.infra.stack import Stack
 
     deployment = config.deployment
     if deployment.prefect_api_url:  # servers on another host
@@ -135,8 +135,8 @@ def _use_stack(config: FederationConfig, state: StateLayout) -> None:
 def worker(config_path: Path, site_id: str, api_url: str | None) -> int:
     """What a site host runs: its pool's worker, with only its own data root and credentials."""
     config, state = _prepare(config_path)
-    from flows.deployments import site_pool
-    from flows.stack import Stack
+    from quorum.infra.deployments import site_pool
+    from quorum.infra.stack import Stack
 
     stack = Stack(config, state)
     site = config.site(site_id)
@@ -163,8 +163,8 @@ def _run_and_report(
     resume: bool = False,
     only_if_changed: bool = False,
 ) -> int:
-    from flows.lifecycle import lifecycle
-    from flows.report import RoundProgress, print_summary
+    from quorum.cli.report import RoundProgress, print_summary
+    from quorum.flows.lifecycle import lifecycle
 
     _quiet_console(verbose)
     with RoundProgress():
@@ -189,7 +189,7 @@ def up(
     site_workers: bool = True,
 ) -> int:
     config, state = _prepare(config_path)
-    from flows.stack import Stack
+    from quorum.infra.stack import Stack
 
     stack = Stack(config, state, database)
     os.environ["PREFECT_API_URL"] = stack.prefect_url  # before anything imports Prefect
@@ -198,7 +198,7 @@ def up(
     print(f"starting Prefect on {stack.prefect_url} ({where}) and MLflow on {stack.mlflow_url} ...")
     stack.start_servers()
     stack.prepare_storage()
-    from flows.stack import deploy
+    from quorum.infra.stack import deploy
 
     pools = stack.ensure_pools()
     if not prefect_file.exists():
@@ -206,7 +206,7 @@ def up(
     print(f"deploying {prefect_file} ...")
     deploy(prefect_file, project, stack.base_env())
     stack.start_workers(project, site_workers)
-    from flows.deployments import COORDINATOR_POOL
+    from quorum.infra.deployments import COORDINATOR_POOL
 
     stack.wait_for_workers(pools if site_workers else [COORDINATOR_POOL], timeout_s=120)
     print(f"pools ready: {', '.join(pools)}" + ("" if site_workers else " (site workers: `quorum worker --site ID`)"))
@@ -219,7 +219,7 @@ def up(
 
 def status(config_path: Path) -> int:
     config, state = _prepare(config_path)
-    from flows.stack import Stack
+    from quorum.infra.stack import Stack
 
     stack = Stack(config, state)
     for service in stack.services():
@@ -229,7 +229,7 @@ def status(config_path: Path) -> int:
         print("the Prefect server is not running: `quorum up` starts everything")
         return 0
     os.environ["PREFECT_API_URL"] = stack.prefect_url
-    from flows.deployments import COORDINATOR_POOL, site_pool
+    from quorum.infra.deployments import COORDINATOR_POOL, site_pool
 
     pools, runs = stack.pool_report([COORDINATOR_POOL, *(site_pool(s) for s in config.site_ids)])
     for name, pool_status in pools.items():
@@ -241,14 +241,14 @@ def status(config_path: Path) -> int:
 
 def print_data_status(config: FederationConfig, state: StateLayout) -> None:
     """Which sites' committed data versions differ from the ones the champion was trained on."""
-    from lineage.staleness import champion_data, committed_data, compare_data, stale_sites
+    from quorum.lineage.staleness import champion_data, committed_data, compare_data, stale_sites
 
     current, source = committed_data({site.id: site.root for site in config.sites})
     if not os.environ.get("MLFLOW_TRACKING_URI") and not state.mlflow_db.exists():
         print(f"data: no champion of {config.model_name} yet (no tracking store), nothing can be stale")
         return
-    from lineage.staleness import champion_tags
-    from lineage.tracking import open_tracker
+    from quorum.lineage.staleness import champion_tags
+    from quorum.lineage.tracking import open_tracker
 
     version, tags = champion_tags(open_tracker(state, config.name), config.model_name)
     if version is None:
@@ -268,7 +268,7 @@ def print_data_status(config: FederationConfig, state: StateLayout) -> None:
 
 def down(config_path: Path) -> int:
     config, state = _prepare(config_path)
-    from flows.stack import Stack
+    from quorum.infra.stack import Stack
 
     stopped = Stack(config, state).stop()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -276,7 +276,7 @@ def down(config_path: Path) -> int:
 
 
 def render_infra(config_path: Path, governance_path: Path, out: Path, demo_keys: bool = True) -> int:
-    from flows.deployments import render, write
+    from quorum.infra.deployments import render, write
 
     config, state = _prepare(config_path)
     governance = load_governance(governance_path)
@@ -288,7 +288,7 @@ def render_infra(config_path: Path, governance_path: Path, out: Path, demo_keys:
 
 
 def synth(config_path: Path, overwrite: bool) -> int:
-    from tasks.synth import synth_federation
+    from quorum.tasks.synth import synth_federation
 
     config = load_federation(config_path)
     written = synth_federation(config, overwrite=overwrite)
@@ -301,7 +301,7 @@ def synth(config_path: Path, overwrite: bool) -> int:
 
 def preprocess_one(config_path: Path, site_id: str) -> int:
     """One site's stage, without Prefect: what ``dvc repro`` runs at a site."""
-    from tasks.site import preprocess_site
+    from quorum.tasks.site import preprocess_site
 
     config = load_federation(config_path)
     fingerprint = preprocess_site(config, config.site(site_id).id)
@@ -314,7 +314,7 @@ def preprocess_one(config_path: Path, site_id: str) -> int:
 
 
 def raise_contract(site_id: str, detail: str) -> None:
-    from configs.errors import ContractFailed
+    from quorum.configs.errors import ContractFailed
 
     raise ContractFailed(
         f"site {site_id}: {detail}", fix="fix the data at the site (its previous processed data is unchanged)"
@@ -323,7 +323,7 @@ def raise_contract(site_id: str, detail: str) -> None:
 
 def keys_generate(name: str, out: Path, config_path: Path | None = None) -> int:
     """Create a key pair; with a federation config, also record the new key in its audit log."""
-    from lineage.keys import generate_key_pair
+    from quorum.lineage.keys import generate_key_pair
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
         raise ConfigError(
@@ -338,8 +338,8 @@ def keys_generate(name: str, out: Path, config_path: Path | None = None) -> int:
     generate_key_pair(private, public)
     print(f"private key: {private} (mode 0600, keep it secret)\npublic key:  {public} (add it to governance.yaml)")
     if config is not None:
-        from lineage.audit import AuditLog
-        from lineage.keys import public_key_fingerprint
+        from quorum.lineage.audit import AuditLog
+        from quorum.lineage.keys import public_key_fingerprint
 
         fingerprint = public_key_fingerprint(public)
         details = {"approver": name, "fingerprint": fingerprint, "public_key": str(public.resolve())}
@@ -356,11 +356,11 @@ def approve(config_path: Path, governance_path: Path, model: str, version: str, 
             f"this federation registers {config.model_name!r}, not {model!r}",
             fix=f"quorum approve {config.model_name} --version {version} --key ...",
         )
-    from flows.context import load_context
-    from lineage.keys import approver_for_private_key
-    from lineage.registry import fetch_files, model_key, sign_version, signatures_key
-    from lineage.signing import check_quorum
-    from lineage.tracking import set_version_tags
+    from quorum.flows.context import load_context
+    from quorum.lineage.keys import approver_for_private_key
+    from quorum.lineage.registry import fetch_files, model_key, sign_version, signatures_key
+    from quorum.lineage.signing import check_quorum
+    from quorum.lineage.tracking import set_version_tags
 
     approver = approver_for_private_key(key, governance)
     _require_usable_key(governance, approver)
@@ -369,7 +369,7 @@ def approve(config_path: Path, governance_path: Path, model: str, version: str, 
         ctx.tracker.client.get_model_version(model, version)
     except Exception as exc:  # MLflow raises RestException for an unknown version
         raise ConfigError(f"{model} has no version {version}", fix="see the versions with `quorum ui`") from exc
-    from lineage.provenance import verify_provenance
+    from quorum.lineage.provenance import verify_provenance
 
     verify_provenance(fetch_files(ctx.tracker, ctx.store, model, version), model, version)  # sign only what it claims
     [signature] = sign_version(ctx.store, model, version, [(approver, key)])
@@ -380,7 +380,7 @@ def approve(config_path: Path, governance_path: Path, model: str, version: str, 
     )
     print(f"{approver} signed {model} v{version}: {len(quorum.valid_approvers)} of {quorum.required} approvals")
     if quorum.met:
-        from flows.promote import promote_approved
+        from quorum.flows.promote import promote_approved
 
         promote_approved(ctx, version)
         print(f"{model} v{version} is now the champion")
@@ -388,8 +388,8 @@ def approve(config_path: Path, governance_path: Path, model: str, version: str, 
 
 
 def _require_usable_key(governance: GovernanceConfig, approver: str) -> None:
-    from configs.errors import NotPermitted
-    from lineage.signing import today_utc
+    from quorum.configs.errors import NotPermitted
+    from quorum.lineage.signing import today_utc
 
     problem = governance.approver(approver).key_problem(today_utc())
     if problem:
@@ -412,8 +412,8 @@ def rollback(
             f"this federation registers {config.model_name!r}, not {model!r}",
             fix=f"quorum rollback {config.model_name} --key ...",
         )
-    from flows.context import load_context
-    from flows.governance import rollback_flow
+    from quorum.flows.context import load_context
+    from quorum.flows.governance import rollback_flow
 
     _quiet_console(verbose)
     result = rollback_flow(load_context(str(config_path), str(governance_path)), key, to_version, reason)
@@ -429,7 +429,7 @@ def deploy(config_path: Path, governance_path: Path, site_id: str, verbose: bool
     config, _ = _prepare(config_path)
     load_governance(governance_path)
     config.site(site_id)
-    from flows.deploy import deploy_flow
+    from quorum.flows.deploy import deploy_flow
 
     _quiet_console(verbose)
     deployment = deploy_flow(str(config_path.resolve()), str(governance_path.resolve()), site_id)
@@ -453,7 +453,7 @@ def drift_check(
     load_governance(governance_path)
     if trigger and not os.environ.get("PREFECT_API_URL"):
         _use_running_stack(config, state)
-    from flows.drift_check import drift_check_flow
+    from quorum.flows.drift_check import drift_check_flow
 
     _quiet_console(verbose)
     result = drift_check_flow(
@@ -481,8 +481,8 @@ def drift_check(
 
 def _use_running_stack(config: FederationConfig, state: StateLayout) -> None:
     """Point this process at the Prefect and MLflow servers of `quorum up`, or explain that retraining needs them."""
-    from configs.errors import NotDeployed
-    from flows.stack import Stack
+    from quorum.configs.errors import NotDeployed
+    from quorum.infra.stack import Stack
 
     stack = Stack(config, state)
     if not stack.service("prefect-server").alive():
@@ -497,7 +497,7 @@ def _use_running_stack(config: FederationConfig, state: StateLayout) -> None:
 
 
 def audit_show(config_path: Path) -> int:
-    from lineage.audit import AuditLog
+    from quorum.lineage.audit import AuditLog
 
     config = load_federation(config_path)
     for entry in AuditLog(StateLayout(config.state_dir).audit_log).entries():
@@ -506,7 +506,7 @@ def audit_show(config_path: Path) -> int:
 
 
 def audit_verify(config_path: Path) -> int:
-    from lineage.audit import AuditLog
+    from quorum.lineage.audit import AuditLog
 
     config = load_federation(config_path)
     count = AuditLog(StateLayout(config.state_dir).audit_log).verify()

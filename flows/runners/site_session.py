@@ -19,14 +19,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from configs.errors import ConfigError, QuorumError
-from configs.schema import FederationConfig, load_federation
-from flows.deployments import SITE_ROOT_ENV
-from flows.exchange import JobExchange
-from lineage.artifacts import LocalArtifactStore, federation_store
-from tasks import site as site_work
-from tasks import site_secagg
-from tasks.messages import Request
+from quorum.configs.errors import ConfigError, QuorumError
+from quorum.configs.schema import FederationConfig, load_federation
+from quorum.flows.runners.exchange import JobExchange
+from quorum.lineage.artifacts import LocalArtifactStore, federation_store
+from quorum.lineage.state import SITE_ROOT_ENV
+from quorum.tasks import site as site_work
+from quorum.tasks import site_secagg
+from quorum.tasks.messages import Request
 
 POLL_S = 0.05
 HEARTBEAT_S = 1.0
@@ -142,7 +142,7 @@ def warm_up() -> None:
     import evidently  # noqa: F401
     import great_expectations  # noqa: F401
 
-    import tasks.training  # noqa: F401  (torch)
+    import quorum.tasks.training  # noqa: F401  (torch)
 
 
 @flow(name="site-session")
