@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from quorum.configs.errors import ConfigError, QuorumError, ToolError
-from quorum.lineage.artifacts import check_key
+from quorum.lineage.store_base import check_key
 
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _TRANSIENT_CODES = frozenset(

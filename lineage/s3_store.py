@@ -21,15 +21,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from quorum.configs.errors import ConfigError
-from quorum.lineage.artifacts import (
-    ArtifactCorrupt,
-    ArtifactMissing,
-    ArtifactStore,
-    StoreUnavailable,
-    check_key,
-    file_sha256,
-    sha256_bytes,
-)
 from quorum.lineage.s3_errors import (
     MISSING_KEY_CODES,
     BucketMissing,
@@ -40,6 +31,15 @@ from quorum.lineage.s3_errors import (
     is_transient,
     parse_s3_url,
     refusal,
+)
+from quorum.lineage.store_base import (
+    ArtifactCorrupt,
+    ArtifactMissing,
+    ArtifactStore,
+    StoreUnavailable,
+    check_key,
+    file_sha256,
+    sha256_bytes,
 )
 
 __all__ = ["BucketMissing", "S3ArtifactStore", "StoreAccessDenied", "StoreUrlInvalid", "parse_s3_url"]
