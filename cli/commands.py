@@ -167,7 +167,7 @@ def _run_and_report(
     from quorum.flows.lifecycle import lifecycle
 
     _quiet_console(verbose)
-    with RoundProgress():
+    with RoundProgress() as progress:
         result = lifecycle(
             config_path=str(config_path.resolve()),
             governance_path=str(governance_path.resolve()),
@@ -176,6 +176,7 @@ def _run_and_report(
             runner="pool" if runner == "pool" else "local",
             resume=resume,
             only_if_changed=only_if_changed,
+            on_round=progress,
         )
     print_summary(result)
     return 0

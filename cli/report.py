@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 from types import TracebackType
-from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
@@ -12,6 +10,7 @@ from rich.table import Table
 
 from quorum.flows.lifecycle import LifecycleResult
 from quorum.flows.promote import describe_pending
+from quorum.flows.tuning import RoundDone
 
 
 def _figures(result: LifecycleResult) -> list[tuple[str, str, str]]:
@@ -76,37 +75,34 @@ def print_summary(result: LifecycleResult, console: Console | None = None) -> No
     console.print("look at it: `quorum ui` (MLflow model browser), `quorum audit show`")
 
 
-class RoundProgress(logging.Handler):
-    """A progress bar per training job, fed by the tune flow's per-round log records.
+class RoundProgress:
+    """A progress bar for the tuning rounds, fed by the tune flow's per-round callback (``on_round``).
 
-    The flow only logs (that is what the Prefect UI shows); the terminal view listens to the same
-    records, so the flow needs no knowledge of who is watching.
+    The flow calls it with a typed ``RoundDone`` after each round; it never reads the flow's logs.
     """
 
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
+    def __init__(self, console: Console | None = None) -> None:
         self.progress = Progress(
-            TextColumn("tuning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}")
+            TextColumn("tuning"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            console=console,
         )
         self.task: TaskID | None = None
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if not (isinstance(record.msg, str) and record.msg.startswith("round %d/%d") and record.args):
-            return
-        args: tuple[Any, ...] = record.args if isinstance(record.args, tuple) else ()
-        server_round, rounds = int(args[0]), int(args[1])
-        detail = f"accuracy {float(args[4]):.3f}, AUC {float(args[5]):.3f}" if len(args) >= 6 else ""
+    def __call__(self, done: RoundDone) -> None:
+        figures = (("accuracy", done.accuracy), ("AUC", done.auc))
+        detail = ", ".join(f"{name} {value:.3f}" for name, value in figures if value is not None)
         if self.task is None:
-            self.task = self.progress.add_task("tune", total=rounds, detail=detail)
-        self.progress.update(self.task, completed=server_round, detail=detail)
+            self.task = self.progress.add_task("tune", total=done.total_rounds, detail=detail)
+        self.progress.update(self.task, completed=done.server_round, detail=detail)
 
     def __enter__(self) -> RoundProgress:
         self.progress.start()
-        logging.getLogger("prefect.flow_runs").addHandler(self)
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        logging.getLogger("prefect.flow_runs").removeHandler(self)
         self.progress.stop()

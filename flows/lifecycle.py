@@ -21,7 +21,7 @@ from quorum.flows.preprocess import PreprocessResult, preprocess_flow
 from quorum.flows.promote import PromotionResult, promote_flow
 from quorum.flows.runners.jobs import JobRecord, load_job, save_job
 from quorum.flows.runners.local import LocalRunner, SiteRunner
-from quorum.flows.tuning import TuningResult, tune_flow
+from quorum.flows.tuning import OnRound, TuningResult, tune_flow
 from quorum.lineage.keys import approver_for_private_key
 from quorum.lineage.provenance import SiteEvidence
 from quorum.tasks.features import feature_names
@@ -142,6 +142,7 @@ def run_lifecycle(
     *,
     resume: bool = False,
     only_if_changed: bool = False,
+    on_round: OnRound | None = None,
 ) -> LifecycleResult:
     commit = git_commit(CODE_ROOT)
     keys = [(approver_for_private_key(Path(k), ctx.governance), Path(k)) for k in approver_keys]
@@ -173,7 +174,7 @@ def run_lifecycle(
         with _stage(ctx, result, "tune") as run_id:
             ctx.tracker.log_data_versions(run_id, versions)
             usable = {s: prep.fingerprints[s] for s in prep.usable_sites}
-            result.tuning = tuning = tune_flow(ctx, runner, usable, run_id, resume)
+            result.tuning = tuning = tune_flow(ctx, runner, usable, run_id, resume, on_round)
         with _stage(ctx, result, "evaluate") as run_id:
             result.evaluation = evaluation = evaluate_flow(ctx, runner, tuning.weights, usable, run_id)
         with _stage(ctx, result, "promote") as run_id:
@@ -210,6 +211,7 @@ def lifecycle(
     force: bool = False,
     only_if_changed: bool | None = None,
     reason: str = "",
+    on_round: OnRound | None = None,
 ) -> LifecycleResult:
     """Run every stage for one federation.
 
@@ -223,6 +225,9 @@ def lifecycle(
 
     ``reason`` says why the run was started (the drift-check flow puts its retraining decision here,
     so the Prefect UI shows it with the run's parameters); it changes nothing else.
+
+    ``on_round`` is called after each tuning round with a ``RoundDone`` (``quorum run`` draws its
+    progress bar from it); runs started from a deployment have no watcher.
     """
     if reason:
         get_run_logger().info("started because: %s", reason)
@@ -235,7 +240,9 @@ def lifecycle(
     else:
         site_runner = LocalRunner(ctx.config)
     check = not force and (_started_by_schedule() if only_if_changed is None else only_if_changed)
-    result = run_lifecycle(ctx, site_runner, list(approver_keys or []), resume=resume, only_if_changed=check)
+    result = run_lifecycle(
+        ctx, site_runner, list(approver_keys or []), resume=resume, only_if_changed=check, on_round=on_round
+    )
     if result.unchanged_since is not None:
         get_run_logger().info(
             "nothing changed since champion v%s: training skipped (force=True trains anyway)", result.unchanged_since

@@ -8,6 +8,7 @@ privacy is chosen in ``quorum.flows.rounds``; the maths lives in ``tasks``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,21 @@ class RoundRecord:
     metrics: dict[str, float]
     sampled: tuple[str, ...] = ()
     epsilon: float | None = None  # privacy spent after this round, with DP on
+
+
+@dataclass(frozen=True)
+class RoundDone:
+    """One finished round, as a watcher sees it (the CLI's progress bar); the flow never knows who watches."""
+
+    server_round: int
+    total_rounds: int  # as configured: a privacy budget may stop the job earlier
+    num_sites: int  # replies aggregated this round
+    train_loss: float
+    accuracy: float | None  # None when no site could score the new model
+    auc: float | None
+
+
+OnRound = Callable[[RoundDone], None]
 
 
 @dataclass(frozen=True)
@@ -92,7 +108,9 @@ def tune_flow(
     fingerprints: dict[str, DataFingerprint],
     run_id: str,
     resume: bool = False,
+    on_round: OnRound | None = None,
 ) -> TuningResult:
+    """Train ``training.rounds`` rounds; ``on_round`` (if given) is called once after each round's checkpoint."""
     logger = get_run_logger()
     config, training = ctx.config, ctx.config.training
     site_ids = sorted(fingerprints)
@@ -170,6 +188,17 @@ def tune_flow(
             metrics.get("accuracy", np.nan),
             metrics.get("auc", np.nan),
         )
+        if on_round is not None:
+            on_round(
+                RoundDone(
+                    server_round,
+                    training.rounds,
+                    len(accepted),
+                    train_loss,
+                    metrics.get("accuracy"),
+                    metrics.get("auc"),
+                )
+            )
     method = training.strategy if training.aggregation == "mean" else f"{training.strategy}, {training.aggregation}"
     return TuningResult(weights, tuple(records), feature_mean, stopped_early, method)
 

@@ -22,7 +22,7 @@ import pytest
 from quorum.configs.errors import ConfigError, SiteDataError
 from quorum.flows.context import JobContext, load_context
 from quorum.flows.runners.local import LocalRunner, SecAggRound
-from quorum.flows.tuning import TuningResult, start_weights, tune_flow
+from quorum.flows.tuning import OnRound, RoundDone, TuningResult, start_weights, tune_flow
 from quorum.tasks import site as site_work
 from quorum.tasks.model import Weights
 from quorum.tasks.privacy import epsilon_spent
@@ -85,10 +85,17 @@ def context(fed: Federation, job_id: str, rounds: int, training: dict[str, Any])
     return load_context(str(path), str(fed.governance), job_id)
 
 
-def tune(fed: Federation, job_id: str, rounds: int = 2, runner: LocalRunner | None = None, **training: Any) -> Tuned:
+def tune(
+    fed: Federation,
+    job_id: str,
+    rounds: int = 2,
+    runner: LocalRunner | None = None,
+    on_round: OnRound | None = None,
+    **training: Any,
+) -> Tuned:
     ctx = context(fed, job_id, rounds, training)
     run_id = ctx.tracker.start_run("tune", tags={"quorum.job_id": job_id})
-    result = tune_flow(ctx, runner or LocalRunner(ctx.config), fed.fingerprints, run_id)
+    result = tune_flow(ctx, runner or LocalRunner(ctx.config), fed.fingerprints, run_id, on_round=on_round)
     return Tuned(ctx, run_id, result)
 
 
@@ -199,8 +206,9 @@ def test_a_garbage_reply_is_rejected_with_its_reason_and_the_round_goes_on(
         return garbage(update, weights) if site_id == "delta" else update
 
     monkeypatch.setattr(site_work, "train_site", delta_sends_garbage)
+    progress: list[RoundDone] = []
 
-    tuned = tune(federation, f"garbage-{garbage.__name__}", **training)
+    tuned = tune(federation, f"garbage-{garbage.__name__}", on_round=progress.append, **training)
 
     records = tuned.result.rounds
     assert len(records) == 2
@@ -211,6 +219,7 @@ def test_a_garbage_reply_is_rejected_with_its_reason_and_the_round_goes_on(
     artifact = tuned.ctx.tracker.client.download_artifacts(tuned.run_id, "rounds/0001/rejected.json")
     assert reason in json.loads(Path(artifact).read_text())["delta"]
     assert records[-1].metrics["auc"] > 0.7  # the model trained on the honest sites
+    assert [(p.server_round, p.total_rounds, p.num_sites) for p in progress] == [(1, 2, 3), (2, 2, 3)]
 
 
 # --- differential privacy -------------------------------------------------------------------------------
@@ -222,7 +231,9 @@ def test_dp_training_stops_before_the_budget_would_be_exceeded(federation: Feder
     budget = (epsilon_spent(noise, 1.0, 2, delta) + epsilon_spent(noise, 1.0, 3, delta)) / 2
     privacy = {"enabled": True, "clip_norm": 2.0, "noise_multiplier": noise, "delta": delta, "epsilon_budget": budget}
 
-    tuned = tune(federation, "dp-budget", rounds=5, privacy=privacy)
+    progress: list[RoundDone] = []
+
+    tuned = tune(federation, "dp-budget", rounds=5, on_round=progress.append, privacy=privacy)
 
     result = tuned.result
     assert [r.server_round for r in result.rounds] == [1, 2]
@@ -233,6 +244,10 @@ def test_dp_training_stops_before_the_budget_would_be_exceeded(federation: Feder
     assert tags["privacy.budget_exhausted"] == "true" and tags["privacy.stopped_after_round"] == "2"
     assert "privacy budget: round 3 would bring epsilon" in result.stopped_early
     assert any("training stops after round 2" in line for line in flow_logs)
+    # the progress callback saw each round that ran, out of the 5 configured, and nothing after the stop
+    assert progress == [
+        RoundDone(r.server_round, 5, 4, r.train_loss, r.metrics["accuracy"], r.metrics["auc"]) for r in result.rounds
+    ]
 
 
 # --- fine-tuning from a checkpoint ----------------------------------------------------------------------
