@@ -1,5 +1,15 @@
-"""Shared fixtures. Prefect and MLflow are pointed at a throw-away folder before either is imported,
-so no test touches the user's home, a running server or the repository's own state."""
+"""Shared fixtures and the test tiers. Prefect and MLflow are pointed at a throw-away folder before
+either is imported, so no test touches the user's home, a running server or the repository's own state.
+
+Every test lands in exactly one tier (markers registered in pyproject.toml):
+
+- ``integration``: starts real servers or tools in their own processes (the quorum CLI, dvc, an S3
+  server); marked by hand with ``@pytest.mark.integration``, or by using an S3 server fixture;
+- ``flow``: runs Prefect flows against the session's temporary Prefect API (``prefect_harness``);
+- ``unit``: everything else, in-process with no API.
+
+``pytest -m "not integration"`` is the quick loop; ``pytest -m unit`` the quickest.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +30,33 @@ os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 REPO = Path(__file__).resolve().parent.parent
+
+TIERS = ("unit", "flow", "integration")
+# fixtures that start a real server in its own process: a test using one is an integration test
+SERVER_FIXTURES = frozenset({"s3_endpoint", "bucket", "flaky_proxy"})
+
+
+def tier(marked: set[str], fixtures: set[str]) -> str:
+    """The one tier of a test: an explicit tier marker wins, then what its fixtures start."""
+    explicit = [name for name in TIERS if name in marked]
+    if len(explicit) > 1:
+        raise pytest.UsageError(f"a test has more than one tier marker: {', '.join(explicit)}")
+    if explicit:
+        return explicit[0]
+    if fixtures & SERVER_FIXTURES:
+        return "integration"
+    if "prefect_harness" in fixtures:
+        return "flow"
+    return "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marked = {mark.name for mark in item.iter_markers()}
+        fixtures = set(getattr(item, "fixturenames", ()))
+        chosen = tier(marked, fixtures)
+        if chosen not in marked:
+            item.add_marker(chosen)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from quorum.configs.errors import ConfigError, UnknownSite
-from quorum.configs.schema import FederationConfig, load_federation, load_governance
+from quorum.configs.schema import load_federation, load_governance
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -409,9 +409,14 @@ def test_config_hash_changes_with_a_knob(tmp_path: Path, change: dict[str, objec
 def test_config_is_frozen(tmp_path: Path) -> None:
     config = load_federation(write(tmp_path, "federation.yaml", MINIMAL))
 
+    seed, rounds = config.seed, config.training.rounds
+
     with pytest.raises(ValueError, match="frozen"):
-        config.seed = 3  # type: ignore[misc]
-    assert isinstance(config, FederationConfig)
+        config.seed = seed + 1  # type: ignore[misc]
+    with pytest.raises(ValueError, match="frozen"):
+        config.training.rounds = rounds + 1  # type: ignore[misc]  # nested sections are frozen too
+    assert (config.seed, config.training.rounds) == (seed, rounds)
+    assert config.config_hash() == load_federation(tmp_path / "federation.yaml").config_hash()
 
 
 def test_duplicate_site_ids_are_rejected(tmp_path: Path) -> None:

@@ -108,6 +108,7 @@ def test_sign_and_verify_roundtrip(model: Path, sigs: Path, keys: dict[str, tupl
     assert sorted(p.name for p in sigs.iterdir()) == ["alice.sig"]  # written atomically, no temp left
 
 
+@pytest.mark.integration  # runs the model-signing CLI in its own process
 def test_model_signing_cli_verifies_our_signature(model: Path, sigs: Path, keys: dict[str, tuple[Path, Path]]) -> None:
     signature = approve(model, sigs, keys, "alice")
     ok = cli_verify(model, signature, keys["alice"][1])
@@ -171,6 +172,7 @@ def test_signature_inside_model_dir_is_refused(model: Path, keys: dict[str, tupl
     assert not (model / "alice.sig").exists()
 
 
+@pytest.mark.integration  # signs with the model-signing CLI in its own process
 def test_signature_that_skips_model_files_is_rejected(
     model: Path, sigs: Path, keys: dict[str, tuple[Path, Path]]
 ) -> None:

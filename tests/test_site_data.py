@@ -130,8 +130,14 @@ def test_require_columns_names_the_missing_ones(tmp_path: Path) -> None:
     assert str(path) in caught.value.message
 
 
-def test_require_columns_accepts_a_complete_frame(tmp_path: Path) -> None:
-    require_columns(raw_frame(), ["age", "churned"], tmp_path / "train.csv", "north")
+def test_require_columns_accepts_a_complete_frame_and_matches_names_exactly(tmp_path: Path) -> None:
+    frame = raw_frame()
+    before = frame.copy()
+
+    assert require_columns(frame, list(frame.columns), tmp_path / "train.csv", "north") is None
+    pd.testing.assert_frame_equal(frame, before)  # checking drops, renames or reorders nothing
+    with pytest.raises(SiteDataError, match=r"lacks column\(s\) Age$"):
+        require_columns(frame, ["age", "Age"], tmp_path / "train.csv", "north")  # case counts: no fuzzy match
 
 
 # --- PII and cleaning --------------------------------------------------------------------------
