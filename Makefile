@@ -1,12 +1,15 @@
 # Two commands: `make demo` and `make test`. Both set up .venv on first use only.
-# The install is the locked set in requirements.lock (`make lock` writes it), installed with uv when
-# it is on PATH or can be installed into the venv, with plain pip as the fallback. torch is installed
-# first with pip, pinned to the CPU wheel: uv and an unpinned resolver would pull the CUDA build.
+# The install is the locked set in requirements.lock (`make lock` writes it) plus torch's CPU build,
+# installed with uv when it is on PATH or can be installed into the venv, with plain pip as the fallback.
+# torch is pinned to its CPU wheel by its local version (+cpu): an unpinned resolver would pull the CUDA build.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 UV_VERSION := 0.13.9
+TORCH := torch==2.13.0+cpu
+# where that CPU wheel comes from: the wheel folder pip is configured with, else PyTorch's CPU index page
+TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
 
 .PHONY: setup demo test lint bench lock clean
 
@@ -14,17 +17,17 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	@if command -v uv >/dev/null 2>&1; then uv=uv; \
 	elif $(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"; then uv=$(BIN)/uv; \
 	else uv=""; fi; \
 	if [ -n "$$uv" ]; then \
 		echo "installing the locked set with $$uv"; \
-		$$uv pip install --quiet --python $(BIN)/python -r requirements.lock && \
+		$$uv pip install --quiet --python $(BIN)/python --find-links "$(TORCH_FIND_LINKS)" "$(TORCH)" \
+			-r requirements.lock && \
 		$$uv pip install --quiet --python $(BIN)/python --no-deps -e .; \
 	else \
 		echo "uv unavailable: installing the locked set with pip"; \
-		$(BIN)/python -m pip install --quiet -r requirements.lock && \
+		$(BIN)/python -m pip install --quiet --find-links "$(TORCH_FIND_LINKS)" "$(TORCH)" -r requirements.lock && \
 		$(BIN)/python -m pip install --quiet --no-deps -e .; \
 	fi
 	touch $(STAMP)
@@ -53,9 +56,9 @@ lint: setup
 # left out of the lock and installed from its pinned CPU wheel).
 lock:
 	@command -v uv >/dev/null 2>&1 || $(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
-	echo "torch==2.13.0+cpu" > $(VENV)/torch-override.txt
+	echo "$(TORCH)" > $(VENV)/torch-override.txt
 	$$(command -v uv || echo $(BIN)/uv) pip compile pyproject.toml --extra dev --python-version 3.11 \
-		--python-platform x86_64-manylinux_2_28 --find-links /opt/wheels --override $(VENV)/torch-override.txt \
+		--python-platform x86_64-manylinux_2_28 --find-links "$(TORCH_FIND_LINKS)" --override $(VENV)/torch-override.txt \
 		--no-emit-package torch --custom-compile-command "make lock" -o requirements.lock
 
 bench: setup
