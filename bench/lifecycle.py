@@ -9,8 +9,8 @@ out, no PII columns, no HTML drift report) and a governance file with two approv
 (a) ``quorum run --force`` as a subprocess, timed from launch to exit: preprocess (Great Expectations
     contract), tune, evaluate, promote (MLflow, provenance, two signatures), monitor (drift). With
     ``--runner local`` (default) the sites run in that process and the command starts its own temporary
-    Prefect API; ``--runner pool`` dispatches to each site's work pool and needs ``quorum up`` running
-    for the generated federation (the script prints the command and waits for it).
+    Prefect API; ``--runner pool`` dispatches to each site's work pool: the script starts ``quorum up`` for the
+    generated federation first (on free loopback ports, not timed) and ``quorum down`` at the end.
 (b) Plain torch: the same 10 rounds of local training and FedAvg with state dicts
     (``bench/tuning.py``'s loop), plus each round's evaluation on every site's held-out rows.
 
@@ -29,6 +29,7 @@ import argparse
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,8 @@ def write_federation(root: Path) -> tuple[Path, Path, list[Path]]:
         },
         "gates": {"min_accuracy": 0.8, "min_auc": 0.8, "max_selection_rate_gap": None},
         "drift": {"html_report": False},
+        # free loopback ports for `--runner pool` (`quorum up`), so no other server's port is taken
+        "deployment": {"prefect_port": _free_port(), "mlflow_port": _free_port()},
     }
     keys = []
     for name in APPROVERS:
@@ -94,6 +97,12 @@ def write_federation(root: Path) -> tuple[Path, Path, list[Path]]:
     config.write_text(yaml.safe_dump(federation, sort_keys=False), encoding="utf-8")
     governance_path.write_text(yaml.safe_dump(governance, sort_keys=False), encoding="utf-8")
     return config, governance_path, keys
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _current_windows(names: list[str]) -> list[np.ndarray]:
@@ -126,7 +135,7 @@ def quorum_run(
     command += ["--runner", runner]
     for key in keys:
         command += ["--approve-with", str(key)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI"))}
+    env = _env()
     env["COLUMNS"] = "200"  # one table row per line, so the stage seconds can be read back
     started = time.perf_counter()
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=False)
@@ -219,8 +228,8 @@ def main() -> None:
             f"local epoch; runner {args.runner}; federation in {root}"
         )
         if args.runner == "pool":
-            print(f"pool runner: start the stack first: cd {root} && {QUORUM} up --config {config}")
-            input("press Enter once `quorum up` is ready ")
+            print("pool runner: starting the stack (`quorum up`, not timed) ...")
+            _quorum(root, "up", "--config", str(config), "--governance", str(governance))
         sites = tuning.make_sites()
         plain_run(sites[:1])  # warm-up: torch's first-call costs stay out of the timings
         first, first_stages = quorum_run(root, config, governance, keys, args.runner)
@@ -242,8 +251,21 @@ def main() -> None:
                 f"plain median {statistics.median(p for _, p in pairs):.2f} s)"
             )
     finally:
+        if args.runner == "pool" and (root / "federation.yaml").exists():
+            _quorum(root, "down", "--config", str(root / "federation.yaml"))
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _quorum(root: Path, *argv: str) -> None:
+    done = subprocess.run([str(QUORUM), *argv], cwd=root, env=_env(), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"quorum {argv[0]} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+
+def _env() -> dict[str, str]:
+    """This shell's environment without a Prefect or MLflow server of its own: the federation's are used."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI"))}
 
 
 def _stages(stages: dict[str, float]) -> str:
