@@ -43,6 +43,17 @@ def _local_api(state: StateLayout) -> TemporaryApi | None:
     return api
 
 
+def _open_tracking_store(config_path: Path, api: TemporaryApi | None) -> None:
+    """While the temporary Prefect API starts: import MLflow and open (on a first run, create) the tracking
+    store, which the job opens again at once; otherwise both would wait for the API, one after the other."""
+    if api is None or api.ready:
+        return
+    from quorum.lineage.tracking import open_tracker
+
+    config = load_federation(config_path)
+    open_tracker(StateLayout(config.state_dir), config.name)
+
+
 def _wait_for_api(api: TemporaryApi | None) -> None:
     if api is not None:
         api.wait()
@@ -223,6 +234,7 @@ def _run_and_report(
     from quorum.flows.lifecycle import lifecycle
 
     _quiet_console(verbose)
+    _open_tracking_store(config_path, api)
     _wait_for_api(api)
     with RoundProgress():
         result = lifecycle(
