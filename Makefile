@@ -2,6 +2,8 @@
 # The install is the locked set in requirements.lock (`make lock` writes it) plus torch's CPU build,
 # installed with uv when it is on PATH or can be installed into the venv, with plain pip as the fallback.
 # torch is pinned to its CPU wheel by its local version (+cpu): an unpinned resolver would pull the CUDA build.
+# uv compiles the bytecode at install (--compile-bytecode), as pip does: otherwise the first command
+# after a fresh install compiles every module it imports (over a minute on a busy 2-core machine).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml requirements.lock
 	else uv=""; fi; \
 	if [ -n "$$uv" ]; then \
 		echo "installing the locked set with $$uv"; \
-		$$uv pip install --quiet --python $(BIN)/python --find-links "$(TORCH_FIND_LINKS)" "$(TORCH)" \
+		$$uv pip install --quiet --compile-bytecode --python $(BIN)/python --find-links "$(TORCH_FIND_LINKS)" "$(TORCH)" \
 			-r requirements.lock && \
 		$$uv pip install --quiet --python $(BIN)/python --no-deps -e .; \
 	else \

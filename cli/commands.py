@@ -9,10 +9,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quorum.configs.errors import ConfigError, QuorumError
 from quorum.configs.schema import FederationConfig, GovernanceConfig, load_federation, load_governance
 from quorum.lineage.state import StateLayout, configure_environment, use_tracking_server
+
+if TYPE_CHECKING:
+    from quorum.infra.local_api import TemporaryApi
 
 
 def _prepare(config_path: Path) -> tuple[FederationConfig, StateLayout]:
@@ -22,6 +26,49 @@ def _prepare(config_path: Path) -> tuple[FederationConfig, StateLayout]:
     configure_environment(state)
     use_tracking_server(state, config.deployment.mlflow_tracking_uri)
     return config, state
+
+
+def _local_api(state: StateLayout) -> TemporaryApi | None:
+    """Start this command's temporary Prefect API now, so it comes up while the rest loads (before Prefect
+    is imported); ``None`` when a server is configured. Say so when the first run creates its database."""
+    from quorum.infra.local_api import start_temporary_api
+
+    api = start_temporary_api(state)
+    if api is not None and api.first_run:
+        print(
+            "first run of this federation: preparing its local Prefect database "
+            "(this can take a minute on a busy machine; later runs start faster)",
+            flush=True,
+        )
+    return api
+
+
+def _open_tracking_store(config_path: Path, api: TemporaryApi | None) -> None:
+    """While the temporary Prefect API starts: import MLflow and open (on a first run, create) the tracking
+    store, which the job opens again at once; otherwise both would wait for the API, one after the other."""
+    if api is None or api.ready:
+        return
+    from quorum.lineage.tracking import open_tracker
+
+    config = load_federation(config_path)
+    open_tracker(StateLayout(config.state_dir), config.name)
+
+
+def _wait_for_api(api: TemporaryApi | None) -> None:
+    if api is not None:
+        api.wait()
+
+
+def _require_key_files(keys: list[Path] | list[str], option: str) -> None:
+    """An approver key must be a readable file: a folder or a missing path gets an error and a fix."""
+    for key in map(Path, keys):
+        if key.is_dir():
+            raise ConfigError(
+                f"{option} {key} is a folder, not a private key file",
+                fix=f"pass the key file itself, e.g. {option} {key / 'NAME.key'} (`quorum keys generate` writes it)",
+            )
+        if not key.is_file():
+            raise ConfigError(f"private key {key} does not exist", fix=f"pass the path of your .key file with {option}")
 
 
 def _quiet_console(verbose: bool) -> None:
@@ -83,17 +130,18 @@ def demo_keys(governance: GovernanceConfig, state: StateLayout) -> list[str]:
     return keys
 
 
-def demo(config_path: Path, governance_path: Path, verbose: bool) -> int:
+def demo(config_path: Path, governance_path: Path, verbose: bool, launched_s: float | None = None) -> int:
+    config, state = _prepare(config_path)
+    api = _local_api(state)
     from quorum.tasks.synth import synth_federation
 
-    config, state = _prepare(config_path)
     written = synth_federation(config)
     print(
         f"demo federation {config.name}: {len(config.sites)} sites"
         + (f", wrote {len(written)} data files" if written else ", data already present")
     )
     keys = demo_keys(load_governance(governance_path), state)
-    return _run_and_report(config_path, governance_path, keys, None, verbose)
+    return _run_and_report(config_path, governance_path, keys, None, verbose, api=api, launched_s=launched_s)
 
 
 def run(
@@ -105,14 +153,30 @@ def run(
     runner: str = "local",
     resume: str | None = None,
     force: bool = False,
+    launched_s: float | None = None,
 ) -> int:
     """Run the lifecycle; unless ``force``, stop after preprocessing when nothing changed since the champion."""
     config, state = _prepare(config_path)
     load_governance(governance_path)
+    _require_key_files(approve_with, "--approve-with")
+    api = None
     if runner == "pool":
         _use_stack(config, state)
+    else:
+        api = _local_api(state)
     job = resume or job_id
-    return _run_and_report(config_path, governance_path, approve_with, job, verbose, runner, bool(resume), not force)
+    return _run_and_report(
+        config_path,
+        governance_path,
+        approve_with,
+        job,
+        verbose,
+        runner,
+        bool(resume),
+        not force,
+        api=api,
+        launched_s=launched_s,
+    )
 
 
 def _use_stack(config: FederationConfig, state: StateLayout) -> None:
@@ -162,11 +226,16 @@ def _run_and_report(
     runner: str = "local",
     resume: bool = False,
     only_if_changed: bool = False,
+    *,
+    api: TemporaryApi | None = None,
+    launched_s: float | None = None,
 ) -> int:
     from quorum.cli.report import RoundProgress, print_summary
     from quorum.flows.lifecycle import lifecycle
 
     _quiet_console(verbose)
+    _open_tracking_store(config_path, api)
+    _wait_for_api(api)
     with RoundProgress() as progress:
         result = lifecycle(
             config_path=str(config_path.resolve()),
@@ -178,7 +247,7 @@ def _run_and_report(
             only_if_changed=only_if_changed,
             on_round=progress,
         )
-    print_summary(result)
+    print_summary(result, launched_s=launched_s)
     return 0
 
 
@@ -350,8 +419,9 @@ def keys_generate(name: str, out: Path, config_path: Path | None = None) -> int:
 
 
 def approve(config_path: Path, governance_path: Path, model: str, version: str, key: Path) -> int:
-    config, _ = _prepare(config_path)
+    config, state = _prepare(config_path)
     governance = load_governance(governance_path)
+    _require_key_files([key], "--key")
     if model != config.model_name:
         raise ConfigError(
             f"this federation registers {config.model_name!r}, not {model!r}",
@@ -381,8 +451,10 @@ def approve(config_path: Path, governance_path: Path, model: str, version: str, 
     )
     print(f"{approver} signed {model} v{version}: {len(quorum.valid_approvers)} of {quorum.required} approvals")
     if quorum.met:
+        api = _local_api(state)
         from quorum.flows.promote import promote_approved
 
+        _wait_for_api(api)
         promote_approved(ctx, version)
         print(f"{model} v{version} is now the champion")
     return 0
@@ -406,17 +478,20 @@ def rollback(
     reason: str,
     verbose: bool = False,
 ) -> int:
-    config, _ = _prepare(config_path)
+    config, state = _prepare(config_path)
     load_governance(governance_path)
+    _require_key_files([key], "--key")
     if model != config.model_name:
         raise ConfigError(
             f"this federation registers {config.model_name!r}, not {model!r}",
             fix=f"quorum rollback {config.model_name} --key ...",
         )
+    api = _local_api(state)
     from quorum.flows.context import load_context
     from quorum.flows.governance import rollback_flow
 
     _quiet_console(verbose)
+    _wait_for_api(api)
     result = rollback_flow(load_context(str(config_path), str(governance_path)), key, to_version, reason)
     print(
         f"{model} v{result.to_version} is the champion again, v{result.from_version} is rolled back "
@@ -427,12 +502,14 @@ def rollback(
 
 
 def deploy(config_path: Path, governance_path: Path, site_id: str, verbose: bool = False) -> int:
-    config, _ = _prepare(config_path)
+    config, state = _prepare(config_path)
     load_governance(governance_path)
     config.site(site_id)
+    api = _local_api(state)
     from quorum.flows.deploy import deploy_flow
 
     _quiet_console(verbose)
+    _wait_for_api(api)
     deployment = deploy_flow(str(config_path.resolve()), str(governance_path.resolve()), site_id)
     print(
         f"{site_id} runs {deployment.model} v{deployment.version} "
@@ -454,9 +531,11 @@ def drift_check(
     load_governance(governance_path)
     if trigger and not os.environ.get("PREFECT_API_URL"):
         _use_running_stack(config, state)
+    api = _local_api(state)
     from quorum.flows.drift_check import drift_check_flow
 
     _quiet_console(verbose)
+    _wait_for_api(api)
     result = drift_check_flow(
         str(config_path.resolve()), str(governance_path.resolve()), trigger=trigger, check_sites=check_sites
     )

@@ -2,17 +2,29 @@
 
 Start-up stays fast: argument parsing and config validation import nothing heavy; Prefect, MLflow,
 torch and the data tools load only inside the command that needs them. Every expected failure is a
-``QuorumError`` caught once here and shown as a headline, the problem and the fix.
+``QuorumError`` caught once here and shown as a headline, the problem and the fix. Anything else is a
+bug or an outside tool failing in a way nobody foresaw: one guard around every command turns it into
+one ``error:`` line that names a log file holding the traceback (``-v`` prints the traceback too), so
+no command ever ends in a bare traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
-from quorum.configs.errors import QuorumError
+from quorum.configs.errors import QuorumError, ToolError
+
+LAUNCHED_S = time.perf_counter()  # when the command started, to report how long it took to reach its first stage
+LOG_DIR_ENV = "QUORUM_LOG_DIR"  # where tracebacks of unexpected failures go (default: <temp dir>/quorum-logs)
+UNEXPECTED_EXIT = 70  # EX_SOFTWARE: not the user's input, a failure Quorum did not foresee
 
 DEFAULT_CONFIG = "configs/federation.yaml"
 DEFAULT_GOVERNANCE = "configs/governance.yaml"
@@ -203,17 +215,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except QuorumError as error:
-        print(error.render(), file=sys.stderr)
-        return error.exit_code
+        return _report(error)
     except KeyboardInterrupt:
         print("interrupted: work already saved is kept; run the command again to continue", file=sys.stderr)
         return 130
+    except Exception as error:  # the one guard: anything unforeseen becomes an error line and a log file
+        known = known_failure(error)
+        if known is not None:
+            return _report(known)
+        return _unexpected(error, list(sys.argv[1:] if argv is None else argv), args.verbose)
+
+
+def _report(error: QuorumError) -> int:
+    print(error.render(), file=sys.stderr)
+    return error.exit_code
+
+
+def known_failure(error: Exception) -> QuorumError | None:
+    """Outside tools' own errors that have a known cause and fix, as the ``QuorumError`` a user should see."""
+    if isinstance(error, RuntimeError) and "ephemeral Prefect API server" in str(error):
+        return ToolError(
+            "Prefect's temporary API server did not start in time",
+            fix="run the command again (a first run also creates the database); on a busy machine allow more "
+            "time with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=600, or start the servers with `quorum up`",
+        )
+    return None
+
+
+def log_dir() -> Path:
+    return Path(os.environ.get(LOG_DIR_ENV) or Path(tempfile.gettempdir()) / "quorum-logs")
+
+
+def _unexpected(error: Exception, argv: list[str], verbose: bool) -> int:
+    """One ``error:`` line naming the log file with the traceback; ``-v`` prints the traceback as well."""
+    trace = "".join(traceback.format_exception(error))
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    log = log_dir() / f"quorum-{stamp}-{os.getpid()}.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"quorum {' '.join(argv)}\n\n{trace}", encoding="utf-8")
+        where = f"the traceback is in {log}"
+    except OSError as exc:
+        where = f"the traceback could not be saved ({exc}); run with -v to see it"
+    if verbose:
+        print(trace, file=sys.stderr, end="")
+    headline = (str(error).strip().splitlines() or [""])[0][:300]
+    print(f"error: unexpected {type(error).__name__}: {headline}; {where}", file=sys.stderr)
+    print(
+        "  fix: run the command again with -v (quorum -v ...) to see the traceback here; "
+        "if it persists, report it with the log file",
+        file=sys.stderr,
+    )
+    return UNEXPECTED_EXIT
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from quorum.cli import commands
 
-    return commands.demo(Path(args.config), Path(args.governance), verbose=args.verbose)
+    return commands.demo(Path(args.config), Path(args.governance), verbose=args.verbose, launched_s=LAUNCHED_S)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -228,6 +287,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.runner,
         args.resume,
         force=args.force,
+        launched_s=LAUNCHED_S,
     )
 
 

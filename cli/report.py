@@ -50,13 +50,27 @@ def _figures(result: LifecycleResult) -> list[tuple[str, str, str]]:
     return rows
 
 
-def print_summary(result: LifecycleResult, console: Console | None = None) -> None:
+def timed_rows(result: LifecycleResult, launched_s: float | None = None) -> list[tuple[str, str, str, str]]:
+    """The summary rows with each stage's wall seconds; first, with ``launched_s`` (the command's
+    ``time.perf_counter()`` at launch), the start-up: launch until the first stage began."""
+    rows = []
+    if launched_s is not None and result.first_stage_at is not None:
+        startup = result.first_stage_at - launched_s
+        rows.append(("start-up", "done", "imports, Prefect API, tracking store, job record", f"{startup:.1f} s"))
+    for stage, status, detail in _figures(result):
+        seconds = result.stage_seconds.get(stage)
+        rows.append((stage, status, detail, "" if seconds is None else f"{seconds:.1f} s"))
+    return rows
+
+
+def print_summary(result: LifecycleResult, console: Console | None = None, launched_s: float | None = None) -> None:
     console = console or Console()
     table = Table(title=f"Quorum lifecycle {result.job_id}", show_lines=False)
     table.add_column("stage")
     table.add_column("status")
     table.add_column("key figures", overflow="fold")
-    for row in _figures(result):
+    table.add_column("time", justify="right", no_wrap=True)
+    for row in timed_rows(result, launched_s):
         table.add_row(*row)
     console.print(table)
     promotion = result.promotion

@@ -23,7 +23,7 @@ import pandas as pd
 
 from quorum.configs.errors import ToolError
 from quorum.configs.schema import DriftConfig
-from quorum.evaluation.drift import (
+from quorum.evaluation.drift_snapshot import (
     PREDICTION_COLUMN,
     REPORT_FILENAME,
     FeatureDrift,

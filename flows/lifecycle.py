@@ -6,6 +6,7 @@ adapter in ``lineage``. MLflow gets a parent run for the job with a child run pe
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,20 +42,33 @@ class LifecycleResult:
     monitor: MonitorResult | None = None
     stage_status: dict[str, str] = field(default_factory=dict)
     unchanged_since: str | None = None  # the champion version, when training was skipped: nothing changed
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall seconds of each stage that ran
+    first_stage_at: float | None = None  # time.perf_counter() when the first stage began (this process's clock)
 
 
 @contextmanager
 def _stage(ctx: JobContext, result: LifecycleResult, name: str) -> Iterator[str]:
-    """A child MLflow run per stage, closed as FAILED if the stage raises."""
+    """A child MLflow run per stage, closed as FAILED if the stage raises; its wall seconds go in ``result``."""
+    started = time.perf_counter()
+    if result.first_stage_at is None:
+        result.first_stage_at = started
     run_id = ctx.tracker.start_run(name, parent_id=result.run_id, tags={"quorum.job_id": ctx.job_id})
     try:
         yield run_id
     except BaseException:
         ctx.tracker.end_run(run_id, failed=True)
         result.stage_status[name] = "failed"
+        result.stage_seconds[name] = time.perf_counter() - started
         raise
     ctx.tracker.end_run(run_id)
     result.stage_status.setdefault(name, "done")
+    result.stage_seconds[name] = time.perf_counter() - started
+
+
+def _log_stage_seconds(ctx: JobContext, result: LifecycleResult) -> None:
+    """Each stage's wall seconds as metrics of the job's parent run (``stage_seconds.tune``, ...)."""
+    if result.run_id and result.stage_seconds:
+        ctx.tracker.log_metrics(result.run_id, {f"stage_seconds.{k}": v for k, v in result.stage_seconds.items()})
 
 
 def _lineage_tags(ctx: JobContext, prep: PreprocessResult, commit: str, run_id: str) -> dict[str, str]:
@@ -169,6 +183,7 @@ def run_lifecycle(
         if result.unchanged_since is not None:
             note = f"nothing changed since champion v{result.unchanged_since}: training skipped"
             ctx.tracker.client.set_tag(result.run_id, "quorum.skipped", note)
+            _log_stage_seconds(ctx, result)
             ctx.tracker.end_run(result.run_id)
             return result
         with _stage(ctx, result, "tune") as run_id:
@@ -192,10 +207,12 @@ def run_lifecycle(
             result.monitor = monitor_flow(ctx, runner, prep.usable_sites, run_id)
     except BaseException:
         if result.run_id:
+            _log_stage_seconds(ctx, result)
             ctx.tracker.end_run(result.run_id, failed=True)
         raise
     finally:
         runner.close()
+    _log_stage_seconds(ctx, result)
     ctx.tracker.end_run(result.run_id)
     return result
 

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SITE_ROOT_ENV = "QUORUM_SITE_ROOT"  # the one data root a site worker may read
+# How long a temporary Prefect API may take to start. Prefect allows 20 s; a first run on a busy 2-core
+# machine also creates the database and can take over a minute, so Quorum allows 300 s unless the user chose.
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+STARTUP_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ def configure_environment(state: StateLayout) -> None:
     state.ensure()
     os.environ.setdefault("PREFECT_HOME", str(state.prefect_home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault(STARTUP_TIMEOUT_ENV, str(STARTUP_TIMEOUT_S))
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

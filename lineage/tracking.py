@@ -123,7 +123,13 @@ def log_model(
     mlflow.set_tracking_uri(tracker.uri)
     try:
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=input_example)
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=model_requirements(),
+            )
     finally:
         # set_tracking_uri also exports MLFLOW_TRACKING_URI, which open_tracker honours: left in place,
         # every later federation opened in this process would write into this one's store
@@ -132,6 +138,16 @@ def log_model(
         else:
             os.environ["MLFLOW_TRACKING_URI"] = exported
     return str(info.model_uri)
+
+
+def model_requirements() -> list[str]:
+    """The logged model's pip requirements, given outright: left to infer them, MLflow loads the model
+    in a new Python process on every call to see what it imports (seconds of torch and MLflow imports).
+    MLflow adds its own pin; the model needs torch, cloudpickle (its pickle module) and numpy, pinned as
+    installed (torch with its local label, ``+cpu``, as MLflow's inference wrote it)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "cloudpickle", "numpy")]
 
 
 def register(tracker: Tracker, name: str, model_uri: str, run_id: str, tags: Mapping[str, str]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +13,7 @@ import pytest
 
 from quorum.configs.errors import SiteDataError, ToolError
 from quorum.configs.schema import ContractConfig, FeatureConfig, SiteConfig
+from quorum.tasks import contract as contract_module
 from quorum.tasks.contract import ContractSummary, FailedExpectation, build_suite_spec, validate_contract
 
 ROWS = 10
@@ -225,7 +226,17 @@ def test_duplicate_column_names_are_refused() -> None:
         check(frame)
 
 
-def test_great_expectations_crash_is_a_tool_error_that_quotes_no_data(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def fresh_context() -> Iterator[None]:
+    """Forget the process's GE context before and after the test, so it is built (or broken) anew."""
+    contract_module._context.cache_clear()
+    yield
+    contract_module._context.cache_clear()
+
+
+def test_great_expectations_crash_is_a_tool_error_that_quotes_no_data(
+    monkeypatch: pytest.MonkeyPatch, fresh_context: None
+) -> None:
     def broken_context(**_: object) -> None:
         raise RuntimeError(f"cannot parse value {CANARY_TEXT}")
 
@@ -238,6 +249,47 @@ def test_great_expectations_crash_is_a_tool_error_that_quotes_no_data(monkeypatc
     assert "'alpha'" in caught.value.message and "RuntimeError" in caught.value.message
     assert CANARY_TEXT not in caught.value.render()
     assert caught.value.fix
+
+
+def test_one_ge_context_serves_every_check_in_a_process(monkeypatch: pytest.MonkeyPatch, fresh_context: None) -> None:
+    gx = pytest.importorskip("great_expectations")
+    built: list[object] = []
+    real = gx.get_context
+
+    def counting_context(**kwargs: object) -> object:
+        built.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr("great_expectations.get_context", counting_context)
+    bad = clean_frame().assign(age=[-5.0, *clean_frame()["age"][1:]])
+
+    first, second, third = check(clean_frame()), check(bad), check(clean_frame())
+
+    assert built == [{"mode": "ephemeral"}]  # in memory: no stores written anywhere
+    assert first == third and first.passed and not second.passed  # a shared context keeps checks apart
+    assert [(f.column, f.unexpected_count) for f in second.failed] == [("age", 1)]
+
+
+def test_sites_checked_side_by_side_get_the_results_of_checks_in_turn() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    frames = [clean_frame(), clean_frame().assign(label=[1] * ROWS), clean_frame().drop(columns="income")] * 2
+    in_turn = [check(frame) for frame in frames]
+
+    with ThreadPoolExecutor(max_workers=len(frames)) as pool:  # how the LocalRunner preprocesses its sites
+        side_by_side = list(pool.map(check, frames))
+
+    assert side_by_side == in_turn
+    assert [summary.passed for summary in in_turn] == [True, False, False] * 2
+
+
+def test_a_repeated_rule_is_checked_once() -> None:
+    gx = pytest.importorskip("great_expectations")
+    spec = build_suite_spec(FEATURES, CONTRACT, SITE)
+
+    suite = contract_module._suite(gx, [*spec, spec[1]], "repeated")
+
+    assert len(suite.expectations) == len(spec)
 
 
 def test_suite_spec_is_plain_data_and_covers_every_column() -> None:

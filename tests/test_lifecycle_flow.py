@@ -64,6 +64,26 @@ def test_mlflow_run_holds_dataset_inputs_and_round_metrics(lifecycle_run) -> Non
     assert parent.data.tags["git_commit"]
 
 
+def test_each_stage_has_its_seconds_in_the_table_and_on_the_parent_run(lifecycle_run) -> None:  # type: ignore[no-untyped-def]
+    from mlflow import MlflowClient
+
+    from quorum.cli.report import timed_rows
+
+    _, config_path, _, result = lifecycle_run
+    state = StateLayout(load_federation(config_path).state_dir)
+    metrics = MlflowClient(tracking_uri=state.tracking_uri).get_run(result.run_id).data.metrics
+    stages = ("preprocess", "tune", "evaluate", "promote", "monitor")
+
+    rows = timed_rows(result, launched_s=result.first_stage_at - 2.5)
+
+    assert set(result.stage_seconds) == set(stages) and all(s > 0 for s in result.stage_seconds.values())
+    assert {k: v for k, v in metrics.items() if k.startswith("stage_seconds.")} == {
+        f"stage_seconds.{s}": pytest.approx(result.stage_seconds[s]) for s in stages
+    }
+    assert rows[0] == ("start-up", "done", "imports, Prefect API, tracking store, job record", "2.5 s")
+    assert [(row[0], row[3]) for row in rows[1:]] == [(s, f"{result.stage_seconds[s]:.1f} s") for s in stages]
+
+
 def test_audit_log_records_the_decisions(lifecycle_run) -> None:  # type: ignore[no-untyped-def]
     from quorum.lineage.audit import AuditLog
 

@@ -122,7 +122,7 @@ def test_quorum_run_checks_for_changes_unless_forced(
     governance_path, _ = write_governance(tmp_path, approvers=("ann",), quorum=1)
     seen: dict[str, Any] = {}
     monkeypatch.setattr(quorum.flows.lifecycle, "lifecycle", lambda **kwargs: seen.update(kwargs))
-    monkeypatch.setattr(quorum.cli.report, "print_summary", lambda result: None)
+    monkeypatch.setattr(quorum.cli.report, "print_summary", lambda result, **_: None)
     monkeypatch.setattr("quorum.cli.commands._quiet_console", lambda verbose: None)
 
     code = main(["run", "--config", str(config_path), "--governance", str(governance_path), *argv])
