@@ -16,6 +16,7 @@ from quorum.lineage.registry import load_verified_weights
 from quorum.lineage.tracking import CHAMPION, alias_version
 from quorum.tasks.model import Weights
 from quorum.tasks.site import DataFingerprint
+from quorum.tasks.wire import encode_evaluation
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def evaluate_flow(
     title = f"{ctx.config.model_name} candidate, job {ctx.job_id}"
     page = verdict_html(verdict, report, ctx.config.gates, champion, title)
     tracker.log_text(run_id, page, "verdict.html")
-    tracker.log_dict(run_id, {s.site_id: s.to_dict() for s in report.sites}, "site_counts.json")
+    tracker.log_dict(run_id, {s.site_id: encode_evaluation(s) for s in report.sites}, "site_counts.json")
     ctx.audit.append("gate_verdict", "coordinator", {"job_id": ctx.job_id, **verdict.to_dict()})
     get_run_logger().info("verdict: %s", verdict.headline())
     return EvaluationResult(report, champion, champion_version, verdict)

@@ -25,6 +25,7 @@ from quorum.flows.tuning import TuningResult, tune_flow
 from quorum.lineage.keys import approver_for_private_key
 from quorum.lineage.provenance import SiteEvidence
 from quorum.tasks.features import feature_names
+from quorum.tasks.wire import encode_fingerprint
 
 CODE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,7 +162,7 @@ def run_lifecycle(
         }
         ctx.tracker.log_data_versions(result.run_id, versions)
         ctx.tracker.log_dict(
-            result.run_id, {s: fp.to_dict() for s, fp in prep.fingerprints.items()}, "fingerprints.json"
+            result.run_id, {s: encode_fingerprint(fp) for s, fp in prep.fingerprints.items()}, "fingerprints.json"
         )
         if only_if_changed and not resume:
             result.unchanged_since = _unchanged_champion(ctx, prep)
