@@ -15,7 +15,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 
 from quorum.flows.context import JobContext, git_commit, load_context
-from quorum.flows.evaluate import EvaluationResult, evaluate_flow
+from quorum.flows.evaluate import EvaluationResult, evaluate_flow, site_coverage
 from quorum.flows.monitor import MonitorResult, monitor_flow
 from quorum.flows.preprocess import PreprocessResult, preprocess_flow
 from quorum.flows.promote import PromotionResult, promote_flow
@@ -74,7 +74,7 @@ def _lineage_tags(ctx: JobContext, prep: PreprocessResult, commit: str, run_id: 
         outcome = "passed" if contract.passed else f"failed {len(contract.failed)} of"
         tags[f"contract.{site_id}"] = f"{outcome} {contract.evaluated} expectations"
     for site_id in set(prep.excluded) - set(prep.fingerprints):
-        tags[f"contract.{site_id}"] = "not checked: the site's data could not be read"
+        tags[f"contract.{site_id}"] = f"not checked: {prep.excluded[site_id]}"[:500]  # the true reason
     return tags
 
 
@@ -176,7 +176,8 @@ def run_lifecycle(
             usable = {s: prep.fingerprints[s] for s in prep.usable_sites}
             result.tuning = tuning = tune_flow(ctx, runner, usable, run_id, resume)
         with _stage(ctx, result, "evaluate") as run_id:
-            result.evaluation = evaluation = evaluate_flow(ctx, runner, tuning.weights, usable, run_id)
+            coverage = site_coverage(ctx.config.site_ids, prep.excluded, [(r.sites, r.rejected) for r in tuning.rounds])
+            result.evaluation = evaluation = evaluate_flow(ctx, runner, tuning.weights, usable, run_id, coverage)
         with _stage(ctx, result, "promote") as run_id:
             result.promotion = promote_flow(
                 ctx,
