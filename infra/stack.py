@@ -3,6 +3,10 @@
 Every process started here is recorded by pid (and its log) under ``STATE/services``; ``down``
 stops exactly those process groups and nothing else. Each site worker runs in its own process
 group, in the site's own folder, with an environment that names only that site's data root.
+
+``up`` overlaps what can overlap: the workers start as soon as the Prefect API answers, the
+deployments are applied through the API in this process while they import, and readiness is one
+API call per poll. ``down`` signals every group at once and waits for them together.
 """
 
 from __future__ import annotations
@@ -16,21 +20,25 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
+
 from quorum.configs.errors import QuorumError, ToolError
 from quorum.configs.schema import FederationConfig, expand_secrets
-from quorum.infra.deployments import COORDINATOR_POOL, site_pool
+from quorum.infra.deployments import COORDINATOR_POOL, apply, site_pool
 from quorum.lineage.state import SITE_ROOT_ENV, StateLayout
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
 
 HOST = "127.0.0.1"
+WORKER_HEARTBEAT_S = 5  # a worker beats this often; three missed beats and its site counts as absent
+READY_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,7 @@ class Stack:
             MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
             GX_ANALYTICS_ENABLED="False",
             PREFECT_WORKER_QUERY_SECONDS="2",
+            PREFECT_WORKER_HEARTBEAT_SECONDS=str(WORKER_HEARTBEAT_S),
             PREFECT_LOGGING_LEVEL="INFO",
         )
         return env
@@ -159,9 +168,17 @@ class Stack:
         artifacts = deployment.mlflow_artifacts or self.state.mlflow_artifacts.resolve().as_uri()
         command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", HOST]
         command += ["--port", str(deployment.mlflow_port), "--artifacts-destination", artifacts]
+        command += ["--workers", str(deployment.mlflow_workers)]
         return command, {**self.coordinator_env(), "MLFLOW_BACKEND_STORE_URI": backend}
 
     def start_servers(self) -> None:
+        """Start both servers and wait until both answer."""
+        self.launch_servers()
+        self.wait_prefect()
+        self.wait_mlflow()
+
+    def launch_servers(self) -> None:
+        """Start the Prefect and MLflow servers without waiting for them."""
         bin_dir = Path(sys.executable).parent
         port = str(self.config.deployment.prefect_port)
         server_env = {**self.base_env(), "PREFECT_UI_API_URL": self.prefect_url}
@@ -179,9 +196,58 @@ class Stack:
             self.state.root,
         )
         self._start("mlflow-server", *self.mlflow_server(), self.state.root)
-        _wait_http(f"{self.prefect_url}/health", "Prefect server", self.service("prefect-server"), 120)
-        _wait_http(f"{self.mlflow_url}/health", "MLflow server", self.service("mlflow-server"), 120)
         self.write_endpoints()
+
+    def wait_prefect(self) -> None:
+        _wait_http(f"{self.prefect_url}/health", "Prefect server", self.service("prefect-server"), READY_TIMEOUT_S)
+
+    def wait_mlflow(self) -> None:
+        _wait_http(f"{self.mlflow_url}/health", "MLflow server", self.service("mlflow-server"), READY_TIMEOUT_S)
+
+    def up(
+        self,
+        project: Path,
+        prefect_file: Path,
+        site_workers: bool = True,
+        render: Callable[[], object] | None = None,
+    ) -> dict[str, float]:
+        """Servers, storage, pools, workers and deployments, overlapped; returns seconds since start per step.
+
+        ``render`` writes ``prefect_file`` when it is missing (after the servers' settings were checked).
+        """
+        timings: dict[str, float] = {}
+        started = time.monotonic()
+
+        def mark(step: str) -> None:
+            timings[step] = round(time.monotonic() - started, 2)
+
+        self.launch_servers()
+        if render is not None and not prefect_file.exists():
+            render()
+        self.wait_prefect()
+        mark("prefect_api")
+        pools = self.ensure_pools()
+        self.start_workers(project, site_workers)  # they import while the deployments are applied
+        mark("workers_started")
+        self.deploy(prefect_file, project)
+        mark("deployed")
+        self.prepare_storage()
+        self.wait_mlflow()
+        mark("mlflow_api")
+        self.wait_for_workers(pools if site_workers else [COORDINATOR_POOL], timeout_s=READY_TIMEOUT_S)
+        mark("workers_ready")
+        return timings
+
+    def deploy(self, prefect_file: Path, project: Path) -> list[str]:
+        """Every deployment of ``prefect_file``, created or updated through the API in one pass."""
+        try:
+            document = yaml.safe_load(prefect_file.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ToolError(f"cannot read {prefect_file}: {exc}", fix="run `quorum infra render`") from exc
+        if not isinstance(document, dict):
+            raise ToolError(f"{prefect_file} is not a prefect.yaml document", fix="run `quorum infra render`")
+        with self.client() as client:
+            return apply(document, project.resolve(), client)
 
     def prepare_storage(self) -> None:
         """Check the S3 artifact store answers before any job relies on it; create its bucket if missing.
@@ -218,14 +284,12 @@ class Stack:
             )
 
     def stop(self) -> list[str]:
-        stopped = []
-        for service in reversed(self.services()):
-            pid = service.pid()
-            if pid is not None and service.alive():
-                _stop_group(pid)
-                stopped.append(service.name)
+        """Signal every recorded process group at once, then wait for all of them together."""
+        running = {s.name: pid for s in reversed(self.services()) if (pid := s.pid()) is not None and s.alive()}
+        _stop_groups(list(running.values()))
+        for service in self.services():
             service.pid_file.unlink(missing_ok=True)
-        return stopped
+        return list(running)
 
     @contextmanager
     def client(self) -> Iterator[SyncPrefectClient]:
@@ -236,12 +300,15 @@ class Stack:
         with temporary_settings({PREFECT_API_URL: self.prefect_url}), get_client(sync_client=True) as client:
             yield client
 
+    def pool_names(self) -> list[str]:
+        return [COORDINATOR_POOL, *(site_pool(s) for s in self.config.site_ids)]
+
     def ensure_pools(self) -> list[str]:
         """One process work pool per site plus the coordinator's; existing pools are kept as they are."""
         from prefect.client.schemas.actions import WorkPoolCreate
         from prefect.exceptions import ObjectAlreadyExists
 
-        names = [COORDINATOR_POOL, *(site_pool(s) for s in self.config.site_ids)]
+        names = self.pool_names()
         with self.client() as client:
             for name in names:
                 with contextlib.suppress(ObjectAlreadyExists):
@@ -249,15 +316,19 @@ class Stack:
         return names
 
     def wait_for_workers(self, pools: list[str], timeout_s: float) -> dict[str, str]:
-        """Wait until every pool reports READY (a live worker polls it)."""
+        """Wait until every pool reports READY (a live worker polls it): one API call per poll."""
+        from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
+
         deadline = time.monotonic() + timeout_s
-        statuses: dict[str, str] = {}
+        statuses: dict[str, str] = {name: "missing" for name in pools}
+        wanted = WorkPoolFilter(name=WorkPoolFilterName(any_=list(pools)))
         with self.client() as client:
             while time.monotonic() < deadline:
-                statuses = {name: str(getattr(client.read_work_pool(name).status, "value", "")) for name in pools}
+                found = client.read_work_pools(work_pool_filter=wanted, limit=len(pools))
+                statuses.update({pool.name: str(getattr(pool.status, "value", "")) for pool in found})
                 if all(status == "READY" for status in statuses.values()):
                     return statuses
-                time.sleep(1)
+                time.sleep(0.5)
         waiting = ", ".join(name for name, status in statuses.items() if status != "READY")
         raise ToolError(
             f"no live worker on pool(s) {waiting} after {timeout_s:.0f}s",
@@ -312,33 +383,28 @@ def _wait_http(url: str, what: str, service: Service, timeout_s: float) -> None:
     raise ToolError(f"{what} did not become healthy within {timeout_s:.0f}s", fix=f"see {service.log_file}")
 
 
-def _stop_group(pid: int, grace_s: float = 10.0) -> None:
+def _group_alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):  # reap the leader if this process started it (tests, benches)
+        os.waitpid(pid, os.WNOHANG)
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, 0)
     except ProcessLookupError:
-        return
+        return False
+    except PermissionError:  # a reused pid in someone else's group: not ours any more
+        return False
+    return True
+
+
+def _stop_groups(pids: list[int], grace_s: float = 10.0) -> None:
+    """SIGTERM every group, wait up to ``grace_s`` for all of them together, SIGKILL what is left."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def deploy(prefect_file: Path, project: Path, env: dict[str, str]) -> None:
-    """``prefect deploy --all`` of the rendered file, so what runs is exactly what the file says."""
-    prefect = str(Path(sys.executable).parent / "prefect")
-    result = subprocess.run(
-        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
-        cwd=project,
-        env={**env, "QUORUM_PROJECT": str(project)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
-        raise ToolError(f"prefect deploy failed for {prefect_file}:\n{tail}", fix="fix the file and run quorum up")
+    left = [pid for pid in pids if _group_alive(pid)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = [pid for pid in left if _group_alive(pid)]
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
