@@ -118,9 +118,11 @@ def _federation(root: Path, site_ids: list[str]) -> Path:
     return path
 
 
-def _quorum(root: Path, *args: str) -> tuple[float, int, str]:
+def _quorum(root: Path, *args: str, api_url: str | None = None) -> tuple[float, int, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     clean["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    if api_url:  # the in-process run reports to the same Prefect server as the pool jobs
+        clean["PREFECT_API_URL"] = api_url
     started = time.perf_counter()
     done = subprocess.run([QUORUM, *args], cwd=root, env=clean, capture_output=True, text=True, check=False)
     return time.perf_counter() - started, done.returncode, done.stdout + done.stderr
@@ -130,8 +132,10 @@ def _run(root: Path, config: Path, governance: Path, keys: list[str], job_id: st
     args = ["run", "--force", "--config", str(config), "--governance", str(governance), "--job-id", job_id]
     args += [arg for key in keys for arg in ("--approve-with", key)]
     args += ["--runner", "pool"] if pool else []
+    deployment = yaml.safe_load(config.read_text())["deployment"]
+    api_url = None if pool else f"http://127.0.0.1:{deployment['prefect_port']}/api"
     launched = time.time()
-    wall, code, output = _quorum(root, *args)
+    wall, code, output = _quorum(root, *args, api_url=api_url)
     if code != 0:
         print(f"  {job_id} exited {code}:\n" + "\n".join(output.strip().splitlines()[-12:]))
     jobs = root / "state" / "artifacts" / "jobs" / job_id

@@ -201,7 +201,7 @@ def up(
     )
     pools = stack.pool_names()
     print(f"pools ready: {', '.join(pools)}" + ("" if site_workers else " (site workers: `quorum worker --site ID`)"))
-    print(f"up in {timings['workers_ready']:.1f} s")
+    print(f"up in {timings['workers_ready']:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + ")")
     print(
         f"Prefect UI: http://127.0.0.1:{config.deployment.prefect_port}   "
         f"MLflow UI: {stack.mlflow_url}\nstop everything with `quorum down`"
