@@ -24,6 +24,8 @@ ALLOW = Allowances(startup_s=180, reply_s=120, gone_after_s=10)
         (Signals("RUNNING", 1.0, True), 900, 100),
         # nothing known from Prefect yet (first look), fresh job
         (Signals(None, None, None), 1, 1),
+        # a beat held back 20 s by a loaded machine while its worker is alive: slow, not dead
+        (Signals("RUNNING", 20.0, True), 900, 5),
     ],
 )
 def test_a_site_that_is_there_is_waited_for(signals: Signals, since_start_s: float, since_request_s: float) -> None:
@@ -41,8 +43,10 @@ def test_a_site_that_is_there_is_waited_for(signals: Signals, since_start_s: flo
         (Signals("SCHEDULED", None, True), 181, 181, "not picked up", "no worker picked up"),
         # serving, alive, but this request took longer than the reply deadline
         (Signals("RUNNING", 0.5, True), 900, 121, "slow reply", "round_deadline_s"),
-        # its session served, then stopped beating (worker killed)
-        (Signals("RUNNING", 11.0, True), 900, 5, "session ended", "stopped beating 11s ago"),
+        # its session served, then stopped beating and its worker is gone (worker killed)
+        (Signals("RUNNING", 11.0, False), 900, 5, "session ended", "stopped beating 11s ago"),
+        # silent for a minute, whatever Prefect says about its worker
+        (Signals("RUNNING", 61.0, True), 900, 5, "session ended", "stopped beating 61s ago"),
         # its flow run crashed before it ever beat
         (Signals("CRASHED", None, True), 5, 5, "session ended", "CRASHED"),
     ],

@@ -38,7 +38,8 @@ class Signals:
 class Allowances:
     startup_s: float  # from job start, for a session to start serving (deployment.session_start_timeout_s)
     reply_s: float  # from a request, for a serving session to answer it (deployment.round_deadline_s)
-    gone_after_s: float  # heartbeat silence after which a session that served is dead
+    gone_after_s: float  # heartbeat silence after which a session is dead, if its worker is gone too
+    gone_anyway_s: float = 60.0  # heartbeat silence after which a session is dead whatever Prefect says
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,11 @@ def judge(signals: Signals, since_start_s: float, since_request_s: float, allow:
     if signals.silent_s is not None:  # the session started serving at some point
         if state in ENDED:
             return GiveUp("session ended", f"its session ended ({state})")
-        if signals.silent_s > allow.gone_after_s:
+        # a loaded machine can hold a beat back for a while: silence alone ends a session only after
+        # gone_anyway_s, sooner when its pool has no live worker left to run it
+        if signals.silent_s > allow.gone_anyway_s or (
+            signals.silent_s > allow.gone_after_s and signals.live_worker is False
+        ):
             return GiveUp("session ended", f"its session stopped beating {signals.silent_s:.0f}s ago")
         if overdue:
             return GiveUp(
@@ -104,7 +109,7 @@ class PrefectWatch:
         self._read_at = float("-inf")
 
     def refresh(self, site_ids: Sequence[str]) -> None:
-        """Ask the API about ``site_ids`` unless it was asked less than ``REFRESH_S`` ago."""
+        """Ask the API about ``site_ids`` (run state, live worker) unless it was asked less than ``REFRESH_S`` ago."""
         if time.monotonic() - self._read_at < REFRESH_S or not site_ids:
             return
         import httpx
@@ -133,8 +138,7 @@ class PrefectWatch:
                 if run is not None and run.state_type is not None:
                     self._states[site_id] = str(run.state_type.value)
             now = datetime.now(UTC)
-            waiting = [s for s in site_ids if self._states.get(s) not in PICKED_UP | ENDED]
-            for site_id in waiting:
+            for site_id in site_ids:
                 try:
                     workers = client.read_workers_for_work_pool(self.pool_of[site_id])
                 except ObjectNotFound:  # no such pool: nothing can ever pick the session up

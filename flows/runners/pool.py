@@ -29,7 +29,7 @@ from quorum.tasks.wire import Request
 
 SESSION_FLOW = "site-session"
 POLL_S = 0.02
-GONE_AFTER_S = 10.0  # a session that has not beaten for this long is gone (it beats every second between requests)
+GONE_AFTER_S = 10.0  # a session silent this long whose worker is gone too has died (it beats every second)
 
 
 def session_deployment(site_id: str) -> str:
@@ -108,7 +108,7 @@ class PoolRunner(SiteRunner):
                 if reply is not None:
                     replies[site_id] = _failure(site_id, reply) or reply
             silent = {s: self.exchange.silent_for(s) for s in site_ids if s not in replies}
-            self.watch.refresh([s for s, silent_s in silent.items() if silent_s is None])
+            self.watch.refresh([s for s, silent_s in silent.items() if silent_s is None or silent_s > GONE_AFTER_S])
             now = time.monotonic()
             for site_id, silent_s in silent.items():
                 signals = Signals(self.watch.state(site_id), silent_s, self.watch.live_worker(site_id))
