@@ -181,7 +181,12 @@ class Stack:
         """Start the Prefect and MLflow servers without waiting for them."""
         bin_dir = Path(sys.executable).parent
         port = str(self.config.deployment.prefect_port)
-        server_env = {**self.base_env(), "PREFECT_UI_API_URL": self.prefect_url}
+        # no block types are used: registering Prefect's catalogue of them costs seconds at every first start
+        server_env = {
+            **self.base_env(),
+            "PREFECT_UI_API_URL": self.prefect_url,
+            "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "false",
+        }
         server_env.pop("PREFECT_API_URL")
         if self.database:
             server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = prefect_database_url(
