@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from quorum.configs.errors import QuorumError
+from quorum.configs.errors import QuorumError, ReplyRejected
 from quorum.lineage.artifacts import ArtifactCorrupt, ArtifactStore
 from quorum.tasks.wire import Failure, Request, decode_request, encode_failure, encode_request
 
@@ -68,7 +68,7 @@ class JobExchange:
             return None
         data = self.store.get_json(key)
         if not isinstance(data, dict):
-            return encode_failure(Failure("Reply rejected", "the reply is not a JSON object", ""))
+            return encode_failure(Failure(ReplyRejected.headline, "the reply is not a JSON object", ""))
         return data
 
     def reply_weights(self, key: str, sha256: str) -> list[Any]:
