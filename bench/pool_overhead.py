@@ -194,9 +194,9 @@ def _federation_run(sites: int, jobs: int, baseline: bool) -> None:
         up_s, code, output = _quorum(root, "up", "--config", str(config), "--governance", str(governance))
         reported = next((line for line in output.splitlines() if line.startswith("up in")), "")
         print(f"  quorum up      {up_s:6.1f} s (exit {code}; {reported or output.strip()[-400:]})")
-        if code != 0:
-            return
         try:
+            if code != 0:
+                return
             local = _run(root, config, governance, keys, "in-process", pool=False) if baseline else None
             if local is not None:
                 _print_job(local, None)

@@ -37,8 +37,9 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
 
 HOST = "127.0.0.1"
-WORKER_HEARTBEAT_S = 5  # a worker beats this often; three missed beats and its site counts as absent
-READY_TIMEOUT_S = 120.0
+WORKER_HEARTBEAT_S = 10  # a worker beats this often; three missed beats and its site counts as absent
+SQLITE_BUSY_S = 30  # how long the Prefect server waits for SQLite's write lock (its default 10 s fails under load)
+READY_TIMEOUT_S = 300.0  # for the whole of `quorum up`: a loaded 2-core machine needs minutes, an idle one seconds
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,8 @@ class Stack:
             server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = prefect_database_url(
                 expand_secrets(self.database, "deployment.prefect_database")
             )
+        else:  # one SQLite file takes every worker's heartbeats and every flow run's state
+            server_env["PREFECT_SERVER_DATABASE_TIMEOUT"] = str(SQLITE_BUSY_S)
         _require_free(self.config.deployment.prefect_port, self.service("prefect-server"))
         _require_free(self.config.deployment.mlflow_port, self.service("mlflow-server"))
         self._start(
@@ -203,11 +206,11 @@ class Stack:
         self._start("mlflow-server", *self.mlflow_server(), self.state.root)
         self.write_endpoints()
 
-    def wait_prefect(self) -> None:
-        _wait_http(f"{self.prefect_url}/health", "Prefect server", self.service("prefect-server"), READY_TIMEOUT_S)
+    def wait_prefect(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        _wait_http(f"{self.prefect_url}/health", "Prefect server", self.service("prefect-server"), timeout_s)
 
-    def wait_mlflow(self) -> None:
-        _wait_http(f"{self.mlflow_url}/health", "MLflow server", self.service("mlflow-server"), READY_TIMEOUT_S)
+    def wait_mlflow(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        _wait_http(f"{self.mlflow_url}/health", "MLflow server", self.service("mlflow-server"), timeout_s)
 
     def up(
         self,
@@ -226,10 +229,13 @@ class Stack:
         def mark(step: str) -> None:
             timings[step] = round(time.monotonic() - started, 2)
 
+        def left() -> float:  # one deadline for the whole start-up, counted from the launch
+            return max(1.0, READY_TIMEOUT_S - (time.monotonic() - started))
+
         self.launch_servers()
         if render is not None and not prefect_file.exists():
             render()
-        self.wait_prefect()
+        self.wait_prefect(left())
         mark("prefect_api")
         pools = self.ensure_pools()
         self.start_workers(project, site_workers)  # they import while the deployments are applied
@@ -237,9 +243,9 @@ class Stack:
         self.deploy(prefect_file, project)
         mark("deployed")
         self.prepare_storage()
-        self.wait_mlflow()
+        self.wait_mlflow(left())
         mark("mlflow_api")
-        self.wait_for_workers(pools if site_workers else [COORDINATOR_POOL], timeout_s=READY_TIMEOUT_S)
+        self.wait_for_workers(pools if site_workers else [COORDINATOR_POOL], timeout_s=left())
         mark("workers_ready")
         return timings
 
@@ -309,15 +315,21 @@ class Stack:
         return [COORDINATOR_POOL, *(site_pool(s) for s in self.config.site_ids)]
 
     def ensure_pools(self) -> list[str]:
-        """One process work pool per site plus the coordinator's; existing pools are kept as they are."""
+        """One process work pool per site plus the coordinator's; existing pools are kept as they are.
+
+        Each is created with the process worker's job template, so no worker has to write it when it
+        starts: with SQLite, many workers writing at once wait on each other's locks.
+        """
         from prefect.client.schemas.actions import WorkPoolCreate
         from prefect.exceptions import ObjectAlreadyExists
+        from prefect.workers.process import ProcessWorker
 
         names = self.pool_names()
+        template = ProcessWorker.get_default_base_job_template()
         with self.client() as client:
             for name in names:
                 with contextlib.suppress(ObjectAlreadyExists):
-                    client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+                    client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
         return names
 
     def wait_for_workers(self, pools: list[str], timeout_s: float) -> dict[str, str]:
@@ -400,7 +412,7 @@ def _group_alive(pid: int) -> bool:
     return True
 
 
-def _stop_groups(pids: list[int], grace_s: float = 10.0) -> None:
+def _stop_groups(pids: list[int], grace_s: float = 5.0) -> None:
     """SIGTERM every group, wait up to ``grace_s`` for all of them together, SIGKILL what is left."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
