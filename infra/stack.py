@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 HOST = "127.0.0.1"
 WORKER_HEARTBEAT_S = 10  # a worker beats this often; three missed beats and its site counts as absent
+SCHEDULED_RUNS = 3  # upcoming runs the Prefect scheduler keeps per schedule
 SQLITE_BUSY_S = 30  # how long the Prefect server waits for SQLite's write lock (its default 10 s fails under load)
 READY_TIMEOUT_S = 300.0  # for the whole of `quorum up`: a loaded 2-core machine needs minutes, an idle one seconds
 
@@ -129,7 +130,7 @@ class Stack:
             MLFLOW_TRACKING_URI=self.mlflow_url,
             MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
             GX_ANALYTICS_ENABLED="False",
-            PREFECT_WORKER_QUERY_SECONDS="2",
+            PREFECT_WORKER_QUERY_SECONDS="3",
             PREFECT_WORKER_HEARTBEAT_SECONDS=str(WORKER_HEARTBEAT_S),
             PREFECT_LOGGING_LEVEL="INFO",
         )
@@ -187,6 +188,9 @@ class Stack:
             **self.base_env(),
             "PREFECT_UI_API_URL": self.prefect_url,
             "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "false",
+            # a few upcoming runs per schedule, not Prefect's 100: at up, 100 hourly monitor runs per site
+            # were hundreds of inserts competing with the workers' first heartbeats
+            "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": str(SCHEDULED_RUNS),
         }
         server_env.pop("PREFECT_API_URL")
         if self.database:
@@ -238,10 +242,10 @@ class Stack:
         self.wait_prefect(left())
         mark("prefect_api")
         pools = self.ensure_pools()
-        self.start_workers(project, site_workers)  # they import while the deployments are applied
-        mark("workers_started")
-        self.deploy(prefect_file, project)
+        self.deploy(prefect_file, project)  # before the workers' first writes compete for the database
         mark("deployed")
+        self.start_workers(project, site_workers)
+        mark("workers_started")
         self.prepare_storage()
         self.wait_mlflow(left())
         mark("mlflow_api")
@@ -257,8 +261,16 @@ class Stack:
             raise ToolError(f"cannot read {prefect_file}: {exc}", fix="run `quorum infra render`") from exc
         if not isinstance(document, dict):
             raise ToolError(f"{prefect_file} is not a prefect.yaml document", fix="run `quorum infra render`")
-        with self.client() as client:
-            return apply(document, project.resolve(), client)
+        import httpx
+
+        try:
+            with self.client() as client:
+                return apply(document, project.resolve(), client)
+        except httpx.HTTPError as exc:  # Prefect's status errors derive from it
+            raise ToolError(
+                f"the Prefect server refused the deployments of {prefect_file}: {exc}",
+                fix=f"see {self.service('prefect-server').log_file}, then run `quorum up` again",
+            ) from None
 
     def prepare_storage(self) -> None:
         """Check the S3 artifact store answers before any job relies on it; create its bucket if missing.
@@ -320,16 +332,23 @@ class Stack:
         Each is created with the process worker's job template, so no worker has to write it when it
         starts: with SQLite, many workers writing at once wait on each other's locks.
         """
+        import httpx
         from prefect.client.schemas.actions import WorkPoolCreate
         from prefect.exceptions import ObjectAlreadyExists
         from prefect.workers.process import ProcessWorker
 
         names = self.pool_names()
         template = ProcessWorker.get_default_base_job_template()
-        with self.client() as client:
-            for name in names:
-                with contextlib.suppress(ObjectAlreadyExists):
-                    client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
+        try:
+            with self.client() as client:
+                for name in names:
+                    with contextlib.suppress(ObjectAlreadyExists):
+                        client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
+        except httpx.HTTPError as exc:
+            raise ToolError(
+                f"the Prefect server refused the work pools: {exc}",
+                fix=f"see {self.service('prefect-server').log_file}, then run `quorum up` again",
+            ) from None
         return names
 
     def wait_for_workers(self, pools: list[str], timeout_s: float) -> dict[str, str]:
@@ -339,10 +358,13 @@ class Stack:
         deadline = time.monotonic() + timeout_s
         statuses: dict[str, str] = {name: "missing" for name in pools}
         wanted = WorkPoolFilter(name=WorkPoolFilterName(any_=list(pools)))
+        import httpx
+
         with self.client() as client:
             while time.monotonic() < deadline:
-                found = client.read_work_pools(work_pool_filter=wanted, limit=len(pools))
-                statuses.update({pool.name: str(getattr(pool.status, "value", "")) for pool in found})
+                with contextlib.suppress(httpx.HTTPError):  # a busy server answers 503 now and then: ask again
+                    found = client.read_work_pools(work_pool_filter=wanted, limit=len(pools))
+                    statuses.update({pool.name: str(getattr(pool.status, "value", "")) for pool in found})
                 if all(status == "READY" for status in statuses.values()):
                     return statuses
                 time.sleep(0.5)
