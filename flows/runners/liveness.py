@@ -19,6 +19,9 @@ from typing import Literal
 REFRESH_S = 2.0  # how often the Prefect API is asked, whatever the reply polling rate
 MISSED_WORKER_BEATS = 3  # Prefect's own rule: a worker that missed this many heartbeats is offline
 DEFAULT_WORKER_BEAT_S = 30.0
+# a loaded Prefect server on SQLite can fail to record a few heartbeats in a row: never call a worker
+# gone sooner than this
+MIN_WORKER_SILENCE_S = 60.0
 PICKED_UP = frozenset({"PENDING", "RUNNING"})
 ENDED = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED", "CANCELLING"})
 
@@ -91,10 +94,10 @@ def judge(signals: Signals, since_start_s: float, since_request_s: float, allow:
 
 
 def worker_is_live(last_heartbeat: datetime | None, interval_s: float | None, now: datetime) -> bool:
-    """A worker is live while it has missed fewer than ``MISSED_WORKER_BEATS`` heartbeats."""
+    """A worker is live until it missed ``MISSED_WORKER_BEATS`` heartbeats, and at least ``MIN_WORKER_SILENCE_S``."""
     if last_heartbeat is None:
         return False
-    allowed = MISSED_WORKER_BEATS * (interval_s or DEFAULT_WORKER_BEAT_S)
+    allowed = max(MISSED_WORKER_BEATS * (interval_s or DEFAULT_WORKER_BEAT_S), MIN_WORKER_SILENCE_S)
     return (now - last_heartbeat).total_seconds() <= allowed
 
 
