@@ -312,7 +312,7 @@ class DeploymentConfig(BaseModel):
     monitor_interval_s: int = Field(default=3600, ge=60)
     round_deadline_s: float = Field(default=120.0, gt=0)
     session_start_timeout_s: float = Field(default=180.0, gt=0)
-    mlflow_workers: int = Field(default=2, ge=1, le=16)  # MLflow server processes; each imports MLflow on `quorum up`
+    mlflow_workers: int = Field(default=1, ge=1, le=16)  # MLflow server processes; each imports MLflow on `quorum up`
 
 
 class FederationConfig(BaseModel):

@@ -170,7 +170,9 @@ class Stack:
         artifacts = deployment.mlflow_artifacts or self.state.mlflow_artifacts.resolve().as_uri()
         command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", HOST]
         command += ["--port", str(deployment.mlflow_port), "--artifacts-destination", artifacts]
-        command += ["--workers", str(deployment.mlflow_workers)]
+        # uvicorn kills a worker that has not answered its health check within 5 s: on a loaded machine one
+        # still importing MLflow then, so workers were killed and restarted for ever and MLflow never came up
+        command += ["--workers", str(deployment.mlflow_workers), "--uvicorn-opts=--timeout-worker-healthcheck 300"]
         return command, {**self.coordinator_env(), "MLFLOW_BACKEND_STORE_URI": backend}
 
     def start_servers(self) -> None:
