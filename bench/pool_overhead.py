@@ -18,7 +18,7 @@ For each job: wall time end to end, start-up (command launched until every site 
 preprocess request), per-round wall time (between round checkpoints in the artifact store), sites
 lost (configured sites missing from any round), and the coverage gate from the audit log.
 
-    .venv/bin/python bench/pool_overhead.py [--sites 8] [--jobs 3] [--big 16]
+    .venv/bin/python bench/pool_overhead.py [--sites 8] [--jobs 3] [--big 16] [--no-baseline]
 
 Prints figures and ratios only; nothing is asserted.
 """
@@ -214,10 +214,11 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=3)
     parser.add_argument("--big", type=int, default=16, help="sites of the second federation (0: skip)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the in-process run")
     args = parser.parse_args()
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores, load average {load[0]:.1f} at start")
-    _federation_run(args.sites, args.jobs, baseline=True)
+    _federation_run(args.sites, args.jobs, baseline=not args.no_baseline)
     if args.big:
         _federation_run(args.big, 1, baseline=False)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
