@@ -31,6 +31,7 @@ from quorum.lineage.artifacts import LocalArtifactStore, federation_store
 from quorum.lineage.state import SITE_ROOT_ENV
 from quorum.tasks import site as site_work
 from quorum.tasks import site_secagg, wire
+from quorum.tasks.training import torch_threads
 from quorum.tasks.wire import Request
 
 POLL_S = 0.05
@@ -133,7 +134,8 @@ def serve(
             break
         if site_id in request.sites:
             started = time.monotonic()
-            handle(config, site_id, exchange, request)
+            with torch_threads(1):  # sites share the host's cores: a thread pool each would oversubscribe them
+                handle(config, site_id, exchange, request)
             served += 1
             logger.info(
                 "%s %s round %d in %.2fs", site_id, request.kind, request.server_round, time.monotonic() - started
