@@ -1,33 +1,62 @@
-"""Coordination overhead of the two site runners on the same job.
+"""Pool mode at 8 and 16 sites against the in-process run of the same job, as a user runs both.
 
-4 sites, 10 rounds, the same small model, through the in-process runner and through the pool
-runner (a real Prefect server on a free loopback port, one process worker per site pool). Per round:
-coordination overhead = round wall time minus the sites' own training time: the slowest site's in
-pool mode (sites train side by side), the sum over sites in-process (one after the other). Also the job
-start-up time (sessions started until every site answered its first request). Prints figures only.
+The workload is the fixed one of ``bench/tuning.py``: N sites x 5,000 rows x 32 float32 features
+(numpy seed 0; site i shifts its first 4 features by 0.25 * i; label = 1 if x @ w + 0.5 * noise > 0,
+w from seed 42), 20% held out per site, MLP 32-64-64-1, SGD lr 0.05, batch 64, 1 local epoch,
+10 rounds of FedAvg with every site. Each site gets it as a raw CSV (plus a two-value protected
+column for the fairness gates and a current window for monitoring), so every job runs the whole
+lifecycle: contract, preprocessing, the rounds, evaluation, gates, promotion, monitoring.
 
-Run: .venv/bin/python bench/pool_overhead.py
+Everything goes through the ``quorum`` command in a temporary folder, servers on free loopback ports:
+  1. ``quorum up`` (Prefect and MLflow servers, one pool and worker per site plus the coordinator's);
+  2. the baseline: ``quorum run --force`` in-process;
+  3. ``--jobs`` consecutive ``quorum run --runner pool --force``;
+  4. ``quorum down``;
+then again with ``--big`` sites: up, one pool job, down.
+
+For each job: wall time end to end, start-up (command launched until every site answered its
+preprocess request), per-round wall time (between round checkpoints in the artifact store), sites
+lost (configured sites missing from any round), and the coverage gate from the audit log.
+
+    .venv/bin/python bench/pool_overhead.py [--sites 8] [--jobs 3] [--big 16] [--no-baseline]
+
+Prints figures and ratios only; nothing is asserted.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
+import json
 import os
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-WORK = Path(tempfile.mkdtemp(prefix="quorum-bench-pool-"))
-os.environ["PREFECT_HOME"] = str(WORK / "prefect-home")
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+QUORUM = str(Path(sys.executable).with_name("quorum"))
+ROWS, FEATURES, SHIFTED, ROUNDS, HIDDEN = 5_000, 32, 4, 10, (64, 64)
 
-SITES = ("s1", "s2", "s3", "s4")
-ROUNDS = 10
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    wall_s: float
+    startup_s: float
+    rounds_s: tuple[float, ...]
+    lost: tuple[str, ...]
+    coverage: str
+    exit_code: int
 
 
 def _free_port() -> int:
@@ -36,102 +65,163 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _rounds(runner, config, fingerprints, side_by_side: bool) -> list[float]:  # type: ignore[no-untyped-def]
-    from quorum.flows.tuning import start_weights
-    from quorum.tasks.aggregate import fedavg
-
-    weights, _ = start_weights(config, fingerprints)
-    overheads = []
-    for server_round in range(1, ROUNDS + 1):
-        started = time.perf_counter()
-        replies = runner.train(list(SITES), weights, server_round)
-        wall = time.perf_counter() - started
-        updates = list(replies.values())
-        training = [u.train_s for u in updates]
-        overheads.append(wall - (max(training) if side_by_side else sum(training)))
-        weights = fedavg([(u.weights, u.num_examples) for u in updates])
-    return overheads
-
-
-def _local(config_path: Path, governance_path: Path) -> tuple[float, list[float]]:
-    from prefect import flow
-
-    from quorum.flows.context import load_context
-    from quorum.flows.runners.local import LocalRunner
-
-    @flow(name="bench-local")
-    def job() -> tuple[float, list[float]]:
-        ctx = load_context(str(config_path), str(governance_path))
-        runner = LocalRunner(ctx.config)
-        started = time.perf_counter()
-        fingerprints = runner.preprocess(list(SITES))
-        startup = time.perf_counter() - started
-        return startup, _rounds(runner, ctx.config, fingerprints, side_by_side=False)
-
-    return job()
+def _write_sites(root: Path, sites: int) -> list[str]:
+    """Raw CSVs of the fixed workload, one folder per site (the data the sites hold)."""
+    rng = np.random.default_rng(0)
+    w = np.random.default_rng(42).normal(size=FEATURES)
+    names = [f"f{i:02d}" for i in range(FEATURES)]
+    site_ids = [f"s{i:02d}" for i in range(sites)]
+    for index, site_id in enumerate(site_ids):
+        x = rng.normal(size=(ROWS, FEATURES))
+        x[:, :SHIFTED] += 0.25 * index
+        y = (x @ w + 0.5 * rng.normal(size=ROWS) > 0).astype(int)
+        raw = root / "sites" / site_id / "raw"
+        raw.mkdir(parents=True)
+        header = ",".join([*names, "label", "group"])
+        groups = np.where(np.arange(ROWS) % 2 == 0, "a", "b")
+        rows = zip(x, y, groups, strict=True)
+        lines = [",".join([*(f"{v:.6f}" for v in row), str(label), group]) for row, label, group in rows]
+        (raw / "train.csv").write_text("\n".join([header, *lines]) + "\n")
+        (raw / "current.csv").write_text("\n".join([header, *lines[:1_000]]) + "\n")
+    return site_ids
 
 
-def _pool(config_path: Path, governance_path: Path) -> tuple[float, list[float]]:
-    from quorum.flows.context import load_context
-    from quorum.flows.runners.pool import PoolRunner
+def _federation(root: Path, site_ids: list[str]) -> Path:
+    config = {
+        "name": "bench-pool",
+        "model_name": "bench-pool-model",
+        "seed": 0,
+        "state_dir": "state",
+        "features": {"numeric": [f"f{i:02d}" for i in range(FEATURES)]},
+        "contract": {"min_rows": 1_000, "label_rate": [0.05, 0.95]},
+        "sites": {s: {"root": f"sites/{s}", "target": "label", "protected_attribute": "group"} for s in site_ids},
+        "model": {"hidden_sizes": list(HIDDEN)},
+        "training": {
+            "rounds": ROUNDS,
+            "local_epochs": 1,
+            "batch_size": 64,
+            "learning_rate": 0.05,
+            "positive_weight": "none",
+            "min_sites": len(site_ids),
+        },
+        "gates": {"min_accuracy": 0.6, "min_auc": 0.6, "max_regression": None, "min_sites": len(site_ids)},
+        "drift": {"min_rows": 30, "html_report": False},
+        "deployment": {
+            "prefect_port": _free_port(),
+            "mlflow_port": _free_port(),
+            "round_deadline_s": 300,
+            "session_start_timeout_s": 300,
+        },
+    }
+    path = root / "federation.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
-    ctx = load_context(str(config_path), str(governance_path), "bench-pool-job")
-    runner = PoolRunner(ctx, str(config_path))
+
+def _quorum(root: Path, *args: str, api_url: str | None = None) -> tuple[float, int, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    clean["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    if api_url:  # the in-process run reports to the same Prefect server as the pool jobs
+        clean["PREFECT_API_URL"] = api_url
     started = time.perf_counter()
-    runner.start(list(SITES))
-    fingerprints = runner.preprocess(list(SITES))
-    startup = time.perf_counter() - started
-    overheads = _rounds(runner, ctx.config, fingerprints, side_by_side=True)
-    runner.close()
-    return startup, overheads
+    done = subprocess.run([QUORUM, *args], cwd=root, env=clean, capture_output=True, text=True, check=False)
+    return time.perf_counter() - started, done.returncode, done.stdout + done.stderr
 
 
-def _with_stack(config_path: Path, governance_path: Path) -> tuple[tuple[float, list[float]], ...]:
-    """One real Prefect server for both runners (Prefect binds its API address at first import)."""
-    from quorum.configs.schema import load_federation
-    from quorum.infra.deployments import render, write
-    from quorum.infra.stack import Stack, deploy
-    from quorum.lineage.state import StateLayout
+def _run(root: Path, config: Path, governance: Path, keys: list[str], job_id: str, pool: bool) -> Job:
+    args = ["run", "--force", "--config", str(config), "--governance", str(governance), "--job-id", job_id]
+    args += [arg for key in keys for arg in ("--approve-with", key)]
+    args += ["--runner", "pool"] if pool else []
+    deployment = yaml.safe_load(config.read_text())["deployment"]
+    api_url = None if pool else f"http://127.0.0.1:{deployment['prefect_port']}/api"
+    launched = time.time()
+    wall, code, output = _quorum(root, *args, api_url=api_url)
+    if code != 0:
+        print(f"  {job_id} exited {code}:\n" + "\n".join(output.strip().splitlines()[-12:]))
+    jobs = root / "state" / "artifacts" / "jobs" / job_id
+    manifests = sorted((jobs / "rounds").glob("*/manifest.json"))
+    stamps = [m.stat().st_mtime for m in manifests]  # round r's time: from checkpoint r-1 to checkpoint r
+    rounds = tuple(later - earlier for earlier, later in itertools.pairwise(stamps))
+    site_ids = sorted(yaml.safe_load(config.read_text())["sites"])
+    trained_every_round = set(site_ids)
+    for manifest in manifests:
+        trained_every_round &= set(json.loads(manifest.read_text())["sites"])
+    lost = tuple(s for s in site_ids if s not in trained_every_round) if manifests else tuple(site_ids)
+    first_replies = list((jobs / "replies" / "000001").glob("*.json"))
+    record = jobs / "job.json"
+    startup = (
+        max(p.stat().st_mtime for p in first_replies) - launched
+        if pool and first_replies
+        else (record.stat().st_mtime - launched if record.exists() else float("nan"))
+    )
+    return Job(job_id, wall, startup, rounds, lost, _coverage(root, job_id), code)
 
-    config = load_federation(config_path)
-    state = StateLayout(config.state_dir).ensure()
-    stack = Stack(config, state)
-    os.environ["PREFECT_API_URL"] = stack.prefect_url
-    os.environ["MLFLOW_TRACKING_URI"] = state.tracking_uri
+
+def _coverage(root: Path, job_id: str) -> str:
+    audit = root / "state" / "audit.jsonl"
+    if not audit.exists():
+        return "no audit log"
+    for line in reversed(audit.read_text().splitlines()):
+        entry = json.loads(line)
+        details = entry.get("details", {})
+        if entry.get("event") == "gate_verdict" and details.get("job_id") == job_id:
+            [gate] = [g for g in details["gates"] if g["name"] == "site_coverage"] or [{"reason": "missing"}]
+            return str(gate["reason"])
+    return "no verdict"
+
+
+def _print_job(job: Job, baseline: Job | None) -> None:
+    rounds = job.rounds_s or (float("nan"),)
+    ratio = f"  {job.wall_s / baseline.wall_s:4.2f}x in-process" if baseline else ""
+    print(
+        f"  {job.name:<14} exit {job.exit_code}  job {job.wall_s:6.1f} s{ratio}  start-up {job.startup_s:5.1f} s  "
+        f"round median {statistics.median(rounds):5.2f} s (max {max(rounds):5.2f} s)  "
+        f"sites lost {len(job.lost)}{' ' + ','.join(job.lost) if job.lost else ''}"
+    )
+    print(f"  {'':<14} coverage gate: {job.coverage}")
+
+
+def _federation_run(sites: int, jobs: int, baseline: bool) -> None:
+    from tests.federation import write_governance
+
+    root = Path(tempfile.mkdtemp(prefix=f"quorum-bench-pool-{sites}-"))
     try:
-        stack.start_servers()
-        pools = stack.ensure_pools()
-        write(render(config, governance_path, WORK, []), WORK / "prefect.yaml")
-        deploy(WORK / "prefect.yaml", WORK, stack.base_env())
-        stack.start_workers(WORK)
-        stack.wait_for_workers(pools, timeout_s=120)
-        return _pool(config_path, governance_path), _local(config_path, governance_path)
+        site_ids = _write_sites(root, sites)
+        config = _federation(root, site_ids)
+        governance, keys = write_governance(root)
+        keys = keys[:2]
+        print(f"\n{sites} sites x {ROWS} rows x {FEATURES} features, {ROUNDS} rounds (folder {root})")
+        up_s, code, output = _quorum(root, "up", "--config", str(config), "--governance", str(governance))
+        reported = next((line for line in output.splitlines() if line.startswith("up in")), "")
+        print(f"  quorum up      {up_s:6.1f} s (exit {code}; {reported or output.strip()[-400:]})")
+        try:
+            if code != 0:
+                return
+            local = _run(root, config, governance, keys, "in-process", pool=False) if baseline else None
+            if local is not None:
+                _print_job(local, None)
+            for index in range(1, jobs + 1):
+                _print_job(_run(root, config, governance, keys, f"pool-{index}", pool=True), local)
+        finally:
+            down_s, code, _ = _quorum(root, "down", "--config", str(config))
+            print(f"  quorum down    {down_s:6.1f} s (exit {code})")
     finally:
-        stack.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
-    from tests.federation import write_federation, write_governance
-
-    deployment = {"prefect_port": _free_port(), "mlflow_port": _free_port(), "round_deadline_s": 60}
-    config_path = write_federation(WORK, SITES, rounds=ROUNDS, min_sites=4, extra={"deployment": deployment})
-    governance_path, _ = write_governance(WORK)
-    (pool_start, pool), (local_start, local) = _with_stack(config_path, governance_path)
-    local_median, pool_median = statistics.median(local), statistics.median(pool)
-    print(f"workload: {len(SITES)} sites, {ROUNDS} rounds, MLP 15-8-1 on the synthetic churn data")
-    print(
-        f"in-process: job start-up {local_start:6.2f} s, per-round overhead median {local_median:.3f} s "
-        f"(max {max(local):.3f} s)"
-    )
-    print(
-        f"pool:       job start-up {pool_start:6.2f} s, per-round overhead median {pool_median:.3f} s "
-        f"(max {max(pool):.3f} s)"
-    )
-    print(
-        f"ratio pool/in-process: per-round overhead {pool_median / local_median:.1f}x, "
-        f"start-up {pool_start / local_start:.1f}x"
-    )
-    print(f"target: pool median per-round overhead under 1.0 s -> {'met' if pool_median < 1.0 else 'NOT met'}")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=8)
+    parser.add_argument("--jobs", type=int, default=3)
+    parser.add_argument("--big", type=int, default=16, help="sites of the second federation (0: skip)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the in-process run")
+    args = parser.parse_args()
+    load = os.getloadavg()
+    print(f"machine: {os.cpu_count()} cores, load average {load[0]:.1f} at start")
+    _federation_run(args.sites, args.jobs, baseline=not args.no_baseline)
+    if args.big:
+        _federation_run(args.big, 1, baseline=False)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

@@ -266,20 +266,12 @@ def up(
     project = Path.cwd().resolve()
     where = "PostgreSQL" if stack.database else "SQLite"
     print(f"starting Prefect on {stack.prefect_url} ({where}) and MLflow on {stack.mlflow_url} ...")
-    stack.start_servers()
-    stack.prepare_storage()
-    from quorum.infra.stack import deploy
-
-    pools = stack.ensure_pools()
-    if not prefect_file.exists():
-        render_infra(config_path, governance_path, prefect_file)
-    print(f"deploying {prefect_file} ...")
-    deploy(prefect_file, project, stack.base_env())
-    stack.start_workers(project, site_workers)
-    from quorum.infra.deployments import COORDINATOR_POOL
-
-    stack.wait_for_workers(pools if site_workers else [COORDINATOR_POOL], timeout_s=120)
+    timings = stack.up(
+        project, prefect_file, site_workers, render=lambda: render_infra(config_path, governance_path, prefect_file)
+    )
+    pools = stack.pool_names()
     print(f"pools ready: {', '.join(pools)}" + ("" if site_workers else " (site workers: `quorum worker --site ID`)"))
+    print(f"up in {timings['workers_ready']:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + ")")
     print(
         f"Prefect UI: http://127.0.0.1:{config.deployment.prefect_port}   "
         f"MLflow UI: {stack.mlflow_url}\nstop everything with `quorum down`"

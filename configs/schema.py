@@ -247,6 +247,8 @@ class GatePolicy(BaseModel):
     max_selection_rate_gap: float | None = Field(default=0.25, ge=0.0, le=1.0)
     max_tpr_gap: float | None = Field(default=None, ge=0.0, le=1.0)
     min_sites: int = Field(default=1, ge=1)
+    # share of the configured sites whose updates trained the candidate (0.75: 6 of 8, 3 of 4, every site of 3)
+    min_site_fraction: float = Field(default=0.75, ge=0.0, le=1.0)
     min_examples: int = Field(default=1, ge=1)
     max_calibration_error: float | None = Field(default=None, ge=0.0, le=1.0)
     max_site_regression: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -310,6 +312,7 @@ class DeploymentConfig(BaseModel):
     monitor_interval_s: int = Field(default=3600, ge=60)
     round_deadline_s: float = Field(default=120.0, gt=0)
     session_start_timeout_s: float = Field(default=180.0, gt=0)
+    mlflow_workers: int = Field(default=1, ge=1, le=16)  # MLflow server processes; each imports MLflow on `quorum up`
 
 
 class FederationConfig(BaseModel):

@@ -17,12 +17,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from quorum.configs.errors import ReplyRejected, SiteDataError
+from quorum.configs.errors import SiteDataError
 from quorum.configs.schema import DriftConfig
 from quorum.evaluation.drift_report import write_html_report
 from quorum.evaluation.drift_snapshot import (
@@ -51,75 +50,6 @@ class DriftSummary:
     @property
     def drifted_columns(self) -> tuple[str, ...]:
         return tuple(feature.column for feature in self.features if feature.drifted)
-
-    def to_dict(self) -> dict[str, object]:
-        """Plain JSON-ready form, for replies, audit entries and MLflow artifacts."""
-        return {
-            "site_id": self.site_id,
-            "rows_reference": self.rows_reference,
-            "rows_current": self.rows_current,
-            "features": [_feature_to_dict(feature) for feature in self.features],
-            "drift_share": self.drift_share,
-            "prediction": None if self.prediction is None else _feature_to_dict(self.prediction),
-            "problems": list(self.problems),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DriftSummary:
-        """Rebuild a summary sent by a site; a malformed one is rejected, never half-read."""
-        try:
-            prediction = data["prediction"]
-            return cls(
-                site_id=_typed(data["site_id"], str),
-                rows_reference=_typed(data["rows_reference"], int),
-                rows_current=_typed(data["rows_current"], int),
-                features=tuple(_feature_from_dict(item) for item in _typed(data["features"], list)),
-                drift_share=_number(data["drift_share"]),
-                prediction=None if prediction is None else _feature_from_dict(prediction),
-                problems=tuple(_typed(item, str) for item in _typed(data["problems"], list)),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ReplyRejected(
-                f"drift summary is malformed: {exc}",
-                fix="send the output of DriftSummary.to_dict() unchanged",
-            ) from exc
-
-
-def _feature_to_dict(feature: FeatureDrift) -> dict[str, object]:
-    return {
-        "column": feature.column,
-        "method": feature.method,
-        "statistic": feature.statistic,
-        "threshold": feature.threshold,
-        "drifted": feature.drifted,
-        "note": feature.note,
-    }
-
-
-def _feature_from_dict(data: Any) -> FeatureDrift:
-    if not isinstance(data, Mapping):
-        raise TypeError(f"a feature entry must be a mapping, got {type(data).__name__}")
-    return FeatureDrift(
-        column=_typed(data["column"], str),
-        method=_typed(data["method"], str),
-        statistic=_number(data["statistic"]),
-        threshold=_number(data["threshold"]),
-        drifted=_typed(data["drifted"], bool),
-        note=_typed(data.get("note", ""), str),
-    )
-
-
-def _typed(value: Any, kind: type[Any]) -> Any:
-    # bool is an int subclass; a row count of True is a bug, not a count.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected a number, got {type(value).__name__}")
-    return float(value)
 
 
 # --- Checking a site's data ---------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from quorum.configs.schema import GatePolicy
@@ -16,6 +16,7 @@ from quorum.evaluation.metrics import BinaryCounts, accuracy, auc
 from quorum.evaluation.report import EvaluationReport, SiteEvaluation, fairness_gaps
 
 _FAILED_RELATION = {">=": "<", "<=": ">"}
+_TAG_CHARS = 500  # a reason is one line; MLflow limits tag values
 _TAG_UNSAFE = re.compile(r"[^\w.\-]+")
 
 
@@ -56,9 +57,31 @@ class GateResult:
 
 
 @dataclass(frozen=True)
+class Coverage:
+    """Which of the configured sites trained the candidate, and why each other one did not."""
+
+    configured: tuple[str, ...]
+    excluded: tuple[tuple[str, str], ...]  # (site, reason) for every configured site that did not train
+
+    @classmethod
+    def of(cls, configured: tuple[str, ...], excluded: Mapping[str, str]) -> Coverage:
+        return cls(configured, tuple((s, excluded[s]) for s in configured if s in excluded))
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        left_out = {site for site, _ in self.excluded}
+        return tuple(site for site in self.configured if site not in left_out)
+
+    @property
+    def fraction(self) -> float:
+        return len(self.trained) / len(self.configured) if self.configured else 0.0
+
+
+@dataclass(frozen=True)
 class Verdict:
     passed: bool
     gates: tuple[GateResult, ...]
+    excluded: tuple[tuple[str, str], ...] = ()  # configured sites that did not train the candidate, with why
 
     @property
     def failed(self) -> tuple[GateResult, ...]:
@@ -73,21 +96,34 @@ class Verdict:
         """One line per failed gate, each naming its measured value and bound (the CLI shows this)."""
         return "\n".join(f"  - {g.name}: {g.summary()} ({g.reason})" for g in self.failed)
 
+    def describe_excluded(self) -> str:
+        """One line per configured site that did not train the candidate, with the reason."""
+        return "\n".join(f"  - {site}: {reason}" for site, reason in self.excluded)
+
     def tags(self) -> dict[str, str]:
         """The verdict as model-version tags: ``gate.<name>`` = ``pass 0.81 >= 0.70`` for every gate.
 
         MLflow tag keys allow letters, digits and ``_ - . / : space``, so ``worst_site_accuracy[b]``
         becomes ``gate.worst_site_accuracy.b``.
         """
-        return {"gate." + _TAG_UNSAFE.sub(".", g.name).strip("."): g.summary() for g in self.gates}
+        tags = {"gate." + _TAG_UNSAFE.sub(".", g.name).strip("."): g.summary() for g in self.gates}
+        tags.update({"excluded." + _TAG_UNSAFE.sub(".", site): reason[:_TAG_CHARS] for site, reason in self.excluded})
+        return tags
 
     def to_dict(self) -> dict[str, object]:
-        return {"passed": self.passed, "gates": [g.to_dict() for g in self.gates]}
+        return {
+            "passed": self.passed,
+            "gates": [g.to_dict() for g in self.gates],
+            "excluded_sites": dict(self.excluded),
+        }
 
     def to_markdown(self) -> str:
         rows = ["| gate | value | bound | result |", "|---|---|---|---|"]
         rows += [f"| {g.name} | {g.value:.4f} | {g.bound:.4f} | {'pass' if g.passed else 'FAIL'} |" for g in self.gates]
-        return f"# Verdict: {'PASSED' if self.passed else 'FAILED'}\n\n" + "\n".join(rows) + "\n"
+        text = f"# Verdict: {'PASSED' if self.passed else 'FAILED'}\n\n" + "\n".join(rows) + "\n"
+        if self.excluded:
+            text += "\n## Sites that did not train the candidate\n\n" + self.describe_excluded() + "\n"
+        return text
 
 
 def _at_least(name: str, value: float, bound: float) -> GateResult:
@@ -219,9 +255,33 @@ _GATE_GROUPS: tuple[Callable[[EvaluationReport, GatePolicy], list[GateResult]], 
 )
 
 
-def decide(candidate: EvaluationReport, champion: EvaluationReport | None, policy: GatePolicy) -> Verdict:
-    """Apply every configured gate; the champion, when given, was evaluated on the same site data."""
-    gates = [gate for group in _GATE_GROUPS for gate in group(candidate, policy)]
+def _coverage_gate(coverage: Coverage, policy: GatePolicy) -> GateResult:
+    """Enough of the federation trained the candidate: a model from 2 of 8 sites speaks for 2 sites."""
+    trained, configured = len(coverage.trained), len(coverage.configured)
+    ok = coverage.fraction >= policy.min_site_fraction
+    relation = ">=" if ok else "<"
+    left_out = ", ".join(site for site, _ in coverage.excluded)
+    reason = (
+        f"site_coverage {coverage.fraction:.4f} {relation} {policy.min_site_fraction:.4f}: "
+        f"{trained} of {configured} configured sites trained the candidate" + (f" (not {left_out})" if left_out else "")
+    )
+    return GateResult("site_coverage", coverage.fraction, policy.min_site_fraction, ok, reason, ">=")
+
+
+def decide(
+    candidate: EvaluationReport,
+    champion: EvaluationReport | None,
+    policy: GatePolicy,
+    coverage: Coverage | None = None,
+) -> Verdict:
+    """Apply every configured gate; the champion, when given, was evaluated on the same site data.
+
+    ``coverage`` says which configured sites trained the candidate; with it, the ``site_coverage``
+    gate holds the share to ``policy.min_site_fraction`` and the verdict lists the sites left out.
+    """
+    gates = [] if coverage is None else [_coverage_gate(coverage, policy)]
+    gates += [gate for group in _GATE_GROUPS for gate in group(candidate, policy)]
     gates += _regression_gate(candidate, champion, policy)
     gates += _site_regression_gate(candidate, champion, policy)
-    return Verdict(passed=all(g.passed for g in gates), gates=tuple(gates))
+    excluded = () if coverage is None else coverage.excluded
+    return Verdict(passed=all(g.passed for g in gates), gates=tuple(gates), excluded=excluded)

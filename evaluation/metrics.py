@@ -7,7 +7,7 @@ computes pooled metrics (AUC from merged histograms, not an average of site AUCs
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,38 +41,6 @@ class BinaryCounts:
             loss_sum=self.loss_sum + other.loss_sum,
             positive_hist=tuple(a + b for a, b in zip(self.positive_hist, other.positive_hist, strict=True)),
             negative_hist=tuple(a + b for a, b in zip(self.negative_hist, other.negative_hist, strict=True)),
-        )
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "tp": self.tp,
-            "fp": self.fp,
-            "tn": self.tn,
-            "fn": self.fn,
-            "loss_sum": self.loss_sum,
-            "positive_hist": list(self.positive_hist),
-            "negative_hist": list(self.negative_hist),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object]) -> BinaryCounts:
-        def _int(key: str) -> int:
-            value = data[key]
-            if not isinstance(value, (int, float, str)):
-                raise ValueError(f"{key} must be a number")
-            return int(value)
-
-        def _hist(key: str) -> tuple[int, ...]:
-            return tuple(int(v) for v in data[key])  # type: ignore[attr-defined]
-
-        return cls(
-            tp=_int("tp"),
-            fp=_int("fp"),
-            tn=_int("tn"),
-            fn=_int("fn"),
-            loss_sum=float(data["loss_sum"]),  # type: ignore[arg-type]
-            positive_hist=_hist("positive_hist"),
-            negative_hist=_hist("negative_hist"),
         )
 
 

@@ -19,13 +19,6 @@ class SiteEvaluation:
     overall: BinaryCounts
     groups: Mapping[str, BinaryCounts]
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "site_id": self.site_id,
-            "overall": self.overall.to_dict(),
-            "groups": {name: counts.to_dict() for name, counts in self.groups.items()},
-        }
-
 
 @dataclass(frozen=True)
 class EvaluationReport:

@@ -26,6 +26,7 @@ from quorum.evaluation.drift import DriftSummary, retrain_decision, site_is_drif
 from quorum.lineage.artifacts import ArtifactStore, federation_store
 from quorum.lineage.audit import AuditEntry, AuditLog
 from quorum.lineage.state import StateLayout
+from quorum.tasks.wire import decode_drift
 
 LIFECYCLE_DEPLOYMENT = "lifecycle/lifecycle"
 MONITORING = "monitoring"
@@ -84,7 +85,7 @@ def _read_summary(store: ArtifactStore, key: str, site_id: str) -> DriftSummary:
         raise ReplyRejected(f"not JSON ({exc})", fix="the site's next monitor run replaces it") from None
     if not isinstance(data, Mapping):
         raise ReplyRejected("not a drift summary object", fix="the site's next monitor run replaces it")
-    summary = DriftSummary.from_dict(data)
+    summary = decode_drift(data)
     if summary.site_id != site_id:
         raise ReplyRejected(f"stored under site {site_id} but names site {summary.site_id}", fix="check the store")
     return summary

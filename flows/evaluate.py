@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 
 from quorum.configs.errors import NotEnoughSites
-from quorum.evaluation.gates import Verdict, decide
+from quorum.evaluation.gates import Coverage, Verdict, decide
 from quorum.evaluation.report import EvaluationReport, SiteEvaluation
 from quorum.evaluation.verdict_report import verdict_html
 from quorum.flows.context import JobContext
@@ -16,6 +17,23 @@ from quorum.lineage.registry import load_verified_weights
 from quorum.lineage.tracking import CHAMPION, alias_version
 from quorum.tasks.model import Weights
 from quorum.tasks.site import DataFingerprint
+from quorum.tasks.wire import encode_evaluation
+
+
+def site_coverage(
+    configured: Sequence[str], excluded: Mapping[str, str], rounds: Sequence[tuple[Sequence[str], Mapping[str, str]]]
+) -> Coverage:
+    """Which configured sites trained the candidate: those with an update aggregated in some round.
+
+    ``excluded`` are the sites preprocessing left out, with why; ``rounds`` each round's accepted
+    sites and rejected ones (with why). A site that never trained is listed with its newest reason.
+    """
+    trained = {site for accepted, _ in rounds for site in accepted}
+    reasons = {site: why.removeprefix(f"{site}: ") for site, why in excluded.items()}
+    for _, rejected in rounds:
+        reasons.update({site: f"update rejected: {why}" for site, why in rejected.items() if site not in trained})
+    left_out = {site: reasons.get(site, "asked in no round") for site in configured if site not in trained}
+    return Coverage.of(tuple(configured), left_out)
 
 
 @dataclass(frozen=True)
@@ -50,7 +68,12 @@ def _champion_weights(ctx: JobContext, candidate: Weights) -> tuple[str | None, 
 
 @flow(name="evaluate", validate_parameters=False)
 def evaluate_flow(
-    ctx: JobContext, runner: SiteRunner, candidate: Weights, fingerprints: dict[str, DataFingerprint], run_id: str
+    ctx: JobContext,
+    runner: SiteRunner,
+    candidate: Weights,
+    fingerprints: dict[str, DataFingerprint],
+    run_id: str,
+    coverage: Coverage | None = None,
 ) -> EvaluationResult:
     site_ids = sorted(fingerprints)
     report = _report(runner.evaluate(site_ids, candidate), fingerprints)
@@ -58,7 +81,7 @@ def evaluate_flow(
     champion = None
     if champion_weights is not None:
         champion = _report(runner.evaluate(site_ids, champion_weights), fingerprints)
-    verdict = decide(report, champion, ctx.config.gates)
+    verdict = decide(report, champion, ctx.config.gates, coverage)
     tracker = ctx.tracker
     tracker.log_metrics(run_id, {f"candidate.{k}": v for k, v in report.metrics.items()})
     for site_id, metrics in report.site_metrics().items():
@@ -70,7 +93,10 @@ def evaluate_flow(
     title = f"{ctx.config.model_name} candidate, job {ctx.job_id}"
     page = verdict_html(verdict, report, ctx.config.gates, champion, title)
     tracker.log_text(run_id, page, "verdict.html")
-    tracker.log_dict(run_id, {s.site_id: s.to_dict() for s in report.sites}, "site_counts.json")
+    tracker.log_dict(run_id, {s.site_id: encode_evaluation(s) for s in report.sites}, "site_counts.json")
     ctx.audit.append("gate_verdict", "coordinator", {"job_id": ctx.job_id, **verdict.to_dict()})
-    get_run_logger().info("verdict: %s", verdict.headline())
+    logger = get_run_logger()
+    for site_id, reason in verdict.excluded:
+        logger.warning("site %s did not train the candidate: %s", site_id, reason)
+    logger.info("verdict: %s", verdict.headline())
     return EvaluationResult(report, champion, champion_version, verdict)

@@ -16,7 +16,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 
 from quorum.flows.context import JobContext, git_commit, load_context
-from quorum.flows.evaluate import EvaluationResult, evaluate_flow
+from quorum.flows.evaluate import EvaluationResult, evaluate_flow, site_coverage
 from quorum.flows.monitor import MonitorResult, monitor_flow
 from quorum.flows.preprocess import PreprocessResult, preprocess_flow
 from quorum.flows.promote import PromotionResult, promote_flow
@@ -26,6 +26,7 @@ from quorum.flows.tuning import OnRound, TuningResult, tune_flow
 from quorum.lineage.keys import approver_for_private_key
 from quorum.lineage.provenance import SiteEvidence
 from quorum.tasks.features import feature_names
+from quorum.tasks.wire import encode_fingerprint
 
 CODE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,7 +88,7 @@ def _lineage_tags(ctx: JobContext, prep: PreprocessResult, commit: str, run_id: 
         outcome = "passed" if contract.passed else f"failed {len(contract.failed)} of"
         tags[f"contract.{site_id}"] = f"{outcome} {contract.evaluated} expectations"
     for site_id in set(prep.excluded) - set(prep.fingerprints):
-        tags[f"contract.{site_id}"] = "not checked: the site's data could not be read"
+        tags[f"contract.{site_id}"] = f"not checked: {prep.excluded[site_id]}"[:500]  # the true reason
     return tags
 
 
@@ -176,7 +177,7 @@ def run_lifecycle(
         }
         ctx.tracker.log_data_versions(result.run_id, versions)
         ctx.tracker.log_dict(
-            result.run_id, {s: fp.to_dict() for s, fp in prep.fingerprints.items()}, "fingerprints.json"
+            result.run_id, {s: encode_fingerprint(fp) for s, fp in prep.fingerprints.items()}, "fingerprints.json"
         )
         if only_if_changed and not resume:
             result.unchanged_since = _unchanged_champion(ctx, prep)
@@ -191,7 +192,8 @@ def run_lifecycle(
             usable = {s: prep.fingerprints[s] for s in prep.usable_sites}
             result.tuning = tuning = tune_flow(ctx, runner, usable, run_id, resume, on_round)
         with _stage(ctx, result, "evaluate") as run_id:
-            result.evaluation = evaluation = evaluate_flow(ctx, runner, tuning.weights, usable, run_id)
+            coverage = site_coverage(ctx.config.site_ids, prep.excluded, [(r.sites, r.rejected) for r in tuning.rounds])
+            result.evaluation = evaluation = evaluate_flow(ctx, runner, tuning.weights, usable, run_id, coverage)
         with _stage(ctx, result, "promote") as run_id:
             result.promotion = promote_flow(
                 ctx,

@@ -12,6 +12,7 @@ from quorum.flows.context import JobContext
 from quorum.flows.runners.local import SiteFailure, SiteRunner
 from quorum.lineage.registry import load_verified_weights
 from quorum.lineage.tracking import CHAMPION, alias_version
+from quorum.tasks.wire import encode_drift
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def monitor_flow(ctx: JobContext, runner: SiteRunner, site_ids: list[str], run_i
         if summary.prediction is not None:
             metrics[f"{site_id}.prediction_drift_statistic"] = summary.prediction.statistic
         ctx.tracker.log_metrics(run_id, metrics)
-    ctx.tracker.log_dict(run_id, {s: d.to_dict() for s, d in summaries.items()}, "drift_summaries.json")
+    ctx.tracker.log_dict(run_id, {s: encode_drift(d) for s, d in summaries.items()}, "drift_summaries.json")
     if retrain:
         ctx.audit.append("retraining_recommended", "monitor", {"reason": reason, "job_id": ctx.job_id})
     logger.info("drift: %s", reason)

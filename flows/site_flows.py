@@ -18,6 +18,7 @@ from quorum.flows.runners.site_session import check_site_root
 from quorum.lineage.artifacts import federation_store
 from quorum.lineage.state import StateLayout
 from quorum.tasks import site as site_work
+from quorum.tasks.wire import encode_drift, encode_fingerprint
 
 
 @flow(name="site-preprocess")
@@ -38,7 +39,7 @@ def preprocess_site_flow(config_path: str, site_id: str) -> dict[str, Any]:
         fingerprint.test_rows,
         fingerprint.data_hash,
     )
-    return fingerprint.to_dict()
+    return encode_fingerprint(fingerprint)
 
 
 @flow(name="site-monitor")
@@ -58,11 +59,11 @@ def monitor_site_flow(config_path: str, governance_path: str, site_id: str) -> d
         champion = load_verified_weights(tracker, store, load_governance(governance_path), config.model_name, version)
     summary = site_work.monitor_site(config, site_id, champion)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    store.put_json(f"monitoring/{site_id}/{stamp}.json", {"champion_version": version, **summary.to_dict()})
+    store.put_json(f"monitoring/{site_id}/{stamp}.json", {"champion_version": version, **encode_drift(summary)})
     get_run_logger().info(
         "%s: drift share %.0f%% (%s)",
         site_id,
         100 * summary.drift_share,
         ", ".join(summary.drifted_columns) or "no drifted columns",
     )
-    return summary.to_dict()
+    return encode_drift(summary)

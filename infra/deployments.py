@@ -1,20 +1,33 @@
-"""Rendering ``infra/prefect.yaml`` from a federation config.
+"""Rendering ``infra/prefect.yaml`` from a federation config, and applying it to a Prefect server.
 
 The file is what ``quorum up`` deploys and what a user edits: one pool per site (``site-<id>``)
 with that site's session, preprocessing and monitoring deployments, and on the ``coordinator`` pool
 the lifecycle with the retraining schedule and the drift check that retrains on drift. Paths are
 written as ``{{ $QUORUM_PROJECT }}`` placeholders that Prefect fills from the environment at deploy
 time, so the file is the same on every machine.
+
+``apply`` creates (or updates) every deployment of the file through the Prefect API in one pass.
+Flow names and parameter schemas are read from the flows' source, so nothing is imported: the
+``prefect deploy`` command imports every flow module, torch and MLflow among them, before it starts.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import re
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from quorum.configs.errors import ToolError
 from quorum.configs.schema import FederationConfig
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
 
 COORDINATOR_POOL = "coordinator"
 PROJECT_VAR = "{{ $QUORUM_PROJECT }}"
@@ -98,7 +111,7 @@ def render(config: FederationConfig, governance_path: Path, project: Path, appro
 
 
 HEADER = """\
-# Prefect deployments of this federation, deployed by `quorum up` (prefect deploy --all).
+# Prefect deployments of this federation, deployed by `quorum up` (through the Prefect API, in one pass).
 # Rendered from the federation config by `quorum infra render`; edit schedules and parameters here
 # or in the config and render again. {{ $QUORUM_PROJECT }} is the project folder (set by quorum up).
 """
@@ -116,3 +129,76 @@ def write(document: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(HEADER + yaml.dump(document, Dumper=_PlainDumper, sort_keys=False, width=120))
     tmp.replace(path)
+
+
+_ENV_PLACEHOLDER = re.compile(r"\{\{\s*\$([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def _fill(value: Any, project: Path) -> Any:
+    """``{{ $NAME }}`` placeholders filled from the environment as Prefect does, ``QUORUM_PROJECT`` the project."""
+    if isinstance(value, str):
+        env = {**os.environ, "QUORUM_PROJECT": str(project)}
+        return _ENV_PLACEHOLDER.sub(lambda match: env.get(match.group(1), match.group(0)), value)
+    if isinstance(value, list):
+        return [_fill(item, project) for item in value]
+    if isinstance(value, dict):
+        return {key: _fill(item, project) for key, item in value.items()}
+    return value
+
+
+def _source_entrypoint(entrypoint: str) -> str:
+    """``package.module:flow`` as ``/path/to/module.py:flow``, found without importing the module."""
+    module, _, function = entrypoint.partition(":")
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ToolError(f"entrypoint {entrypoint}: no module {module}", fix="fix the entrypoint in the prefect file")
+    return f"{spec.origin}:{function}"
+
+
+def _schedules(entries: list[dict[str, Any]]) -> list[DeploymentScheduleCreate]:
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+
+    schedules = []
+    for entry in entries:
+        if "cron" in entry:
+            schedule: CronSchedule | IntervalSchedule = CronSchedule(cron=entry["cron"], timezone=entry.get("timezone"))
+        elif "interval" in entry:
+            schedule = IntervalSchedule(interval=timedelta(seconds=float(entry["interval"])))
+        else:
+            raise ToolError(f"schedule {entry} has neither cron nor interval", fix="fix it in the prefect file")
+        schedules.append(DeploymentScheduleCreate(schedule=schedule, active=bool(entry.get("active", True))))
+    return schedules
+
+
+def apply(document: dict[str, Any], project: Path, client: SyncPrefectClient) -> list[str]:
+    """Create or update every deployment of a prefect.yaml document; returns their ``flow/deployment`` names."""
+    from prefect.flows import load_flow_arguments_from_entrypoint
+    from prefect.utilities.callables import parameter_schema_from_entrypoint
+
+    flows: dict[str, tuple[str, Any, dict[str, Any]]] = {}  # entrypoint -> (flow name, flow id, parameter schema)
+    names = []
+    for deployment in _fill(document.get("deployments", []), project):
+        entrypoint = str(deployment["entrypoint"])
+        if entrypoint not in flows:
+            source = _source_entrypoint(entrypoint)
+            flow_name = str(load_flow_arguments_from_entrypoint(source, {"name"}).get("name") or entrypoint)
+            schema = parameter_schema_from_entrypoint(source).model_dump_for_openapi()
+            flows[entrypoint] = (flow_name, client.create_flow_from_name(flow_name), schema)
+        flow_name, flow_id, schema = flows[entrypoint]
+        pool = deployment.get("work_pool") or {}
+        client.create_deployment(
+            flow_id=flow_id,
+            name=str(deployment["name"]),
+            description=deployment.get("description"),
+            entrypoint=entrypoint,
+            work_pool_name=pool.get("name"),
+            job_variables=pool.get("job_variables") or {},
+            parameters=deployment.get("parameters") or {},
+            parameter_openapi_schema=schema,
+            schedules=_schedules(deployment.get("schedules") or []),
+            pull_steps=document.get("pull") or [],
+            tags=deployment.get("tags") or [],
+        )
+        names.append(f"{flow_name}/{deployment['name']}")
+    return names

@@ -3,6 +3,10 @@
 Every process started here is recorded by pid (and its log) under ``STATE/services``; ``down``
 stops exactly those process groups and nothing else. Each site worker runs in its own process
 group, in the site's own folder, with an environment that names only that site's data root.
+
+``up`` overlaps what can overlap: the workers start as soon as the Prefect API answers, the
+deployments are applied through the API in this process while they import, and readiness is one
+API call per poll. ``down`` signals every group at once and waits for them together.
 """
 
 from __future__ import annotations
@@ -16,21 +20,27 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
+
 from quorum.configs.errors import QuorumError, ToolError
 from quorum.configs.schema import FederationConfig, expand_secrets
-from quorum.infra.deployments import COORDINATOR_POOL, site_pool
+from quorum.infra.deployments import COORDINATOR_POOL, apply, site_pool
 from quorum.lineage.state import SITE_ROOT_ENV, StateLayout
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
 
 HOST = "127.0.0.1"
+WORKER_HEARTBEAT_S = 10  # a worker beats this often; three missed beats and its site counts as absent
+SCHEDULED_RUNS = 3  # upcoming runs the Prefect scheduler keeps per schedule
+SQLITE_BUSY_S = 30  # how long the Prefect server waits for SQLite's write lock (its default 10 s fails under load)
+READY_TIMEOUT_S = 300.0  # for the whole of `quorum up`: a loaded 2-core machine needs minutes, an idle one seconds
 
 
 @dataclass(frozen=True)
@@ -120,7 +130,8 @@ class Stack:
             MLFLOW_TRACKING_URI=self.mlflow_url,
             MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
             GX_ANALYTICS_ENABLED="False",
-            PREFECT_WORKER_QUERY_SECONDS="2",
+            PREFECT_WORKER_QUERY_SECONDS="3",
+            PREFECT_WORKER_HEARTBEAT_SECONDS=str(WORKER_HEARTBEAT_S),
             PREFECT_LOGGING_LEVEL="INFO",
         )
         return env
@@ -159,17 +170,37 @@ class Stack:
         artifacts = deployment.mlflow_artifacts or self.state.mlflow_artifacts.resolve().as_uri()
         command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", HOST]
         command += ["--port", str(deployment.mlflow_port), "--artifacts-destination", artifacts]
+        # uvicorn kills a worker that has not answered its health check within 5 s: on a loaded machine one
+        # still importing MLflow then, so workers were killed and restarted for ever and MLflow never came up
+        command += ["--workers", str(deployment.mlflow_workers), "--uvicorn-opts=--timeout-worker-healthcheck 300"]
         return command, {**self.coordinator_env(), "MLFLOW_BACKEND_STORE_URI": backend}
 
     def start_servers(self) -> None:
+        """Start both servers and wait until both answer."""
+        self.launch_servers()
+        self.wait_prefect()
+        self.wait_mlflow()
+
+    def launch_servers(self) -> None:
+        """Start the Prefect and MLflow servers without waiting for them."""
         bin_dir = Path(sys.executable).parent
         port = str(self.config.deployment.prefect_port)
-        server_env = {**self.base_env(), "PREFECT_UI_API_URL": self.prefect_url}
+        # no block types are used: registering Prefect's catalogue of them costs seconds at every first start
+        server_env = {
+            **self.base_env(),
+            "PREFECT_UI_API_URL": self.prefect_url,
+            "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "false",
+            # a few upcoming runs per schedule, not Prefect's 100: at up, 100 hourly monitor runs per site
+            # were hundreds of inserts competing with the workers' first heartbeats
+            "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": str(SCHEDULED_RUNS),
+        }
         server_env.pop("PREFECT_API_URL")
         if self.database:
             server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = prefect_database_url(
                 expand_secrets(self.database, "deployment.prefect_database")
             )
+        else:  # one SQLite file takes every worker's heartbeats and every flow run's state
+            server_env["PREFECT_SERVER_DATABASE_TIMEOUT"] = str(SQLITE_BUSY_S)
         _require_free(self.config.deployment.prefect_port, self.service("prefect-server"))
         _require_free(self.config.deployment.mlflow_port, self.service("mlflow-server"))
         self._start(
@@ -179,9 +210,69 @@ class Stack:
             self.state.root,
         )
         self._start("mlflow-server", *self.mlflow_server(), self.state.root)
-        _wait_http(f"{self.prefect_url}/health", "Prefect server", self.service("prefect-server"), 120)
-        _wait_http(f"{self.mlflow_url}/health", "MLflow server", self.service("mlflow-server"), 120)
         self.write_endpoints()
+
+    def wait_prefect(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        _wait_http(f"{self.prefect_url}/health", "Prefect server", self.service("prefect-server"), timeout_s)
+
+    def wait_mlflow(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        _wait_http(f"{self.mlflow_url}/health", "MLflow server", self.service("mlflow-server"), timeout_s)
+
+    def up(
+        self,
+        project: Path,
+        prefect_file: Path,
+        site_workers: bool = True,
+        render: Callable[[], object] | None = None,
+    ) -> dict[str, float]:
+        """Servers, storage, pools, workers and deployments, overlapped; returns seconds since start per step.
+
+        ``render`` writes ``prefect_file`` when it is missing (after the servers' settings were checked).
+        """
+        timings: dict[str, float] = {}
+        started = time.monotonic()
+
+        def mark(step: str) -> None:
+            timings[step] = round(time.monotonic() - started, 2)
+
+        def left() -> float:  # one deadline for the whole start-up, counted from the launch
+            return max(1.0, READY_TIMEOUT_S - (time.monotonic() - started))
+
+        self.launch_servers()
+        if render is not None and not prefect_file.exists():
+            render()
+        self.wait_prefect(left())
+        mark("prefect_api")
+        pools = self.ensure_pools()
+        self.deploy(prefect_file, project)  # before the workers' first writes compete for the database
+        mark("deployed")
+        self.start_workers(project, site_workers)
+        mark("workers_started")
+        self.prepare_storage()
+        self.wait_mlflow(left())
+        mark("mlflow_api")
+        self.wait_for_workers(pools if site_workers else [COORDINATOR_POOL], timeout_s=left())
+        mark("workers_ready")
+        return timings
+
+    def deploy(self, prefect_file: Path, project: Path) -> list[str]:
+        """Every deployment of ``prefect_file``, created or updated through the API in one pass."""
+        try:
+            document = yaml.safe_load(prefect_file.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ToolError(f"cannot read {prefect_file}: {exc}", fix="run `quorum infra render`") from exc
+        if not isinstance(document, dict):
+            raise ToolError(f"{prefect_file} is not a prefect.yaml document", fix="run `quorum infra render`")
+        import httpx
+
+        try:
+            with self.client() as client:
+                return apply(document, project.resolve(), client)
+        except httpx.HTTPError as exc:  # Prefect's status errors derive from it
+            raise ToolError(
+                f"the Prefect server refused the deployments of {prefect_file}: {exc}",
+                fix=f"see {self.service('prefect-server').log_file}, then run `quorum up` again",
+            ) from None
 
     def prepare_storage(self) -> None:
         """Check the S3 artifact store answers before any job relies on it; create its bucket if missing.
@@ -218,14 +309,12 @@ class Stack:
             )
 
     def stop(self) -> list[str]:
-        stopped = []
-        for service in reversed(self.services()):
-            pid = service.pid()
-            if pid is not None and service.alive():
-                _stop_group(pid)
-                stopped.append(service.name)
+        """Signal every recorded process group at once, then wait for all of them together."""
+        running = {s.name: pid for s in reversed(self.services()) if (pid := s.pid()) is not None and s.alive()}
+        _stop_groups(list(running.values()))
+        for service in self.services():
             service.pid_file.unlink(missing_ok=True)
-        return stopped
+        return list(running)
 
     @contextmanager
     def client(self) -> Iterator[SyncPrefectClient]:
@@ -236,28 +325,51 @@ class Stack:
         with temporary_settings({PREFECT_API_URL: self.prefect_url}), get_client(sync_client=True) as client:
             yield client
 
+    def pool_names(self) -> list[str]:
+        return [COORDINATOR_POOL, *(site_pool(s) for s in self.config.site_ids)]
+
     def ensure_pools(self) -> list[str]:
-        """One process work pool per site plus the coordinator's; existing pools are kept as they are."""
+        """One process work pool per site plus the coordinator's; existing pools are kept as they are.
+
+        Each is created with the process worker's job template, so no worker has to write it when it
+        starts: with SQLite, many workers writing at once wait on each other's locks.
+        """
+        import httpx
         from prefect.client.schemas.actions import WorkPoolCreate
         from prefect.exceptions import ObjectAlreadyExists
+        from prefect.workers.process import ProcessWorker
 
-        names = [COORDINATOR_POOL, *(site_pool(s) for s in self.config.site_ids)]
-        with self.client() as client:
-            for name in names:
-                with contextlib.suppress(ObjectAlreadyExists):
-                    client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+        names = self.pool_names()
+        template = ProcessWorker.get_default_base_job_template()
+        try:
+            with self.client() as client:
+                for name in names:
+                    with contextlib.suppress(ObjectAlreadyExists):
+                        client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
+        except httpx.HTTPError as exc:
+            raise ToolError(
+                f"the Prefect server refused the work pools: {exc}",
+                fix=f"see {self.service('prefect-server').log_file}, then run `quorum up` again",
+            ) from None
         return names
 
     def wait_for_workers(self, pools: list[str], timeout_s: float) -> dict[str, str]:
-        """Wait until every pool reports READY (a live worker polls it)."""
+        """Wait until every pool reports READY (a live worker polls it): one API call per poll."""
+        from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
+
         deadline = time.monotonic() + timeout_s
-        statuses: dict[str, str] = {}
+        statuses: dict[str, str] = {name: "missing" for name in pools}
+        wanted = WorkPoolFilter(name=WorkPoolFilterName(any_=list(pools)))
+        import httpx
+
         with self.client() as client:
             while time.monotonic() < deadline:
-                statuses = {name: str(getattr(client.read_work_pool(name).status, "value", "")) for name in pools}
+                with contextlib.suppress(httpx.HTTPError):  # a busy server answers 503 now and then: ask again
+                    found = client.read_work_pools(work_pool_filter=wanted, limit=len(pools))
+                    statuses.update({pool.name: str(getattr(pool.status, "value", "")) for pool in found})
                 if all(status == "READY" for status in statuses.values()):
                     return statuses
-                time.sleep(1)
+                time.sleep(0.5)
         waiting = ", ".join(name for name, status in statuses.items() if status != "READY")
         raise ToolError(
             f"no live worker on pool(s) {waiting} after {timeout_s:.0f}s",
@@ -312,33 +424,28 @@ def _wait_http(url: str, what: str, service: Service, timeout_s: float) -> None:
     raise ToolError(f"{what} did not become healthy within {timeout_s:.0f}s", fix=f"see {service.log_file}")
 
 
-def _stop_group(pid: int, grace_s: float = 10.0) -> None:
+def _group_alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):  # reap the leader if this process started it (tests, benches)
+        os.waitpid(pid, os.WNOHANG)
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, 0)
     except ProcessLookupError:
-        return
+        return False
+    except PermissionError:  # a reused pid in someone else's group: not ours any more
+        return False
+    return True
+
+
+def _stop_groups(pids: list[int], grace_s: float = 5.0) -> None:
+    """SIGTERM every group, wait up to ``grace_s`` for all of them together, SIGKILL what is left."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def deploy(prefect_file: Path, project: Path, env: dict[str, str]) -> None:
-    """``prefect deploy --all`` of the rendered file, so what runs is exactly what the file says."""
-    prefect = str(Path(sys.executable).parent / "prefect")
-    result = subprocess.run(
-        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
-        cwd=project,
-        env={**env, "QUORUM_PROJECT": str(project)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
-        raise ToolError(f"prefect deploy failed for {prefect_file}:\n{tail}", fix="fix the file and run quorum up")
+    left = [pid for pid in pids if _group_alive(pid)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = [pid for pid in left if _group_alive(pid)]
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)

@@ -81,60 +81,10 @@ class ContractSummary:
     failed: tuple[FailedExpectation, ...]
     warnings: tuple[str, ...]
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "passed": self.passed,
-            "evaluated": self.evaluated,
-            "failed": [
-                {
-                    "expectation": item.expectation,
-                    "column": item.column,
-                    "unexpected_count": item.unexpected_count,
-                    "detail": item.detail,
-                }
-                for item in self.failed
-            ],
-            "warnings": list(self.warnings),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ContractSummary:
-        """Rebuild a summary from ``to_dict`` output, rejecting anything that is not that shape."""
-        try:
-            failed = tuple(_failed_from_dict(item) for item in data["failed"])
-            summary = cls(
-                passed=data["passed"],
-                evaluated=data["evaluated"],
-                failed=failed,
-                warnings=tuple(data["warnings"]),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"not a contract summary: {exc!r}") from None
-        if not isinstance(summary.passed, bool) or type(summary.evaluated) is not int:
-            raise ValueError("not a contract summary: 'passed' must be a bool and 'evaluated' an int")
-        if not all(isinstance(text, str) for text in summary.warnings):
-            raise ValueError("not a contract summary: 'warnings' must be strings")
-        return summary
-
     def describe(self) -> str:
         if not self.failed:
             return f"all {self.evaluated} contract expectations passed"
         return "\n".join(f"{item.column or '(table)'}: {item.expectation}: {item.detail}" for item in self.failed)
-
-
-def _failed_from_dict(item: Mapping[str, Any]) -> FailedExpectation:
-    failed = FailedExpectation(
-        expectation=item["expectation"],
-        column=item["column"],
-        unexpected_count=item["unexpected_count"],
-        detail=item["detail"],
-    )
-    texts_ok = isinstance(failed.expectation, str) and isinstance(failed.detail, str)
-    column_ok = failed.column is None or isinstance(failed.column, str)
-    count_ok = failed.unexpected_count is None or type(failed.unexpected_count) is int
-    if not (texts_ok and column_ok and count_ok):
-        raise TypeError(f"malformed failed expectation {sorted(item)}")
-    return failed
 
 
 def build_suite_spec(features: FeatureConfig, contract: ContractConfig, site: SiteConfig) -> list[dict[str, Any]]:

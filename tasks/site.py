@@ -9,9 +9,9 @@ from __future__ import annotations
 import functools
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -52,11 +52,6 @@ class DataFingerprint:
     @property
     def usable(self) -> bool:
         return self.contract.passed and self.moments is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["contract"] = self.contract.to_dict()
-        return data
 
 
 @dataclass(frozen=True)

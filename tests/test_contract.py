@@ -11,10 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from quorum.configs.errors import SiteDataError, ToolError
+from quorum.configs.errors import ReplyRejected, SiteDataError, ToolError
 from quorum.configs.schema import ContractConfig, FeatureConfig, SiteConfig
 from quorum.tasks import contract as contract_module
 from quorum.tasks.contract import ContractSummary, FailedExpectation, build_suite_spec, validate_contract
+from quorum.tasks.wire import decode_contract, encode_contract
 
 ROWS = 10
 FEATURES = FeatureConfig(numeric=("age", "income"), categorical={"region": ("north", "south")})
@@ -145,7 +146,7 @@ def test_summary_never_quotes_data_values() -> None:
 
     summary = check(frame)
 
-    shared = json.dumps(summary.to_dict()) + summary.describe()
+    shared = json.dumps(encode_contract(summary)) + summary.describe()
     assert not summary.passed
     assert {"region", "age", "label"} <= {item.column for item in summary.failed}
     for canary in (CANARY_TEXT, "987654", "9.87654e+05", "9.876"):
@@ -161,7 +162,7 @@ def test_undeclared_email_column_warns_without_values() -> None:
     assert summary.warnings == (
         "column 'contact' looks like it holds email addresses but is not listed in pii_columns",
     )
-    assert "mail.example.com" not in json.dumps(summary.to_dict())
+    assert "mail.example.com" not in json.dumps(encode_contract(summary))
 
 
 @pytest.mark.parametrize(
@@ -195,7 +196,7 @@ def test_summary_round_trips_through_json() -> None:
         warnings=("column 'notes' looks like it holds phone numbers but is not listed in pii_columns",),
     )
 
-    assert ContractSummary.from_dict(json.loads(json.dumps(summary.to_dict()))) == summary
+    assert decode_contract(json.loads(json.dumps(encode_contract(summary)))) == summary
 
 
 @pytest.mark.parametrize(
@@ -203,8 +204,8 @@ def test_summary_round_trips_through_json() -> None:
     [{}, {"passed": "yes", "evaluated": 1, "failed": [], "warnings": []}, {"passed": True, "evaluated": 1}],
 )
 def test_from_dict_rejects_other_shapes(data: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match="not a contract summary"):
-        ContractSummary.from_dict(data)
+    with pytest.raises(ReplyRejected, match="malformed contract summary"):
+        decode_contract(data)
 
 
 def test_full_report_is_written_to_report_dir(tmp_path: Path) -> None:

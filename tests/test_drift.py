@@ -29,6 +29,7 @@ from quorum.evaluation.drift import (
     site_is_drifting,
     summary_from_report,
 )
+from quorum.tasks.wire import decode_drift, encode_drift
 
 FIXTURE = Path(__file__).parent / "fixtures" / "evidently_drift_report.json"
 CANARY = "CANARY-7f3a9c"
@@ -229,7 +230,7 @@ def test_new_categories_are_counted_and_values_never_leave_the_site() -> None:
     assert notes["region"] == "new categories in current window: 2 values"
     assert notes["steady"] == "missing values ignored in current window: 5"
     assert "region" in summary.drifted_columns
-    assert CANARY not in json.dumps(summary.to_dict())
+    assert CANARY not in json.dumps(encode_drift(summary))
 
 
 def test_constant_current_window_is_noted() -> None:
@@ -305,17 +306,17 @@ def test_summary_round_trips_through_json() -> None:
     summary = _summary("north", drifted=1, prediction=True)
     summary = DriftSummary(**{**summary.__dict__, "problems": ("column 'x' missing from current window",)})
 
-    assert DriftSummary.from_dict(json.loads(json.dumps(summary.to_dict()))) == summary
+    assert decode_drift(json.loads(json.dumps(encode_drift(summary)))) == summary
 
 
 @pytest.mark.parametrize("broken", [{}, {"features": "x"}, {"rows_current": "600"}, {"prediction": [1]}])
 def test_malformed_summary_is_rejected(broken: dict[str, Any]) -> None:
-    data = {**_summary("north", drifted=1).to_dict(), **broken}
+    data = {**encode_drift(_summary("north", drifted=1)), **broken}
     if not broken:
         del data["site_id"]
 
-    with pytest.raises(ReplyRejected, match="drift summary is malformed"):
-        DriftSummary.from_dict(data)
+    with pytest.raises(ReplyRejected, match="malformed drift summary"):
+        decode_drift(data)
 
 
 # --- our statistics against Evidently's report ---------------------------------------------------

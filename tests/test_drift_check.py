@@ -19,6 +19,7 @@ from quorum.lineage.artifacts import LocalArtifactStore
 from quorum.lineage.audit import AuditLog
 from quorum.lineage.state import StateLayout
 from quorum.tasks.site import preprocess_site
+from quorum.tasks.wire import encode_drift
 from tests.federation import write_federation, write_governance
 
 
@@ -151,7 +152,7 @@ def stored(tmp_path: Path, prefect_harness: Path) -> tuple[Path, Path]:
 def _store(config_path: Path, drifting: Sequence[str], stamp: str = "20260101T000000Z") -> LocalArtifactStore:
     store = LocalArtifactStore(StateLayout(load_federation(config_path).state_dir).artifacts)
     for site_id in ("alpha", "beta", "gamma"):
-        payload = {"champion_version": "1", **_summary(site_id, site_id in drifting).to_dict()}
+        payload = {"champion_version": "1", **encode_drift(_summary(site_id, site_id in drifting))}
         store.put_json(drift_check.summary_key(site_id, stamp), payload)
     return store
 

@@ -29,6 +29,7 @@ from quorum.evaluation.metrics import (
     summarize,
 )
 from quorum.evaluation.report import EvaluationReport, SiteEvaluation
+from quorum.tasks.wire import decode_counts, encode_counts
 
 # --- counts_from_scores ------------------------------------------------------------------------
 
@@ -101,10 +102,10 @@ def test_counts_add_field_by_field() -> None:
 def test_counts_round_trip_through_json() -> None:
     counts = counts_from_scores(LABELS, SCORES)
 
-    restored = BinaryCounts.from_dict(json.loads(json.dumps(counts.to_dict())))
+    restored = decode_counts(json.loads(json.dumps(encode_counts(counts))))
 
     assert restored == counts
-    assert set(counts.to_dict()) == {"tp", "fp", "tn", "fn", "loss_sum", "positive_hist", "negative_hist"}
+    assert set(encode_counts(counts)) == {"tp", "fp", "tn", "fn", "loss_sum", "positive_hist", "negative_hist"}
 
 
 # --- AUC from histograms -----------------------------------------------------------------------

@@ -24,7 +24,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from quorum.configs.schema import load_federation
 from quorum.infra.deployments import render, write
-from quorum.infra.stack import Stack, deploy
+from quorum.infra.stack import Stack
 from quorum.lineage.state import StateLayout
 from tests.canary import plant_federation, planted_canaries, scan, scan_text
 from tests.federation import POOL_GATES, write_federation, write_governance
@@ -79,7 +79,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         pools = running.ensure_pools()
         prefect_file = root / "prefect.yaml"
         write(render(config, governance_path, root, []), prefect_file)
-        deploy(prefect_file, root, running.base_env())
+        running.deploy(prefect_file, root)
         running.start_workers(root)
         running.wait_for_workers(pools, timeout_s=120)
         yield {

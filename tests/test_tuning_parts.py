@@ -19,7 +19,6 @@ from quorum.evaluation.report import SiteEvaluation
 from quorum.flows import rounds
 from quorum.flows.runners.local import SecAggRound, SiteFailure, SiteRunner
 from quorum.tasks import site as site_work
-from quorum.tasks.messages import Request
 from quorum.tasks.model import Weights, initial_weights
 from quorum.tasks.privacy import private_mean
 from quorum.tasks.replies import validate_masked_reply
@@ -27,6 +26,7 @@ from quorum.tasks.secagg import SecAggSite, flatten
 from quorum.tasks.site_secagg import MaskedUpdate, key_path, public_key, reveal_seeds, train_site_masked
 from quorum.tasks.strategies import keep_fixed, min_replies, trainable_tensors
 from quorum.tasks.training import LocalTrainingConfig, freeze_leading_layers, train_local
+from quorum.tasks.wire import Request, decode_request, encode_request
 
 HIDDEN = (8, 4)
 
@@ -225,7 +225,7 @@ def test_request_carries_peer_keys_and_dropped_sites_over_the_wire() -> None:
     keys = {"alpha": bytes(range(32)), "beta": bytes(32)}
     request = Request("job", 4, "reveal", ("alpha",), 2, peers={s: k.hex() for s, k in keys.items()}, dropped=("beta",))
 
-    back = Request.from_dict(request.to_dict())
+    back = decode_request(encode_request(request))
 
     assert back == request and back.peer_keys() == keys
 

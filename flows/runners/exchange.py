@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from quorum.configs.errors import QuorumError
+from quorum.configs.errors import QuorumError, ReplyRejected
 from quorum.lineage.artifacts import ArtifactCorrupt, ArtifactStore
-from quorum.tasks.messages import Request
+from quorum.tasks.wire import Failure, Request, decode_request, encode_failure, encode_request
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class JobExchange:
             key = self._key("requests", f"{request.seq:06d}.npz")
             digest = self.store.put_weights(key, weights)
             request = replace(request, weights_key=key, weights_sha256=digest)
-        payload = request.to_dict()
+        payload = encode_request(request)
         self.store.put_json(self._key("requests", f"{request.seq:06d}.json"), payload)
         self.store.put_json(self._key("requests", "latest.json"), payload)
         return request
@@ -42,7 +42,7 @@ class JobExchange:
         if not self.store.exists(key):
             return None
         data = self.store.get_json(key)
-        return Request.from_dict(data) if isinstance(data, dict) else None
+        return decode_request(data)
 
     def next_seq(self) -> int:
         latest = self.latest()
@@ -60,17 +60,19 @@ class JobExchange:
         self.store.put_json(self._key("replies", f"{seq:06d}", f"{site_id}.json"), payload)
 
     def fail(self, seq: int, site_id: str, error: QuorumError) -> None:
-        self.reply(seq, site_id, {"failure": {"headline": error.headline, "message": error.message, "fix": error.fix}})
+        self.reply(seq, site_id, encode_failure(Failure(error.headline, error.message, error.fix)))
 
     def read_reply(self, seq: int, site_id: str) -> dict[str, Any] | None:
         key = self._key("replies", f"{seq:06d}", f"{site_id}.json")
         if not self.store.exists(key):
             return None
         data = self.store.get_json(key)
-        return data if isinstance(data, dict) else {"failure": {"headline": "bad reply", "message": "not JSON object"}}
+        if not isinstance(data, dict):
+            return encode_failure(Failure(ReplyRejected.headline, "the reply is not a JSON object", ""))
+        return data
 
-    def reply_weights(self, payload: dict[str, Any]) -> list[Any]:
-        return self.store.get_weights(str(payload["weights_key"]), str(payload["weights_sha256"]))
+    def reply_weights(self, key: str, sha256: str) -> list[Any]:
+        return self.store.get_weights(key, sha256)
 
     def beat(self, site_id: str) -> None:
         """A session's sign of life, so the coordinator stops waiting for a site whose worker died."""

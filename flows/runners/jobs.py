@@ -12,8 +12,8 @@ from typing import Any
 from quorum.configs.errors import QuorumError
 from quorum.flows.preprocess import PreprocessResult
 from quorum.lineage.artifacts import ArtifactStore
-from quorum.tasks.messages import fingerprint_from_dict
 from quorum.tasks.model import Weights
+from quorum.tasks.wire import decode_fingerprint, encode_fingerprint
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def save_job(store: ArtifactStore, record: JobRecord) -> None:
             "run_id": record.run_id,
             "config_path": record.config_path,
             "governance_path": record.governance_path,
-            "fingerprints": {s: fp.to_dict() for s, fp in prep.fingerprints.items()},
+            "fingerprints": {s: encode_fingerprint(fp) for s, fp in prep.fingerprints.items()},
             "excluded": prep.excluded,
         },
     )
@@ -53,7 +53,7 @@ def load_job(store: ArtifactStore, job_id: str) -> JobRecord:
         )
     data: Any = store.get_json(key)
     prep = PreprocessResult(
-        {s: fingerprint_from_dict(fp) for s, fp in data["fingerprints"].items()}, dict(data["excluded"])
+        {s: decode_fingerprint(fp) for s, fp in data["fingerprints"].items()}, dict(data["excluded"])
     )
     return JobRecord(job_id, str(data["run_id"]), str(data["config_path"]), str(data["governance_path"]), prep)
 

@@ -2,9 +2,11 @@
 
 At job start one ``site-session`` flow run per site is started on pool ``site-<id>`` (through its
 deployment); from then on every preprocess/train/evaluate/monitor call is a request in the artifact
-store that the sessions answer. The runner waits for every asked site or until the deadline, and
-reports a site that did not answer as a failure naming how to start its worker; whether the job can
-go on without it is the round loop's decision (``min_sites``).
+store that the sessions answer, so each site starts one process per job. While waiting, the runner
+tells a slow site from an absent one (``liveness.judge``): a session its worker picked up, or that
+beats, is waited for up to the start-up allowance; a site whose pool has no live worker is given up
+at once. A site given up on is reported as a failure with that true reason; whether the job can go
+on without it is the round loop's decision (``min_sites``).
 """
 
 from __future__ import annotations
@@ -14,23 +16,28 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from quorum.configs.errors import QuorumError, ReplyRejected
-from quorum.evaluation.drift import DriftSummary
 from quorum.evaluation.report import SiteEvaluation
 from quorum.flows.context import JobContext
 from quorum.flows.runners.exchange import JobExchange
+from quorum.flows.runners.liveness import Allowances, PrefectWatch, Signals, judge
 from quorum.flows.runners.local import Reply, SecAggRound, SiteFailure, SiteRunner
-from quorum.tasks.messages import PUBLIC_KEY_BYTES, Request, evaluation_from_dict, fingerprint_from_dict
+from quorum.tasks import wire
 from quorum.tasks.model import Weights
 from quorum.tasks.site import DataFingerprint, SiteUpdate
 from quorum.tasks.site_secagg import MaskedUpdate
+from quorum.tasks.wire import Request
 
 SESSION_FLOW = "site-session"
 POLL_S = 0.02
-GONE_AFTER_S = 10.0  # a session that has not beaten for this long is gone (it beats every second between requests)
+GONE_AFTER_S = 10.0  # a session silent this long whose worker is gone too has died (it beats every second)
 
 
 def session_deployment(site_id: str) -> str:
     return f"{SESSION_FLOW}/session-{site_id}"
+
+
+def site_pool(site_id: str) -> str:
+    return f"site-{site_id}"
 
 
 class PoolRunner(SiteRunner):
@@ -39,8 +46,10 @@ class PoolRunner(SiteRunner):
         self.config_path = config_path
         self.exchange = JobExchange(ctx.store, ctx.job_id)
         self.flow_runs: dict[str, str] = {}
-        self._started_at = 0.0
-        self._first_request = True
+        self.watch = PrefectWatch(self.flow_runs, {s: site_pool(s) for s in ctx.config.site_ids})
+        self._started_at = time.monotonic()  # start() sets it again when it starts the sessions
+        deployment = ctx.config.deployment
+        self.allowances = Allowances(deployment.session_start_timeout_s, deployment.round_deadline_s, GONE_AFTER_S)
 
     def start(self, site_ids: Sequence[str]) -> None:
         """Start one session per site, without waiting for any of them to be picked up."""
@@ -71,10 +80,6 @@ class PoolRunner(SiteRunner):
         seq = self.exchange.next_seq()
         self.exchange.post(Request(self.ctx.job_id, seq, "stop", ()))
 
-    def _deadline_s(self) -> float:
-        deployment = self.ctx.config.deployment
-        return deployment.session_start_timeout_s if self._first_request else deployment.round_deadline_s
-
     def _dispatch(
         self,
         kind: str,
@@ -94,37 +99,25 @@ class PoolRunner(SiteRunner):
             dropped=tuple(sorted(dropped)),
         )
         request = self.exchange.post(request, weights)
-        deadline = time.monotonic() + self._deadline_s()
+        posted = time.monotonic()
         replies: dict[str, dict[str, Any] | SiteFailure] = {}
-        while len(replies) < len(site_ids) and time.monotonic() < deadline:
-            for site_id in site_ids:
-                if site_id not in replies:
-                    reply = self.exchange.read_reply(request.seq, site_id)
-                    if reply is not None:
-                        replies[site_id] = _failure(site_id, reply) or reply
-                    elif self._gone(site_id):
-                        replies[site_id] = self._silent(site_id, "stopped answering (its session is gone)")
+        while len(replies) < len(site_ids):
+            waiting = [s for s in site_ids if s not in replies]
+            for site_id in waiting:
+                reply = self.exchange.read_reply(request.seq, site_id)
+                if reply is not None:
+                    replies[site_id] = _failure(site_id, reply) or reply
+            silent = {s: self.exchange.silent_for(s) for s in site_ids if s not in replies}
+            self.watch.refresh([s for s, silent_s in silent.items() if silent_s is None or silent_s > GONE_AFTER_S])
+            now = time.monotonic()
+            for site_id, silent_s in silent.items():
+                signals = Signals(self.watch.state(site_id), silent_s, self.watch.live_worker(site_id))
+                give_up = judge(signals, now - self._started_at, now - posted, self.allowances)
+                if give_up is not None:
+                    replies[site_id] = _silent(site_id, give_up.reason)
             if len(replies) < len(site_ids):
                 time.sleep(max(POLL_S, self.exchange.store.poll_s))
-        self._first_request = False
-        for site_id in site_ids:
-            if site_id not in replies:
-                replies[site_id] = self._silent(site_id)
         return replies
-
-    def _gone(self, site_id: str) -> bool:
-        """A session that beat before and has since been silent for several beats has died."""
-        silent = self.exchange.silent_for(site_id)
-        return silent is not None and silent > GONE_AFTER_S
-
-    def _silent(self, site_id: str, what: str = "") -> SiteFailure:
-        what = what or f"did not answer within {self._deadline_s():.0f}s"
-        return SiteFailure(
-            site_id,
-            "Site did not answer",
-            f"site {site_id} {what}",
-            f"start its worker: `quorum up`, or `prefect worker start --pool site-{site_id}` where its data is",
-        )
 
     def _decode(
         self, replies: dict[str, dict[str, Any] | SiteFailure], decode: Callable[[str, dict[str, Any]], Any]
@@ -142,57 +135,53 @@ class PoolRunner(SiteRunner):
         return out
 
     def preprocess(self, site_ids: Sequence[str]) -> dict[str, DataFingerprint | SiteFailure]:
-        return self._decode(self._dispatch("preprocess", site_ids), lambda _, r: fingerprint_from_dict(r))
+        return self._decode(self._dispatch("preprocess", site_ids), lambda _, r: wire.decode_fingerprint(r))
 
     def train(
         self, site_ids: Sequence[str], weights: Weights, server_round: int, secagg: SecAggRound | None = None
     ) -> dict[str, Reply]:
-        def decode(site_id: str, reply: dict[str, Any]) -> SiteUpdate | MaskedUpdate:
-            if reply.get("job_id") != self.ctx.job_id:
-                raise ReplyRejected(f"reply is for job {reply.get('job_id')!r}, not {self.ctx.job_id}")
-            arrays = self.exchange.reply_weights(reply)
-            site, server_round = str(reply["site_id"]), int(reply["server_round"])
-            examples, loss = int(reply["num_examples"]), float(reply["train_loss"])
-            train_s = float(reply.get("train_s", 0.0))
+        def decode(site_id: str, data: dict[str, Any]) -> SiteUpdate | MaskedUpdate:
+            reply = wire.decode_train_reply(data)
+            if reply.job_id != self.ctx.job_id:
+                raise ReplyRejected(f"reply is for job {reply.job_id!r}, not {self.ctx.job_id}")
+            arrays = self.exchange.reply_weights(reply.weights_key, reply.weights_sha256)
+            site, examples, loss = reply.site_id, reply.num_examples, reply.train_loss
             if secagg is None:
-                return SiteUpdate(site, server_round, arrays, examples, loss, train_s)
-            if not reply.get("masked") or len(arrays) != 1:
+                return SiteUpdate(site, reply.server_round, arrays, examples, loss, reply.train_s)
+            if not reply.masked or len(arrays) != 1:
                 raise ReplyRejected("secure aggregation is on but the reply is not one masked vector")
-            return MaskedUpdate(site, server_round, arrays[0], examples, loss, train_s)
+            return MaskedUpdate(site, reply.server_round, arrays[0], examples, loss, reply.train_s)
 
         return self._decode(self._dispatch("train", site_ids, weights, server_round, secagg), decode)
 
     def keys(self, site_ids: Sequence[str], job_id: str) -> dict[str, bytes | SiteFailure]:
-        def decode(site_id: str, reply: dict[str, Any]) -> bytes:
-            key = bytes.fromhex(str(reply["public_key"]))
-            if len(key) != PUBLIC_KEY_BYTES:
-                raise ReplyRejected(f"public key of {len(key)} bytes, expected {PUBLIC_KEY_BYTES}")
-            return key
-
-        return self._decode(self._dispatch("keys", site_ids), decode)
+        return self._decode(self._dispatch("keys", site_ids), lambda _, r: wire.decode_public_key(r))
 
     def reveal(
         self, site_ids: Sequence[str], secagg: SecAggRound, server_round: int, dropped: Collection[str]
     ) -> dict[str, dict[str, bytes] | SiteFailure]:
-        def decode(site_id: str, reply: dict[str, Any]) -> dict[str, bytes]:
-            return {str(peer): bytes.fromhex(str(seed)) for peer, seed in reply["seeds"].items()}
-
         replies = self._dispatch("reveal", site_ids, server_round=server_round, secagg=secagg, dropped=dropped)
-        return self._decode(replies, decode)
+        return self._decode(replies, lambda _, r: wire.decode_seeds(r))
 
     def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, SiteEvaluation | SiteFailure]:
-        return self._decode(self._dispatch("evaluate", site_ids, weights), lambda _, r: evaluation_from_dict(r))
+        return self._decode(self._dispatch("evaluate", site_ids, weights), lambda _, r: wire.decode_evaluation(r))
 
     def monitor(self, site_ids: Sequence[str], champion: Weights | None) -> dict[str, Any]:
-        return self._decode(self._dispatch("monitor", site_ids, champion), lambda _, r: DriftSummary.from_dict(r))
+        return self._decode(self._dispatch("monitor", site_ids, champion), lambda _, r: wire.decode_drift(r))
 
 
 def _failure(site_id: str, reply: dict[str, Any]) -> SiteFailure | None:
-    failure = reply.get("failure")
-    if failure is None:
-        return None
-    if not isinstance(failure, dict):
+    try:
+        failure = wire.decode_failure(reply)
+    except ReplyRejected:
         return SiteFailure(site_id, ReplyRejected.headline, f"site {site_id} sent a malformed failure", "")
+    return None if failure is None else SiteFailure(site_id, failure.headline, failure.message, failure.fix)
+
+
+def _silent(site_id: str, reason: str) -> SiteFailure:
     return SiteFailure(
-        site_id, str(failure.get("headline", "")), str(failure.get("message", "")), str(failure.get("fix", ""))
+        site_id,
+        "Site did not answer",
+        f"site {site_id} did not answer: {reason}",
+        f"start its worker: `quorum up`, or `prefect worker start --pool {site_pool(site_id)}` where its data is",
     )

@@ -1,10 +1,15 @@
-"""The site session: one long-lived flow run per site per job, on that site's own work pool.
+"""The site session: one flow run per site per job, on that site's own work pool.
 
-Starting a flow run on a process worker costs a new Python process plus polling (9-12 s here), so a
-session starts once per job and then serves every request of the job through the artifact store:
-it waits for the coordinator's newest request, verifies the weights' sha256, does the site work on
-its own data and writes its reply. A restarted session resumes at the newest request; requests it
-missed are already settled without it.
+Starting a flow run on a process worker costs a new Python process and its imports (10-20 s each
+under load), so a session starts once per job and then serves every request of the job through the
+artifact store: preprocess, every round's training, evaluation and monitoring. It waits for the
+coordinator's newest request, verifies the weights' sha256, does the site work on its own data and
+writes its reply. It beats from the moment it starts, so the coordinator can tell it is slow rather
+than absent. A restarted session resumes at the newest request; requests it missed are already
+settled without it.
+
+A session imports only site code: no MLflow, no registry, and Evidently only when a site writes its
+HTML drift report (``tests/test_site_session_imports.py`` holds that line).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from quorum.flows.runners.exchange import JobExchange
 from quorum.lineage.artifacts import LocalArtifactStore, federation_store
 from quorum.lineage.state import SITE_ROOT_ENV
 from quorum.tasks import site as site_work
-from quorum.tasks import site_secagg
-from quorum.tasks.messages import Request
+from quorum.tasks import site_secagg, wire
+from quorum.tasks.training import torch_threads
+from quorum.tasks.wire import Request
 
 POLL_S = 0.05
 HEARTBEAT_S = 1.0
@@ -47,23 +53,24 @@ def handle(config: FederationConfig, site_id: str, exchange: JobExchange, reques
     """Do one request's work for this site and write the reply (or the expected failure)."""
     try:
         if request.kind == "preprocess":
-            exchange.reply(request.seq, site_id, site_work.preprocess_site(config, site_id).to_dict())
+            exchange.reply(request.seq, site_id, wire.encode_fingerprint(site_work.preprocess_site(config, site_id)))
         elif request.kind == "train":
             _train(config, site_id, exchange, request)
         elif request.kind == "keys":
             key = site_secagg.public_key(config, site_id, request.job_id)
-            exchange.reply(request.seq, site_id, {"site_id": site_id, "public_key": key.hex()})
+            exchange.reply(request.seq, site_id, wire.encode_public_key(site_id, key))
         elif request.kind == "reveal":
             seeds = site_secagg.reveal_seeds(
                 config, site_id, request.job_id, request.server_round, request.peer_keys(), request.dropped
             )
-            exchange.reply(request.seq, site_id, {"site_id": site_id, "seeds": {s: v.hex() for s, v in seeds.items()}})
+            exchange.reply(request.seq, site_id, wire.encode_seeds(site_id, seeds))
         elif request.kind == "evaluate":
             result = site_work.evaluate_site(config, site_id, exchange.request_weights(request))
-            exchange.reply(request.seq, site_id, result.to_dict())
+            exchange.reply(request.seq, site_id, wire.encode_evaluation(result))
         elif request.kind == "monitor":
             champion = exchange.request_weights(request) if request.weights_key else None
-            exchange.reply(request.seq, site_id, site_work.monitor_site(config, site_id, champion).to_dict())
+            summary = site_work.monitor_site(config, site_id, champion)
+            exchange.reply(request.seq, site_id, wire.encode_drift(summary))
     except QuorumError as error:
         exchange.fail(request.seq, site_id, error)
 
@@ -80,16 +87,16 @@ def _train(config: FederationConfig, site_id: str, exchange: JobExchange, reques
     else:
         update = plain = site_work.train_site(config, site_id, weights, request.server_round)
         arrays = plain.weights
-    payload = {
-        "site_id": site_id,
-        "server_round": update.server_round,
-        "num_examples": update.num_examples,
-        "train_loss": update.train_loss,
-        "train_s": update.train_s,
-        "job_id": request.job_id,
-        "masked": request.peers is not None,
-    }
-    exchange.reply(request.seq, site_id, payload, arrays)
+    reply = wire.TrainReply(
+        site_id=site_id,
+        job_id=request.job_id,
+        server_round=update.server_round,
+        num_examples=update.num_examples,
+        train_loss=update.train_loss,
+        train_s=update.train_s,
+        masked=request.peers is not None,
+    )
+    exchange.reply(request.seq, site_id, wire.encode_train_reply(reply), arrays)
 
 
 @contextmanager
@@ -118,28 +125,31 @@ def serve(
     logger = get_run_logger()
     done = exchange.replied(site_id)
     served, idle_since = 0, time.monotonic()
-    with _heartbeat(exchange, site_id):
-        while time.monotonic() - idle_since < idle_timeout_s:
-            request = exchange.latest()
-            if request is None or request.seq <= done:
-                time.sleep(poll_s)
-                continue
-            if request.kind == "stop":
-                break
-            if site_id in request.sites:
-                started = time.monotonic()
+    while time.monotonic() - idle_since < idle_timeout_s:
+        request = exchange.latest()
+        if request is None or request.seq <= done:
+            time.sleep(poll_s)
+            continue
+        if request.kind == "stop":
+            break
+        if site_id in request.sites:
+            started = time.monotonic()
+            with torch_threads(1):  # sites share the host's cores: a thread pool each would oversubscribe them
                 handle(config, site_id, exchange, request)
-                served += 1
-                logger.info(
-                    "%s %s round %d in %.2fs", site_id, request.kind, request.server_round, time.monotonic() - started
-                )
-            done, idle_since = request.seq, time.monotonic()
+            served += 1
+            logger.info(
+                "%s %s round %d in %.2fs", site_id, request.kind, request.server_round, time.monotonic() - started
+            )
+        done, idle_since = request.seq, time.monotonic()
     return served
 
 
 def warm_up() -> None:
-    """Import the heavy libraries before the first request, not inside a round's deadline."""
-    import evidently  # noqa: F401
+    """Import what every job needs (data contracts, torch) while beating, before the first request.
+
+    Evidently is not among them: drift statistics are computed without it, and its HTML report is
+    imported only where a site writes one.
+    """
     import great_expectations  # noqa: F401
 
     import quorum.tasks.training  # noqa: F401  (torch)
@@ -154,6 +164,7 @@ def site_session(config_path: str, site_id: str, job_id: str, store_root: str, i
     # store is the coordinator's folder, which this host shares
     store = federation_store(config, site_id) if config.storage.artifacts else LocalArtifactStore(Path(store_root))
     exchange = JobExchange(store, job_id)
-    warm_up()
-    get_run_logger().info("site %s joined job %s (cwd %s)", site_id, job_id, os.getcwd())
-    return serve(config, site_id, exchange, idle_timeout_s, max(POLL_S, store.poll_s))
+    with _heartbeat(exchange, site_id):
+        warm_up()
+        get_run_logger().info("site %s joined job %s (cwd %s)", site_id, job_id, os.getcwd())
+        return serve(config, site_id, exchange, idle_timeout_s, max(POLL_S, store.poll_s))
