@@ -109,7 +109,7 @@ def require_rollback_right(governance: GovernanceConfig, approver: str, today: d
 
 
 @task(cache_policy=NO_CACHE)
-def record_rollback(ctx: JobContext, result: RollbackResult, reason: str) -> None:
+def record_rollback(ctx: JobContext, result: RollbackResult, reason: str, sequence: int) -> None:
     name = result.model_name
     set_version_tags(ctx.tracker, name, result.to_version, {"stage": CHAMPION, "rolled_back_from": result.from_version})
     set_version_tags(ctx.tracker, name, result.from_version, {"stage": ROLLED_BACK, "rolled_back_by": result.approver})
@@ -123,6 +123,7 @@ def record_rollback(ctx: JobContext, result: RollbackResult, reason: str) -> Non
             "signers": list(result.quorum.valid_approvers),
             "provenance_sha256": result.provenance_sha256,
             "reason": reason,
+            "statement_sequence": sequence,
         },
     )
 
@@ -150,7 +151,7 @@ def rollback_flow(ctx: JobContext, key: Path, to_version: str | None = None, rea
         txn.set("ctx", ctx)
         publish_statement(ctx, payload, signatures)
         move_champion_alias(ctx, target)
-        record_rollback(ctx, result, reason)
+        record_rollback(ctx, result, reason, int(payload["sequence"]))
     sign_checkpoint(ctx.audit, ctx.governance)
     get_run_logger().info("%s rolled %s back from v%s to v%s", approver, name, current, target)
     return result

@@ -176,6 +176,51 @@ def alias_disagreement(statement: ChampionStatement | None, alias: str | None) -
     )
 
 
+def signed_chain(
+    store: ArtifactStore, governance: GovernanceConfig, model: str, today: date
+) -> dict[int, dict[str, Any]]:
+    """Every statement the verified current one commits to, by sequence (walked back by digest)."""
+    found = read_current(store, model)
+    if found is None:
+        return {}
+    head = verify_statement(store, governance, *found, today)
+    chain = {head.sequence: found[0]}
+    link, sequence = head.previous, head.sequence - 1
+    while link is not None and sequence >= 1:
+        key = statement_key(model, sequence)
+        if not store.exists(key):
+            break
+        earlier, _ = _parse(_get_json(store, key), key)
+        if digest(earlier) != link:
+            break
+        chain[sequence] = earlier
+        link, sequence = earlier.get("previous"), sequence - 1
+    return chain
+
+
+def unsigned_champion_events(
+    entries: list[tuple[int, str, Mapping[str, Any]]], chain: Mapping[int, Mapping[str, Any]], model: str
+) -> list[str]:
+    """Audit entries claiming a promotion or rollback that no signed statement backs (a forged line).
+
+    ``entries`` are ``(index, event, details)``; every promotion and rollback entry names the sequence
+    of the statement it published.
+    """
+    problems = []
+    for index, event, details in entries:
+        if event not in (PROMOTION, ROLLBACK) or details.get("model") != model:
+            continue
+        sequence = details.get("statement_sequence")
+        version = str(details.get("version", details.get("to")))
+        statement = chain.get(sequence) if isinstance(sequence, int) else None
+        if statement is None or str(statement.get("version")) != version or statement.get("action") != event:
+            problems.append(
+                f"entry {index} records a {event} of {model} v{version} (statement {sequence}) that no signed "
+                "champion statement backs"
+            )
+    return problems
+
+
 # --- proposing, signing and publishing (coordinator and approvers) ---------------------------------
 
 
