@@ -32,7 +32,7 @@ from quorum.configs.errors import SignatureError
 from quorum.configs.schema import SiteConfig
 from quorum.flows.context import JobContext, load_context
 from quorum.lineage.anchor import check_anchors, witness, witnessed
-from quorum.lineage.champion import remember_champion, verified_champion
+from quorum.lineage.champion import remember_champion, require_backed_champion_events, verified_champion
 from quorum.lineage.governance_chain import trusted_governance
 from quorum.lineage.registry import fetch_files, install_champion, load_weights
 
@@ -80,10 +80,13 @@ def deploy_site(ctx: JobContext, site_id: str) -> Deployment:
     trust = trust_record(site)
     assert ctx.governance.source is not None
     governance = trusted_governance(ctx.governance.source, trust)
-    check_anchors(ctx.audit.entries(), witnessed(trust, governance, f"site {site_id}"), ctx.audit.path)
+    entries = ctx.audit.entries()
+    check_anchors(entries, witnessed(trust, governance, f"site {site_id}"), ctx.audit.path)
     actor = f"site:{site_id}"
     try:
         statement = verified_champion(ctx.store, governance, name, trust)
+        events = [(e.index, e.event, e.details) for e in entries]
+        require_backed_champion_events(events, ctx.store, governance, name, ctx.audit.path)
         fetch_files(ctx.tracker, ctx.store, name, statement.version)
         statement, quorum, target = install_champion(
             ctx.store, governance, name, trust, site.root / DEPLOYED_DIR / name

@@ -221,6 +221,28 @@ def unsigned_champion_events(
     return problems
 
 
+def require_backed_champion_events(
+    entries: list[tuple[int, str, Mapping[str, Any]]],
+    store: ArtifactStore,
+    governance: GovernanceConfig,
+    model: str,
+    where: Path,
+    today: date | None = None,
+) -> None:
+    """Raise ``AuditLogError`` when a promotion or rollback entry is not backed by the signed chain."""
+    from quorum.configs.errors import AuditLogError
+
+    if not any(event in (PROMOTION, ROLLBACK) for _, event, _ in entries):
+        return
+    chain = signed_chain(store, governance, model, today or datetime.now(UTC).date())
+    problems = unsigned_champion_events(entries, chain, model)
+    if problems:
+        raise AuditLogError(
+            f"{where}: " + "; ".join(problems),
+            fix="a line was forged and re-chained: restore the log from a backup or a site's copy",
+        )
+
+
 # --- proposing, signing and publishing (coordinator and approvers) ---------------------------------
 
 
