@@ -26,7 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction, transaction
 
-from quorum.configs.errors import ConfigError, GateFailed, NotPermitted
+from quorum.configs.errors import ConfigError, GateFailed, NotPermitted, QuorumNotMet
 from quorum.evaluation.gates import Verdict
 from quorum.flows.context import JobContext
 from quorum.lineage import champion
@@ -134,7 +134,14 @@ def make_champion(ctx: JobContext, version: str, today: date | None = None) -> P
     provenance = provenance_digest(ctx.store.checkout(model_key(name, version)))
     payload = champion.proposal(ctx.store, ctx.governance, name, version, provenance, day)
     signatures = champion.approvals(ctx.store, payload)
-    statement = champion.verify_statement(ctx.store, ctx.governance, payload, signatures, day)
+    try:
+        statement = champion.verify_statement(ctx.store, ctx.governance, payload, signatures, day)
+    except QuorumNotMet as error:
+        raise QuorumNotMet(
+            error.message,
+            fix=f"each approver signs the champion statement with `quorum approve {name} --version {version} "
+            "--key KEY` (a statement proposed before another champion was named must be signed again)",
+        ) from None
     with transaction() as txn:
         txn.set("ctx", ctx)
         publish_statement(ctx, payload, signatures)
@@ -190,7 +197,8 @@ def approve_flow(ctx: JobContext, version: str, key: Path) -> ApprovalResult:
     ctx.audit.append("approval", approver, {"model": name, "version": version})
     _, approvals = pending_quorum(ctx, version, day)
     promotion = None
-    if approvals >= ctx.governance.quorum and alias_version(ctx.tracker, name, CHAMPION) != version:
+    current = champion.read_current(ctx.store, name)
+    if approvals >= ctx.governance.quorum and (current is None or current[0].get("version") != version):
         promotion = make_champion(ctx, version, day)
         resume_waiting_run(ctx, version)
     else:

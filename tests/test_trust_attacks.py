@@ -129,7 +129,11 @@ def test_a_governance_change_needs_the_current_quorum(world: World, capsys: pyte
     assert "belongs to no approver in governance" in capsys.readouterr().err
     code = main(["governance", "adopt", str(proposed), *gov])
     err = capsys.readouterr().err
-    assert code == 6 and "needs 2 signatures of version 1's approvers, 1 valid; valid signatures: ann" in err and "fix:" in err
+    assert (
+        code == 6
+        and "needs 2 signatures of version 1's approvers, 1 valid; valid signatures: ann" in err
+        and "fix:" in err
+    )
 
     # writing the unsigned file over governance.yaml directly: the site refuses it
     original = world.governance_path.read_bytes()
