@@ -126,9 +126,36 @@ def record_promotion(ctx: JobContext, version: str, quorum: QuorumResult, previo
     )
 
 
+@dataclass(frozen=True)
+class _Promotion:
+    """A promotion checked and ready to apply: the statement and the signatures that carry it."""
+
+    version: str
+    quorum: QuorumResult
+    payload: dict[str, object]
+    signatures: tuple[champion.Signed, ...]
+    sequence: int
+
+
 def make_champion(ctx: JobContext, version: str, today: date | None = None) -> PromotionResult:
     """Verify the files' quorum, provenance and the statement's quorum, then promote as one transaction."""
-    day = today or today_utc()
+    ready = _check_promotion(ctx, version, today or today_utc())
+    with transaction() as txn:
+        txn.set("ctx", ctx)
+        previous = _apply_promotion(ctx, ready)
+    sign_checkpoint(ctx.audit, ctx.governance)
+    return PromotionResult(version, True, ready.quorum, previous)
+
+
+def _apply_promotion(ctx: JobContext, ready: _Promotion) -> str | None:
+    """The promotion steps; call inside a transaction, whose rollback restores the statement and alias."""
+    publish_statement(ctx, ready.payload, ready.signatures)
+    previous = move_champion_alias(ctx, ready.version)
+    record_promotion(ctx, ready.version, ready.quorum, previous, ready.sequence)
+    return previous
+
+
+def _check_promotion(ctx: JobContext, version: str, day: date) -> _Promotion:
     name = ctx.config.model_name
     quorum = verify_version(ctx.store, ctx.governance, name, version, day)
     provenance = provenance_digest(ctx.store.checkout(model_key(name, version)))
@@ -142,13 +169,7 @@ def make_champion(ctx: JobContext, version: str, today: date | None = None) -> P
             fix=f"each approver signs the champion statement with `quorum approve {name} --version {version} "
             "--key KEY` (a statement proposed before another champion was named must be signed again)",
         ) from None
-    with transaction() as txn:
-        txn.set("ctx", ctx)
-        publish_statement(ctx, payload, signatures)
-        previous = move_champion_alias(ctx, version)
-        record_promotion(ctx, version, quorum, previous, statement.sequence)
-    sign_checkpoint(ctx.audit, ctx.governance)
-    return PromotionResult(version, True, quorum, previous)
+    return _Promotion(version, quorum, payload, signatures, statement.sequence)
 
 
 @flow(name="promote-approved", validate_parameters=False)
@@ -193,17 +214,26 @@ def approve_flow(ctx: JobContext, version: str, key: Path) -> ApprovalResult:
         raise NotPermitted(f"{problem}; its signatures would not count", fix="sign with a current, unrevoked key")
     _require_registered(ctx, version)
     verify_provenance(fetch_files(ctx.tracker, ctx.store, name, version), name, version)  # sign only what it claims
-    sign_candidate(ctx, version, [(approver, key)], day)
-    ctx.audit.append("approval", approver, {"model": name, "version": version})
-    _, approvals = pending_quorum(ctx, version, day)
     promotion = None
-    current = champion.read_current(ctx.store, name)
-    if approvals >= ctx.governance.quorum and (current is None or current[0].get("version") != version):
-        promotion = make_champion(ctx, version, day)
+    with transaction() as txn:
+        txn.set("ctx", ctx)
+        approvals = record_approval(ctx, version, approver, key, day)
+        current = champion.read_current(ctx.store, name)
+        if approvals >= ctx.governance.quorum and (current is None or current[0].get("version") != version):
+            ready = _check_promotion(ctx, version, day)
+            promotion = PromotionResult(version, True, ready.quorum, _apply_promotion(ctx, ready))
+    sign_checkpoint(ctx.audit, ctx.governance)
+    if promotion is not None:
         resume_waiting_run(ctx, version)
-    else:
-        sign_checkpoint(ctx.audit, ctx.governance)
     return ApprovalResult(approver, version, approvals, ctx.governance.quorum, promotion)
+
+
+@task(cache_policy=NO_CACHE)
+def record_approval(ctx: JobContext, version: str, approver: str, key: Path, day: date) -> int:
+    """Sign the files and the statement proposal, audit the approval; return how many approvers signed both."""
+    sign_candidate(ctx, version, [(approver, key)], day)
+    ctx.audit.append("approval", approver, {"model": ctx.config.model_name, "version": version})
+    return pending_quorum(ctx, version, day)[1]
 
 
 def resume_waiting_run(ctx: JobContext, version: str) -> str | None:
