@@ -368,12 +368,16 @@ def keys_generate(name: str, out: Path, config_path: Path | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = None if config_path is None else load_federation(config_path)
     generate_key_pair(private, public)
-    print(f"private key: {private} (mode 0600, keep it secret)\npublic key:  {public} (add it to governance.yaml)")
+    from quorum.lineage.keys import public_key_fingerprint
+
+    fingerprint = public_key_fingerprint(public)
+    print(
+        f"private key: {private} (mode 0600, keep it secret)\npublic key:  {public}\n"
+        f"fingerprint: {fingerprint} (pin it in governance.yaml as this approver's `fingerprint`)"
+    )
     if config is not None:
         from quorum.lineage.audit import AuditLog
-        from quorum.lineage.keys import public_key_fingerprint
 
-        fingerprint = public_key_fingerprint(public)
         details = {"approver": name, "fingerprint": fingerprint, "public_key": str(public.resolve())}
         AuditLog(StateLayout(config.state_dir).audit_log).append("key_generated", name, details)
         print(f"recorded in the audit log of {config.name}: key_generated {name} sha256:{fingerprint}")
