@@ -110,7 +110,9 @@ def bench_rollback() -> None:
     from quorum.flows.deploy import deploy_flow, read_deployment
     from quorum.flows.governance import rollback_flow
     from quorum.flows.lifecycle import lifecycle
-    from quorum.flows.promote import promote_approved
+    from quorum.flows.promote import promote_approved, sign_candidate
+    from quorum.lineage.keys import approver_for_private_key
+    from quorum.lineage.signing import today_utc
     from quorum.lineage.tracking import CHAMPION, alias_version
     from tests.federation import write_federation, write_governance
 
@@ -127,7 +129,10 @@ def bench_rollback() -> None:
     times, rollback_times = [], []
     for _ in range(ROLLBACKS):
         if alias_version(ctx.tracker, ctx.config.model_name, CHAMPION) != "2":
-            promote_approved(load_context(config, governance), "2")
+            again = load_context(config, governance)  # a re-promotion is a new statement: approvers sign again
+            signers = [(approver_for_private_key(Path(k), again.governance), Path(k)) for k in keys[:2]]
+            sign_candidate(again, "2", signers, today_utc())
+            promote_approved(again, "2")
         started = time.perf_counter()
         rollback_flow(load_context(config, governance), Path(keys[2]), None, "bench")
         rollback_times.append(time.perf_counter() - started)

@@ -111,21 +111,21 @@ class _OurLines(logging.Filter):
         return record.levelno < logging.ERROR and not message.startswith(self.CHATTER)
 
 
-def demo_keys(governance: GovernanceConfig, state: StateLayout) -> list[str]:
-    """Create the demo approvers' key pairs on first use; return their private key paths."""
-    from quorum.lineage.keys import generate_key_pair
+def demo_keys(governance: GovernanceConfig) -> list[str]:
+    """The demo approvers' private keys: the checked-in ``.key`` beside each pinned public key.
 
+    ``configs/governance.yaml`` pins the demo keys in ``configs/demo-keys/`` (public test keys, for the
+    demo only), so `make demo` works from a fresh clone; real approvers replace them.
+    """
     keys = []
     for approver in governance.approvers:
-        private = state.keys / f"{approver.name}.key"
-        if not private.exists():
-            if approver.public_key.exists():
-                raise ConfigError(
-                    f"{approver.public_key} exists but its private key {private} does not",
-                    fix=f"remove {approver.public_key} to let the demo create a new pair",
-                )
-            approver.public_key.parent.mkdir(parents=True, exist_ok=True)
-            generate_key_pair(private, approver.public_key)
+        private = approver.public_key.with_suffix(".key")
+        if not private.is_file():
+            raise ConfigError(
+                f"no demo private key {private} for approver {approver.name}",
+                fix="`quorum demo` signs only with the checked-in demo keys; use `quorum run` and "
+                "`quorum approve --key` with your own governance",
+            )
         keys.append(str(private))
     return keys
 
@@ -140,7 +140,7 @@ def demo(config_path: Path, governance_path: Path, verbose: bool, launched_s: fl
         f"demo federation {config.name}: {len(config.sites)} sites"
         + (f", wrote {len(written)} data files" if written else ", data already present")
     )
-    keys = demo_keys(load_governance(governance_path), state)
+    keys = demo_keys(load_governance(governance_path))
     return _run_and_report(config_path, governance_path, keys, None, verbose, api=api, launched_s=launched_s)
 
 
@@ -279,7 +279,7 @@ def up(
     return 0
 
 
-def status(config_path: Path) -> int:
+def status(config_path: Path, governance_path: Path | None = None) -> int:
     config, state = _prepare(config_path)
     from quorum.infra.stack import Stack
 
@@ -287,6 +287,8 @@ def status(config_path: Path) -> int:
     for service in stack.services():
         print(f"{service.name:<24} {'running pid ' + str(service.pid()) if service.alive() else 'stopped'}")
     print_data_status(config, state)
+    if governance_path is not None:
+        print_champion_status(config, state, governance_path)
     if not stack.service("prefect-server").alive():
         print("the Prefect server is not running: `quorum up` starts everything")
         return 0
@@ -328,6 +330,36 @@ def print_data_status(config: FederationConfig, state: StateLayout) -> None:
         )
 
 
+def print_champion_status(config: FederationConfig, state: StateLayout, governance_path: Path) -> None:
+    """The signed champion statement, and a warning when the MLflow alias does not mirror it."""
+    from quorum.lineage.artifacts import federation_store
+    from quorum.lineage.champion import alias_disagreement, current_statement
+    from quorum.lineage.signing import today_utc
+
+    governance = load_governance(governance_path)
+    try:
+        statement = current_statement(federation_store(config), governance, config.model_name, today_utc())
+    except QuorumError as error:
+        print(f"WARNING: the champion statement does not verify: {error.message}")
+        return
+    if statement is None:
+        print(f"champion: no signed statement for {config.model_name} yet")
+    else:
+        print(
+            f"champion: {config.model_name} v{statement.version} (statement {statement.sequence}, {statement.action}, "
+            f"signed by {', '.join(statement.signers)})"
+        )
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not state.mlflow_db.exists():
+        return
+    from quorum.lineage.tracking import CHAMPION, alias_version, open_tracker
+
+    problem = alias_disagreement(
+        statement, alias_version(open_tracker(state, config.name), config.model_name, CHAMPION)
+    )
+    if problem:
+        print(f"WARNING: {problem}")
+
+
 def down(config_path: Path) -> int:
     config, state = _prepare(config_path)
     from quorum.infra.stack import Stack
@@ -337,14 +369,14 @@ def down(config_path: Path) -> int:
     return 0
 
 
-def render_infra(config_path: Path, governance_path: Path, out: Path, demo_keys: bool = True) -> int:
+def render_infra(config_path: Path, governance_path: Path, out: Path) -> int:
+    """Write the deployments file; it names no private key, so scheduled runs stop awaiting approval."""
     from quorum.infra.deployments import render, write
 
-    config, state = _prepare(config_path)
+    config, _ = _prepare(config_path)
     governance = load_governance(governance_path)
-    keys = [state.keys / f"{a.name}.key" for a in governance.approvers] if demo_keys else []
     assert governance.source is not None
-    write(render(config, governance.source, Path.cwd(), keys), out)
+    write(render(config, governance.source, Path.cwd()), out)
     print(f"wrote {out}")
     return 0
 
@@ -398,12 +430,16 @@ def keys_generate(name: str, out: Path, config_path: Path | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = None if config_path is None else load_federation(config_path)
     generate_key_pair(private, public)
-    print(f"private key: {private} (mode 0600, keep it secret)\npublic key:  {public} (add it to governance.yaml)")
+    from quorum.lineage.keys import public_key_fingerprint
+
+    fingerprint = public_key_fingerprint(public)
+    print(
+        f"private key: {private} (mode 0600, keep it secret)\npublic key:  {public}\n"
+        f"fingerprint: {fingerprint} (pin it in governance.yaml as this approver's `fingerprint`)"
+    )
     if config is not None:
         from quorum.lineage.audit import AuditLog
-        from quorum.lineage.keys import public_key_fingerprint
 
-        fingerprint = public_key_fingerprint(public)
         details = {"approver": name, "fingerprint": fingerprint, "public_key": str(public.resolve())}
         AuditLog(StateLayout(config.state_dir).audit_log).append("key_generated", name, details)
         print(f"recorded in the audit log of {config.name}: key_generated {name} sha256:{fingerprint}")
@@ -411,54 +447,29 @@ def keys_generate(name: str, out: Path, config_path: Path | None = None) -> int:
 
 
 def approve(config_path: Path, governance_path: Path, model: str, version: str, key: Path) -> int:
+    """Sign a version on the approver's own machine; the promotion flow promotes once the quorum is met."""
     config, state = _prepare(config_path)
-    governance = load_governance(governance_path)
+    load_governance(governance_path)
     _require_key_files([key], "--key")
     if model != config.model_name:
         raise ConfigError(
             f"this federation registers {config.model_name!r}, not {model!r}",
             fix=f"quorum approve {config.model_name} --version {version} --key ...",
         )
+    from quorum.lineage.keys import load_private_key
+
+    load_private_key(key)  # a bad --key path is named before any flow starts
     from quorum.flows.context import load_context
-    from quorum.lineage.keys import approver_for_private_key
-    from quorum.lineage.registry import fetch_files, model_key, sign_version, signatures_key
-    from quorum.lineage.signing import check_quorum
-    from quorum.lineage.tracking import set_version_tags
+    from quorum.flows.promote import approve_flow
 
-    approver = approver_for_private_key(key, governance)
-    _require_usable_key(governance, approver)
-    ctx = load_context(str(config_path), str(governance_path))
-    try:
-        ctx.tracker.client.get_model_version(model, version)
-    except Exception as exc:  # MLflow raises RestException for an unknown version
-        raise ConfigError(f"{model} has no version {version}", fix="see the versions with `quorum ui`") from exc
-    from quorum.lineage.provenance import verify_provenance
-
-    verify_provenance(fetch_files(ctx.tracker, ctx.store, model, version), model, version)  # sign only what it claims
-    [signature] = sign_version(ctx.store, model, version, [(approver, key)])
-    set_version_tags(ctx.tracker, model, version, {f"signature.{approver}": signature.digest})
-    ctx.audit.append("approval", approver, {"model": model, "version": version, "signature": signature.digest})
-    quorum = check_quorum(
-        ctx.store.checkout(model_key(model, version)), ctx.store.checkout(signatures_key(model, version)), governance
-    )
-    print(f"{approver} signed {model} v{version}: {len(quorum.valid_approvers)} of {quorum.required} approvals")
-    if quorum.met:
-        api = _local_api(state)
-        from quorum.flows.promote import promote_approved
-
-        _wait_for_api(api)
-        promote_approved(ctx, version)
-        print(f"{model} v{version} is now the champion")
+    api = _local_api(state)
+    _quiet_console(False)
+    _wait_for_api(api)
+    result = approve_flow(load_context(str(config_path), str(governance_path)), version, key)
+    print(f"{result.approver} signed {model} v{version}: {result.approvals} of {result.required} approvals")
+    if result.promotion is not None:
+        print(f"{model} v{version} is now the champion (signed champion statement published)")
     return 0
-
-
-def _require_usable_key(governance: GovernanceConfig, approver: str) -> None:
-    from quorum.configs.errors import NotPermitted
-    from quorum.lineage.signing import today_utc
-
-    problem = governance.approver(approver).key_problem(today_utc())
-    if problem:
-        raise NotPermitted(f"{problem}; its signatures would not count", fix="sign with a current, unrevoked key")
 
 
 def rollback(
@@ -577,12 +588,70 @@ def audit_show(config_path: Path) -> int:
     return 0
 
 
-def audit_verify(config_path: Path) -> int:
+def audit_verify(config_path: Path, governance_path: Path) -> int:
+    """Check the chain, then that it still holds the newest signed checkpoint and every site's witnessed head."""
+    from quorum.flows.deploy import trust_record
+    from quorum.lineage.anchor import verify_anchored
     from quorum.lineage.audit import AuditLog
 
     config = load_federation(config_path)
-    count = AuditLog(StateLayout(config.state_dir).audit_log).verify()
-    print(f"audit log intact: {count} entries")
+    governance = load_governance(governance_path)
+    witnesses = {site.id: trust_record(site) for site in config.sites}
+    audit = AuditLog(StateLayout(config.state_dir).audit_log)
+    count, anchors, notes = verify_anchored(audit, governance, witnesses)
+    from quorum.lineage.artifacts import federation_store
+    from quorum.lineage.champion import require_backed_champion_events
+
+    entries = [(e.index, e.event, e.details) for e in audit.entries()]
+    require_backed_champion_events(entries, federation_store(config), governance, config.model_name, audit.path)
+    newest = max((a.index for a in anchors), default=None)
+    anchored = f", anchored up to entry {newest} by {len(anchors)} record(s)" if newest is not None else ", unanchored"
+    print(f"audit log intact: {count} entries{anchored}")
+    for note in notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def governance_sign(governance_path: Path, new_path: Path, key: Path) -> int:
+    from quorum.lineage.governance_chain import sidecar, sign_rotation
+
+    governance = load_governance(governance_path)
+    approver, held = sign_rotation(governance_path.resolve(), new_path.resolve(), key)
+    print(
+        f"{approver} signed {new_path} ({held} of {governance.quorum} signatures of governance version "
+        f"{governance.version}'s approvers, in {sidecar(new_path)})"
+    )
+    return 0
+
+
+def governance_adopt(governance_path: Path, new_path: Path) -> int:
+    from quorum.lineage.governance_chain import adopt, history_dir
+
+    new = adopt(governance_path.resolve(), new_path.resolve())
+    print(
+        f"{governance_path} is now governance version {new.version}; the history with its signatures is in "
+        f"{history_dir(governance_path)} (commit both)"
+    )
+    return 0
+
+
+def governance_verify(governance_path: Path, config_path: Path | None) -> int:
+    """Verify the governance chain from version 1, and from each site's accepted version when a config is given."""
+    from quorum.lineage.champion import read_trust
+    from quorum.lineage.governance_chain import verify_chain
+
+    governance = verify_chain(governance_path.resolve())
+    print(f"{governance_path}: governance version {governance.version}, chain verified from version 1")
+    if config_path is not None:
+        from quorum.flows.deploy import trust_record
+
+        for site in load_federation(config_path).sites:
+            seen = read_trust(trust_record(site)).get("governance")
+            if isinstance(seen, dict):
+                verify_chain(governance_path.resolve(), (int(seen["version"]), str(seen["sha256"])))
+                print(f"  site {site.id}: accepted version {seen['version']}, chains to the current file")
+            else:
+                print(f"  site {site.id}: no governance accepted yet (first deploy trusts it)")
     return 0
 
 

@@ -90,8 +90,8 @@ def data_example(name: str, out: Path) -> int:
     return 0
 
 
-def lineage(config_path: Path, model: str, version: str) -> int:
-    """Print what one registered version was made from: data, contracts, code, config, run, gates."""
+def lineage(config_path: Path, model: str, version: str, governance_path: Path | None = None) -> int:
+    """Print what one registered version was made from, read from its signed provenance."""
     if not re.fullmatch(r"[1-9][0-9]{0,8}", version):
         raise UnknownModelVersion(f"{version!r} is not a model version number", fix="pass --version N, e.g. 1")
     config = load_federation(config_path)
@@ -103,8 +103,12 @@ def lineage(config_path: Path, model: str, version: str) -> int:
             fix="run the lifecycle first (`quorum run`), or pass the --config of the federation that trained it",
         )
     configure_environment(state)
+    from quorum.configs.schema import load_governance
+    from quorum.lineage.artifacts import federation_store
     from quorum.lineage.tracking import open_tracker
     from quorum.lineage.version_lineage import read_lineage
 
-    print(read_lineage(open_tracker(state, config.name), model, version).render())
+    governance = load_governance(governance_path or Path("configs/governance.yaml"))
+    tracker = open_tracker(state, config.name)
+    print(read_lineage(tracker, federation_store(config), governance, model, version).render())
     return 0

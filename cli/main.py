@@ -91,23 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--site", required=True, help="the site id whose pool this worker serves")
     worker.add_argument("--api-url", help="Prefect API (default: deployment.prefect_api_url, else the local server)")
     worker.set_defaults(handler=_cmd_worker)
-    for name, handler, text in (
-        ("status", _cmd_status, "show servers, pools, workers and the last runs"),
-        ("down", _cmd_down, "stop exactly the processes `quorum up` started"),
-    ):
-        sub = commands.add_parser(name, help=text)
-        _add_config(sub)
-        sub.set_defaults(handler=handler)
+    status = commands.add_parser(
+        "status", help="show servers, pools, workers, the last runs, stale sites and the signed champion"
+    )
+    _add_config(status, governance=True)
+    status.set_defaults(handler=_cmd_status)
+    down = commands.add_parser("down", help="stop exactly the processes `quorum up` started")
+    _add_config(down)
+    down.set_defaults(handler=_cmd_down)
 
     infra = commands.add_parser("infra", help="deployment files").add_subparsers(dest="infra_command", required=True)
-    render = infra.add_parser("render", help="write infra/prefect.yaml for a federation config")
+    render = infra.add_parser(
+        "render", help="write infra/prefect.yaml for a federation config (it names no private key)"
+    )
     _add_config(render, governance=True)
     render.add_argument("--out", default="infra/prefect.yaml")
-    render.add_argument(
-        "--no-demo-keys",
-        action="store_true",
-        help="do not let the scheduled lifecycle sign with the demo approver keys",
-    )
     render.set_defaults(handler=_cmd_render)
 
     data = commands.add_parser("data", help="site data helpers").add_subparsers(dest="data_command", required=True)
@@ -144,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     lineage = commands.add_parser("lineage", help="print what a registered model version was made from")
     lineage.add_argument("model", help="registered model name")
     lineage.add_argument("--version", required=True, help="model version number")
-    _add_config(lineage)
+    _add_config(lineage, governance=True)
     lineage.set_defaults(handler=_cmd_lineage)
 
     prep = commands.add_parser("preprocess", help="run one site's preprocessing (what `dvc repro` calls)")
@@ -194,13 +192,35 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="the governance audit log").add_subparsers(
         dest="audit_command", required=True
     )
-    for name, handler, text in (
-        ("show", _cmd_audit_show, "print the entries"),
-        ("verify", _cmd_audit_verify, "check the hash chain"),
-    ):
-        sub = audit.add_parser(name, help=text)
-        _add_config(sub)
-        sub.set_defaults(handler=handler)
+    show = audit.add_parser("show", help="print the entries")
+    _add_config(show)
+    show.set_defaults(handler=_cmd_audit_show)
+    verify = audit.add_parser(
+        "verify", help="check the hash chain against the newest signed checkpoint and every site's witnessed head"
+    )
+    _add_config(verify, governance=True)
+    verify.set_defaults(handler=_cmd_audit_verify)
+
+    governance = commands.add_parser(
+        "governance", help="change governance with the current quorum's signatures (TUF-style rotation)"
+    ).add_subparsers(dest="governance_command", required=True)
+    gov_sign = governance.add_parser("sign", help="sign a proposed next governance file with your approver key")
+    gov_sign.add_argument("new", help="the proposed governance file (version: current + 1)")
+    gov_sign.add_argument("--key", required=True, help="your approver private key (an approver of the current file)")
+    gov_sign.add_argument("--governance", default=DEFAULT_GOVERNANCE, help="the current governance file")
+    gov_sign.set_defaults(handler=_cmd_governance_sign)
+    gov_adopt = governance.add_parser(
+        "adopt", help="replace the governance file with the proposed one once the current quorum signed it"
+    )
+    gov_adopt.add_argument("new", help="the signed proposed governance file")
+    gov_adopt.add_argument("--governance", default=DEFAULT_GOVERNANCE, help="the current governance file")
+    gov_adopt.set_defaults(handler=_cmd_governance_adopt)
+    gov_verify = governance.add_parser(
+        "verify", help="verify the governance chain from version 1 (and from each site's accepted version)"
+    )
+    gov_verify.add_argument("--governance", default=DEFAULT_GOVERNANCE, help="the governance file")
+    gov_verify.add_argument("--config", help="also check from the version each site of this federation accepted")
+    gov_verify.set_defaults(handler=_cmd_governance_verify)
 
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for this federation's tracking store")
     _add_config(ui)
@@ -308,7 +328,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from quorum.cli import commands
 
-    return commands.status(Path(args.config))
+    return commands.status(Path(args.config), Path(args.governance))
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
@@ -320,7 +340,7 @@ def _cmd_down(args: argparse.Namespace) -> int:
 def _cmd_render(args: argparse.Namespace) -> int:
     from quorum.cli import commands
 
-    return commands.render_infra(Path(args.config), Path(args.governance), Path(args.out), not args.no_demo_keys)
+    return commands.render_infra(Path(args.config), Path(args.governance), Path(args.out))
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -351,7 +371,7 @@ def _cmd_contract_init(args: argparse.Namespace) -> int:
 def _cmd_lineage(args: argparse.Namespace) -> int:
     from quorum.cli import data_commands
 
-    return data_commands.lineage(Path(args.config), args.model, args.version)
+    return data_commands.lineage(Path(args.config), args.model, args.version, Path(args.governance))
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
@@ -407,7 +427,25 @@ def _cmd_audit_show(args: argparse.Namespace) -> int:
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from quorum.cli import commands
 
-    return commands.audit_verify(Path(args.config))
+    return commands.audit_verify(Path(args.config), Path(args.governance))
+
+
+def _cmd_governance_sign(args: argparse.Namespace) -> int:
+    from quorum.cli import commands
+
+    return commands.governance_sign(Path(args.governance), Path(args.new), Path(args.key))
+
+
+def _cmd_governance_adopt(args: argparse.Namespace) -> int:
+    from quorum.cli import commands
+
+    return commands.governance_adopt(Path(args.governance), Path(args.new))
+
+
+def _cmd_governance_verify(args: argparse.Namespace) -> int:
+    from quorum.cli import commands
+
+    return commands.governance_verify(Path(args.governance), Path(args.config) if args.config else None)
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:

@@ -15,10 +15,21 @@ import os
 import re
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from quorum.configs.errors import ConfigError, UnknownSite
 
@@ -444,21 +455,31 @@ class FederationConfig(BaseModel):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+Fingerprint = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class Approver(BaseModel):
     """One approver and the key that speaks for them.
+
+    ``fingerprint`` pins the key: the sha256 of its DER SubjectPublicKeyInfo, as printed by
+    ``quorum keys generate``. The ``public_key`` file may live anywhere (even in a folder others can
+    write); a file whose fingerprint differs is refused, so replacing it changes nothing.
 
     ``expires`` is the first day the key is no longer accepted; ``revoked`` withdraws it at once.
     Both act at verification time, on every signature the key ever made: key-mode signatures
     carry no trusted timestamp, so "signed before it expired" cannot be proven and is not believed.
+
+    Values are never coerced across types (``revoked: "no"`` or ``quorum: yes`` are refused).
     """
 
     model_config = _FROZEN
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
-    role: str = "approver"
+    name: StrictStr = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    role: StrictStr = "approver"
     public_key: Path
+    fingerprint: Fingerprint
     expires: date | None = None
-    revoked: bool = False
+    revoked: StrictBool = False
 
     def key_problem(self, today: date) -> str | None:
         """Why this approver's key may not be used on ``today``, or None when it may."""
@@ -469,14 +490,29 @@ class Approver(BaseModel):
         return None
 
 
-class GovernanceConfig(BaseModel):
-    """Who may approve a model, how many distinct approvals promotion needs, and who may roll back."""
+class CheckpointSigner(BaseModel):
+    """The coordinator key that signs checkpoints of the audit log's head, pinned like an approver's."""
 
     model_config = _FROZEN
 
-    quorum: int = Field(ge=1)
+    public_key: Path
+    fingerprint: Fingerprint
+
+
+class GovernanceConfig(BaseModel):
+    """Who may approve a model, how many distinct approvals promotion needs, and who may roll back.
+
+    ``version`` numbers the governance file: version N+1 is adopted only with the signatures of a
+    quorum of version N's approvers (``quorum governance sign`` / ``adopt``), as TUF rotates its root.
+    """
+
+    model_config = _FROZEN
+
+    version: StrictInt = Field(default=1, ge=1)
+    quorum: StrictInt = Field(ge=1)
     approvers: tuple[Approver, ...] = Field(min_length=1)
-    rollback: tuple[str, ...] | None = None
+    rollback: tuple[StrictStr, ...] | None = None
+    checkpoints: CheckpointSigner | None = None
     source: Path | None = None
 
     @model_validator(mode="after")
@@ -485,6 +521,10 @@ class GovernanceConfig(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"approver names must be distinct: {', '.join(dupes)}")
+        prints = [a.fingerprint for a in self.approvers]
+        shared = sorted({a.name for a in self.approvers if prints.count(a.fingerprint) > 1})
+        if shared:
+            raise ValueError(f"approvers share one key fingerprint: {', '.join(shared)}; one key approves once")
         if self.quorum > len(self.approvers):
             raise ValueError(f"quorum is {self.quorum} but only {len(self.approvers)} approvers are listed")
         active = [a.name for a in self.approvers if not a.revoked]
@@ -572,12 +612,24 @@ def expand_secrets(value: str, key: str) -> str:
 
 
 def load_governance(path: str | Path) -> GovernanceConfig:
+    """Read and validate a governance file; key paths are resolved against its folder."""
     source = Path(path).resolve()
-    config = _validate(GovernanceConfig, _read_yaml(source), source)
+    return parse_governance(read_input(source, "governance file", "pass the governance YAML with --governance"), source)
+
+
+def parse_governance(data: bytes, source: Path) -> GovernanceConfig:
+    """Validate governance from the exact bytes a signature covers (``source`` names it and anchors paths)."""
+    config = _validate(GovernanceConfig, _parse_yaml(data, source), source)
     approvers = tuple(
         a.model_copy(update={"public_key": _resolve(source.parent, a.public_key)}) for a in config.approvers
     )
-    return config.model_copy(update={"approvers": approvers, "source": source})
+    update: dict[str, Any] = {"approvers": approvers, "source": source}
+    if config.checkpoints is not None:
+        checkpoints = config.checkpoints
+        update["checkpoints"] = checkpoints.model_copy(
+            update={"public_key": _resolve(source.parent, checkpoints.public_key)}
+        )
+    return config.model_copy(update=update)
 
 
 def _resolve(base: Path, path: Path) -> Path:
@@ -585,15 +637,64 @@ def _resolve(base: Path, path: Path) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
-def _read_yaml(source: Path) -> dict[str, Any]:
-    if not source.is_file():
-        raise ConfigError(f"config file {source} does not exist", fix="pass an existing file with --config")
+def read_input(path: Path, what: str, fix: str) -> bytes:
+    """The bytes of a file a user named; a missing, unreadable or directory path is a ``ConfigError``."""
+    path = Path(path)
     try:
-        raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist", fix=fix) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory, not a file", fix=fix) from None
+    except PermissionError:
+        raise ConfigError(f"{what} {path} is not readable (permission denied)", fix=fix) from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read: {exc.strerror or exc}", fix=fix) from None
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice instead of keeping the last value.
+
+    A duplicated ``quorum:`` or approver entry silently changing what a file means is exactly what a
+    reviewer reading the file would not see.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+                seen[key] = line
+            except TypeError:
+                continue  # an unhashable key is reported by the base constructor
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r} (first on line {first})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str | bytes) -> Any:
+    """Parse YAML safely and strictly (duplicate keys refused); every config read goes through this."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass: safe
+
+
+def _read_yaml(source: Path) -> dict[str, Any]:
+    return _parse_yaml(read_input(source, "config file", "pass an existing file with --config"), source)
+
+
+def _parse_yaml(data: bytes, source: Path) -> dict[str, Any]:
+    try:
+        raw = load_yaml(data.decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(
-            f"{source} is not valid YAML: {exc}", fix="fix the YAML syntax at the position shown"
-        ) from exc
+            f"{source} is not valid YAML: {exc}", fix="fix the YAML at the position shown (each key once per mapping)"
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must hold a mapping of keys, got {type(raw).__name__}", fix="see configs/")
     return raw

@@ -1,10 +1,20 @@
 """Site deployment: a site runs the champion only after verifying the very bytes it loads.
 
-The site copies the champion's files and signatures into its own folder, checks the quorum (with
-today's keys), the provenance and every file digest on that copy, and only then loads it. What it
-runs is recorded at the site (``deployed/champion.json``: version and provenance digest) and in the
-audit log; a refusal is audited too, with its reason, and leaves the previous deployment in place.
-After ``quorum rollback`` the next deploy loads the earlier champion, because it follows the alias.
+The site trusts nothing it cannot check against governance and its own records (``deployed/trust.json``
+in the site's folder):
+
+1. governance: the file must chain, by the approvers' signatures, from the version the site accepted
+   last (``quorum.lineage.governance_chain``);
+2. the audit log must still hold the head the site witnessed at its last deploy;
+3. the champion is the one the signed champion statement names (never the MLflow alias), with a
+   sequence no lower than the highest the site has seen;
+4. the files it names are copied into the site's folder and verified there: quorum (today's keys),
+   provenance (the digest the statement names) and every file digest; only then are they loaded.
+
+What it runs is recorded at the site (``deployed/champion.json``), the statement's sequence and the
+newest audit head in ``deployed/trust.json``, and the deployment in the audit log. A refusal is audited
+too, with its reason, and leaves the previous deployment in place. After ``quorum rollback`` the next
+deploy loads the earlier champion, because the rollback wrote a newer statement naming it.
 """
 
 from __future__ import annotations
@@ -18,15 +28,17 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from quorum.configs.errors import ChampionError, SignatureError
+from quorum.configs.errors import SignatureError
 from quorum.configs.schema import SiteConfig
 from quorum.flows.context import JobContext, load_context
-from quorum.lineage.provenance import provenance_digest
-from quorum.lineage.registry import fetch_files, install_verified, load_weights
-from quorum.lineage.tracking import CHAMPION, alias_version
+from quorum.lineage.anchor import check_anchors, witness, witnessed
+from quorum.lineage.champion import remember_champion, require_backed_champion_events, verified_champion
+from quorum.lineage.governance_chain import trusted_governance
+from quorum.lineage.registry import fetch_files, install_champion, load_weights
 
 DEPLOYED_DIR = "deployed"
 RECORD_FILE = "champion.json"
+TRUST_FILE = "trust.json"
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,11 @@ def deployed_record(site: SiteConfig) -> Path:
     return site.root / DEPLOYED_DIR / RECORD_FILE
 
 
+def trust_record(site: SiteConfig) -> Path:
+    """The site's own record of the newest governance, champion statement and audit head it accepted."""
+    return site.root / DEPLOYED_DIR / TRUST_FILE
+
+
 def read_deployment(site: SiteConfig) -> Deployment | None:
     """The site's current deployment, or None if it never deployed."""
     path = deployed_record(site)
@@ -57,39 +74,51 @@ def read_deployment(site: SiteConfig) -> Deployment | None:
 
 
 def deploy_site(ctx: JobContext, site_id: str) -> Deployment:
-    """Fetch the champion, verify it in the site's folder, load it, then record it as what the site runs."""
+    """Verify governance, the audit log and the signed statement, then install, load and record the champion."""
     site = ctx.config.site(site_id)
     name = ctx.config.model_name
-    version = alias_version(ctx.tracker, name, CHAMPION)
-    if version is None:
-        raise ChampionError(f"{name} has no champion to deploy", fix="promote a version first (`quorum approve`)")
-    fetch_files(ctx.tracker, ctx.store, name, version)
-    target = site.root / DEPLOYED_DIR / name / f"v{version}"
+    trust = trust_record(site)
+    assert ctx.governance.source is not None
+    governance = trusted_governance(ctx.governance.source, trust)
+    entries = ctx.audit.entries()
+    check_anchors(entries, witnessed(trust, governance, f"site {site_id}"), ctx.audit.path)
     actor = f"site:{site_id}"
     try:
-        quorum = install_verified(ctx.store, ctx.governance, name, version, target)
-    except SignatureError as error:
-        ctx.audit.append(
-            "deployment_refused", actor, {"model": name, "version": version, "site": site_id, "reason": error.message}
+        statement = verified_champion(ctx.store, governance, name, trust)
+        events = [(e.index, e.event, e.details) for e in entries]
+        require_backed_champion_events(events, ctx.store, governance, name, ctx.audit.path)
+        fetch_files(ctx.tracker, ctx.store, name, statement.version)
+        statement, quorum, target = install_champion(
+            ctx.store, governance, name, trust, site.root / DEPLOYED_DIR / name
         )
+    except SignatureError as error:
+        ctx.audit.append("deployment_refused", actor, {"model": name, "site": site_id, "reason": error.message})
         raise
     weights = load_weights(target / "files")
     deployment = Deployment(
         site_id=site_id,
         model=name,
-        version=version,
-        provenance_sha256=provenance_digest(target / "files"),
+        version=statement.version,
+        provenance_sha256=statement.provenance_sha256,
         signers=quorum.valid_approvers,
         files=(target / "files").relative_to(site.root).as_posix(),
         num_tensors=len(weights),
         deployed_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     _write_record(deployed_record(site), deployment)
+    remember_champion(trust, statement)
     ctx.audit.append(
         "deployment",
         actor,
-        {"model": name, "version": version, "site": site_id, "provenance_sha256": deployment.provenance_sha256},
+        {
+            "model": name,
+            "version": statement.version,
+            "site": site_id,
+            "provenance_sha256": deployment.provenance_sha256,
+            "statement_sequence": statement.sequence,
+        },
     )
+    witness(trust, ctx.audit, governance, f"site {site_id}")
     return deployment
 
 

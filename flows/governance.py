@@ -6,8 +6,11 @@ registry alias must agree with the log's last champion; if it does not, someone 
 Quorum, and guessing which of the two to trust is exactly what a rollback must not do.
 
 A rollback re-verifies the target (quorum with today's keys, provenance, file digests) before it
-moves anything, and moves the alias, tags the versions and appends the audit entry in one Prefect
-transaction, like a promotion: if any step fails the alias is put back.
+moves anything. It then writes a new champion statement with a higher sequence (``action:
+rollback``), signed by the rolling-back approver's key, naming a version an earlier statement made
+champion; sites follow it exactly like a promotion. Publishing the statement, moving the alias,
+tagging the versions and appending the audit entry form one Prefect transaction, like a promotion:
+if any step fails the statement and the alias are put back.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from prefect.transactions import transaction
 from quorum.configs.errors import ChampionError, NotPermitted
 from quorum.configs.schema import GovernanceConfig
 from quorum.flows.context import JobContext
-from quorum.flows.promote import move_champion_alias
+from quorum.flows.promote import move_champion_alias, publish_statement
+from quorum.lineage import champion
+from quorum.lineage.anchor import sign_checkpoint
 from quorum.lineage.audit import AuditEntry
 from quorum.lineage.keys import approver_for_private_key
 from quorum.lineage.provenance import provenance_digest
@@ -104,7 +109,7 @@ def require_rollback_right(governance: GovernanceConfig, approver: str, today: d
 
 
 @task(cache_policy=NO_CACHE)
-def record_rollback(ctx: JobContext, result: RollbackResult, reason: str) -> None:
+def record_rollback(ctx: JobContext, result: RollbackResult, reason: str, sequence: int) -> None:
     name = result.model_name
     set_version_tags(ctx.tracker, name, result.to_version, {"stage": CHAMPION, "rolled_back_from": result.from_version})
     set_version_tags(ctx.tracker, name, result.from_version, {"stage": ROLLED_BACK, "rolled_back_by": result.approver})
@@ -118,6 +123,7 @@ def record_rollback(ctx: JobContext, result: RollbackResult, reason: str) -> Non
             "signers": list(result.quorum.valid_approvers),
             "provenance_sha256": result.provenance_sha256,
             "reason": reason,
+            "statement_sequence": sequence,
         },
     )
 
@@ -136,10 +142,17 @@ def rollback_flow(ctx: JobContext, key: Path, to_version: str | None = None, rea
     quorum = verify_version(ctx.store, ctx.governance, name, target, today)
     digest = provenance_digest(ctx.store.checkout(model_key(name, target)))
     result = RollbackResult(name, current, target, approver, quorum, digest)
+    payload = champion.new_payload(
+        champion.chain_head(ctx.store, name), name, target, digest, champion.ROLLBACK, reason
+    )
+    signatures = (champion.sign(champion.KIND, payload, key, approver),)
+    champion.verify_statement(ctx.store, ctx.governance, payload, signatures, today)
     with transaction() as txn:
         txn.set("ctx", ctx)
+        publish_statement(ctx, payload, signatures)
         move_champion_alias(ctx, target)
-        record_rollback(ctx, result, reason)
+        record_rollback(ctx, result, reason, int(payload["sequence"]))
+    sign_checkpoint(ctx.audit, ctx.governance)
     get_run_logger().info("%s rolled %s back from v%s to v%s", approver, name, current, target)
     return result
 

@@ -1,9 +1,16 @@
 """Stage 5 (promotion): register the candidate, collect signatures, and make it champion.
 
-The champion alias moves only when the verdict passed and a quorum of distinct approvers signed the
-version's files, which include its provenance statement (written before anyone signs). Moving it,
-tagging the version and recording the audit entry form one Prefect transaction: if any step fails
-the alias is put back, so no model is ever half-promoted.
+A version becomes champion only when the verdict passed, a quorum of distinct approvers signed its
+files (which include its provenance statement, written before anyone signs) and the same quorum
+signed its champion statement (``quorum.lineage.champion``: version, provenance digest, sequence,
+previous statement). Publishing the statement, moving the MLflow alias (a mirror of the statement),
+tagging the version and recording the audit entry form one Prefect transaction: if any step fails,
+the statement and the alias are put back, so no model is ever half-promoted.
+
+``quorum approve`` runs the same steps (``approve_flow``): it adds one approver's signatures and, when
+that completes the quorum, promotes inside the same transaction. A lifecycle started by a schedule or
+from the Prefect UI holds no private key: it registers and verifies the candidate, then pauses,
+awaiting approval, with the verdict linked in a Markdown artifact; ``quorum approve`` resumes it.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +26,26 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction, transaction
 
-from quorum.configs.errors import GateFailed
+from quorum.configs.errors import ConfigError, GateFailed, NotPermitted, QuorumNotMet
 from quorum.evaluation.gates import Verdict
 from quorum.flows.context import JobContext
-from quorum.lineage.provenance import BuildFacts, SiteEvidence, build_statement, provenance_digest, write_provenance
+from quorum.lineage import champion
+from quorum.lineage.anchor import sign_checkpoint
+from quorum.lineage.keys import approver_for_private_key
+from quorum.lineage.provenance import (
+    BuildFacts,
+    SiteEvidence,
+    build_statement,
+    provenance_digest,
+    verify_provenance,
+    write_provenance,
+)
 from quorum.lineage.registry import fetch_files, model_key, sign_version, signatures_key, verify_version
-from quorum.lineage.signing import QuorumResult, check_quorum
+from quorum.lineage.signing import QuorumResult, check_quorum, today_utc
 from quorum.lineage.tracking import CANDIDATE, CHAMPION, alias_version, log_model, register, set_alias, set_version_tags
 from quorum.tasks.model import Weights, model_from_weights
+
+APPROVAL_TIMEOUT_S = 14 * 24 * 3600  # a paused run fails after two weeks without a quorum
 
 
 @dataclass(frozen=True)
@@ -34,6 +54,15 @@ class PromotionResult:
     champion: bool
     quorum: QuorumResult
     previous_champion: str | None
+
+
+@dataclass(frozen=True)
+class ApprovalResult:
+    approver: str
+    version: str
+    approvals: int
+    required: int
+    promotion: PromotionResult | None
 
 
 @task(cache_policy=NO_CACHE)
@@ -53,7 +82,22 @@ def _restore_champion_alias(txn: Transaction) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def record_promotion(ctx: JobContext, version: str, quorum: QuorumResult, previous: str | None) -> None:
+def publish_statement(ctx: JobContext, payload: dict[str, object], signatures: tuple[champion.Signed, ...]) -> None:
+    """Make the signed statement current: from here on, sites deploy what it names."""
+    previous = champion.publish(ctx.store, payload, signatures)
+    txn = get_transaction()
+    if txn is not None:
+        txn.set("previous_statement", previous)
+
+
+@publish_statement.on_rollback
+def _restore_statement(txn: Transaction) -> None:
+    ctx: JobContext = txn.get("ctx")
+    champion.unpublish(ctx.store, ctx.config.model_name, txn.get("previous_statement"))
+
+
+@task(cache_policy=NO_CACHE)
+def record_promotion(ctx: JobContext, version: str, quorum: QuorumResult, previous: str | None, sequence: int) -> None:
     provenance = provenance_digest(ctx.store.checkout(model_key(ctx.config.model_name, version)))
     set_version_tags(
         ctx.tracker,
@@ -64,6 +108,7 @@ def record_promotion(ctx: JobContext, version: str, quorum: QuorumResult, previo
             "quorum.required": str(quorum.required),
             "stage": CHAMPION,
             "previous_champion": previous or "none",
+            "champion.sequence": str(sequence),
         },
     )
     ctx.audit.append(
@@ -75,25 +120,157 @@ def record_promotion(ctx: JobContext, version: str, quorum: QuorumResult, previo
             "previous": previous,
             "signers": list(quorum.valid_approvers),
             "provenance_sha256": provenance,
+            "statement_sequence": sequence,
             "job_id": ctx.job_id,
         },
     )
 
 
-def make_champion(ctx: JobContext, version: str) -> PromotionResult:
-    """Verify quorum and provenance again, then move the alias, tag and audit as one transaction."""
-    quorum = verify_version(ctx.store, ctx.governance, ctx.config.model_name, version)
+@dataclass(frozen=True)
+class _Promotion:
+    """A promotion checked and ready to apply: the statement and the signatures that carry it."""
+
+    version: str
+    quorum: QuorumResult
+    payload: dict[str, object]
+    signatures: tuple[champion.Signed, ...]
+    sequence: int
+
+
+def make_champion(ctx: JobContext, version: str, today: date | None = None) -> PromotionResult:
+    """Verify the files' quorum, provenance and the statement's quorum, then promote as one transaction."""
+    ready = _check_promotion(ctx, version, today or today_utc())
     with transaction() as txn:
         txn.set("ctx", ctx)
-        previous = move_champion_alias(ctx, version)
-        record_promotion(ctx, version, quorum, previous)
-    return PromotionResult(version, True, quorum, previous)
+        previous = _apply_promotion(ctx, ready)
+    sign_checkpoint(ctx.audit, ctx.governance)
+    return PromotionResult(version, True, ready.quorum, previous)
+
+
+def _apply_promotion(ctx: JobContext, ready: _Promotion) -> str | None:
+    """The promotion steps; call inside a transaction, whose rollback restores the statement and alias."""
+    publish_statement(ctx, ready.payload, ready.signatures)
+    previous = move_champion_alias(ctx, ready.version)
+    record_promotion(ctx, ready.version, ready.quorum, previous, ready.sequence)
+    return previous
+
+
+def _check_promotion(ctx: JobContext, version: str, day: date) -> _Promotion:
+    name = ctx.config.model_name
+    quorum = verify_version(ctx.store, ctx.governance, name, version, day)
+    provenance = provenance_digest(ctx.store.checkout(model_key(name, version)))
+    payload = champion.proposal(ctx.store, ctx.governance, name, version, provenance, day)
+    signatures = champion.approvals(ctx.store, payload)
+    try:
+        statement = champion.verify_statement(ctx.store, ctx.governance, payload, signatures, day)
+    except QuorumNotMet as error:
+        raise QuorumNotMet(
+            error.message,
+            fix=f"each approver signs the champion statement with `quorum approve {name} --version {version} "
+            "--key KEY` (a statement proposed before another champion was named must be signed again)",
+        ) from None
+    return _Promotion(version, quorum, payload, signatures, statement.sequence)
 
 
 @flow(name="promote-approved", validate_parameters=False)
 def promote_approved(ctx: JobContext, version: str) -> PromotionResult:
     """Promotion of a version whose quorum was completed later by ``quorum approve``."""
     return make_champion(ctx, version)
+
+
+def sign_candidate(ctx: JobContext, version: str, keys: Sequence[tuple[str, Path]], day: date) -> None:
+    """Each key signs the version's files (model-signing) and its champion statement proposal."""
+    name = ctx.config.model_name
+    signatures = sign_version(ctx.store, name, version, keys)
+    set_version_tags(ctx.tracker, name, version, {f"signature.{s.approver}": s.digest for s in signatures})
+    provenance = provenance_digest(ctx.store.checkout(model_key(name, version)))
+    payload = champion.proposal(ctx.store, ctx.governance, name, version, provenance, day)
+    for approver, key in keys:
+        champion.add_approval(ctx.store, payload, key, approver)
+
+
+def pending_quorum(ctx: JobContext, version: str, day: date) -> tuple[QuorumResult, int]:
+    """The files' quorum and how many approvers signed the current statement proposal."""
+    name = ctx.config.model_name
+    files = ctx.store.checkout(model_key(name, version))
+    quorum = check_quorum(files, ctx.store.checkout(signatures_key(name, version)), ctx.governance, day)
+    payload = champion.proposal(ctx.store, ctx.governance, name, version, provenance_digest(files), day)
+    statement = champion.tally_approvals(ctx.store, ctx.governance, payload, day)
+    return quorum, len(set(quorum.valid_approvers) & set(statement.valid))
+
+
+@flow(name="approve", validate_parameters=False)
+def approve_flow(ctx: JobContext, version: str, key: Path) -> ApprovalResult:
+    """One approver's ``quorum approve``: sign the version and, when that completes the quorum, promote it.
+
+    The signature, the approval's audit entry and (once the quorum is met) the promotion steps all run
+    here, in the promotion's transaction.
+    """
+    day = today_utc()
+    name = ctx.config.model_name
+    approver = approver_for_private_key(key, ctx.governance)
+    problem = ctx.governance.approver(approver).key_problem(day)
+    if problem:
+        raise NotPermitted(f"{problem}; its signatures would not count", fix="sign with a current, unrevoked key")
+    _require_registered(ctx, version)
+    verify_provenance(fetch_files(ctx.tracker, ctx.store, name, version), name, version)  # sign only what it claims
+    promotion = None
+    with transaction() as txn:
+        txn.set("ctx", ctx)
+        approvals = record_approval(ctx, version, approver, key, day)
+        current = champion.read_current(ctx.store, name)
+        if approvals >= ctx.governance.quorum and (current is None or current[0].get("version") != version):
+            ready = _check_promotion(ctx, version, day)
+            promotion = PromotionResult(version, True, ready.quorum, _apply_promotion(ctx, ready))
+    sign_checkpoint(ctx.audit, ctx.governance)
+    if promotion is not None:
+        resume_waiting_run(ctx, version)
+    return ApprovalResult(approver, version, approvals, ctx.governance.quorum, promotion)
+
+
+@task(cache_policy=NO_CACHE)
+def record_approval(ctx: JobContext, version: str, approver: str, key: Path, day: date) -> int:
+    """Sign the files and the statement proposal, audit the approval; return how many approvers signed both."""
+    sign_candidate(ctx, version, [(approver, key)], day)
+    ctx.audit.append("approval", approver, {"model": ctx.config.model_name, "version": version})
+    return pending_quorum(ctx, version, day)[1]
+
+
+def resume_waiting_run(ctx: JobContext, version: str) -> str | None:
+    """Resume the lifecycle run paused for this version's approval, if one is paused on a reachable server."""
+    import os
+    from uuid import UUID
+
+    run_ids = [
+        str(entry.details.get("flow_run_id"))
+        for entry in ctx.audit.entries()
+        if entry.event == "awaiting_approval"
+        and entry.details.get("version") == version
+        and entry.details.get("model") == ctx.config.model_name
+        and entry.details.get("flow_run_id")
+    ]
+    if not run_ids or not os.environ.get("PREFECT_API_URL"):
+        return None
+    from prefect.exceptions import PrefectException
+    from prefect.flow_runs import resume_flow_run
+
+    try:
+        resume_flow_run(UUID(run_ids[-1]))
+    except (PrefectException, RuntimeError, ValueError, OSError) as exc:
+        get_run_logger().warning("could not resume the paused run %s: %s", run_ids[-1], exc)
+        return None
+    return run_ids[-1]
+
+
+def _require_registered(ctx: JobContext, version: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        ctx.tracker.client.get_model_version(ctx.config.model_name, version)
+    except MlflowException as exc:
+        raise ConfigError(
+            f"{ctx.config.model_name} has no version {version}", fix="see the versions with `quorum ui`"
+        ) from exc
 
 
 def _register_candidate(
@@ -137,25 +314,94 @@ def promote_flow(
         "verdict.gates": json.dumps([g.name for g in verdict.gates]),
         **verdict.tags(),
     }
+    if approver_keys and _deployment_run() is not None:
+        raise NotPermitted(
+            "a run started from a deployment (schedule or UI) was given approver private keys",
+            fix="remove approver_keys from the deployment: approvers sign with `quorum approve` on their own machines",
+        )
     version = _register_candidate(ctx, weights, feature_mean, run_id, tags)
     name = ctx.config.model_name
+    day = today_utc()
     files = fetch_files(ctx.tracker, ctx.store, name, version)
     facts = _build_facts(ctx, verdict, lineage_tags, run_id, site_evidence)
     provenance = write_provenance(files, build_statement(files, name, version, facts))
     ctx.store.publish(model_key(name, version), files)
     set_version_tags(ctx.tracker, name, version, {"provenance.sha256": provenance})
-    signatures = sign_version(ctx.store, name, version, approver_keys)
-    set_version_tags(ctx.tracker, name, version, {f"signature.{s.approver}": s.digest for s in signatures})
-    quorum = check_quorum(files, ctx.store.checkout(signatures_key(name, version)), ctx.governance)
-    if not quorum.met:
-        ctx.audit.append(
-            "awaiting_approval",
-            "coordinator",
-            {"model": name, "version": version, "valid": list(quorum.valid_approvers)},
-        )
-        logger.warning("%s v%s awaits approvals: %d of %d", name, version, len(quorum.valid_approvers), quorum.required)
-        return PromotionResult(version, False, quorum, alias_version(ctx.tracker, name, CHAMPION))
-    return make_champion(ctx, version)
+    verify_provenance(files, name, version)  # the candidate approvers will see is whole and about itself
+    sign_candidate(ctx, version, approver_keys, day)
+    quorum, approvals = pending_quorum(ctx, version, day)
+    if approvals >= ctx.governance.quorum:
+        return make_champion(ctx, version, day)
+    flow_run = _deployment_run()
+    ctx.audit.append(
+        "awaiting_approval",
+        "coordinator",
+        {
+            "model": name,
+            "version": version,
+            "valid": list(quorum.valid_approvers),
+            "flow_run_id": flow_run,
+            "provenance_sha256": provenance,
+        },
+    )
+    sign_checkpoint(ctx.audit, ctx.governance)
+    logger.warning("%s v%s awaits approvals: %d of %d", name, version, approvals, quorum.required)
+    pending = PromotionResult(version, False, quorum, alias_version(ctx.tracker, name, CHAMPION))
+    if flow_run is not None:
+        return _await_approval(ctx, pending, verdict, run_id)
+    return pending
+
+
+def _deployment_run() -> str | None:
+    """This flow run's id when it (or its parent) was started from a deployment: schedule or UI."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    run = None if context is None else context.flow_run
+    if run is None:
+        return None
+    if run.deployment_id is None:
+        if run.parent_task_run_id is None:
+            return None
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            parent = client.read_task_run(run.parent_task_run_id).flow_run_id
+            if parent is None or client.read_flow_run(parent).deployment_id is None:
+                return None
+    return str(run.id)
+
+
+def _await_approval(ctx: JobContext, pending: PromotionResult, verdict: Verdict, run_id: str) -> PromotionResult:
+    """Pause this run, awaiting approval, with the verdict linked; ``quorum approve`` resumes it."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.flow_runs import pause_flow_run
+
+    name = ctx.config.model_name
+    create_markdown_artifact(
+        key=f"approval-{name.lower().replace('_', '-').replace('.', '-')}-v{pending.version}",
+        markdown=approval_markdown(ctx, pending, verdict, run_id),
+        description=f"{name} v{pending.version} awaits approval",
+    )
+    pause_flow_run(timeout=APPROVAL_TIMEOUT_S, key=f"approval-v{pending.version}")
+    promoted = alias_version(ctx.tracker, name, CHAMPION) == pending.version
+    quorum, _ = pending_quorum(ctx, pending.version, today_utc())
+    return PromotionResult(pending.version, promoted, quorum, pending.previous_champion)
+
+
+def approval_markdown(ctx: JobContext, pending: PromotionResult, verdict: Verdict, run_id: str) -> str:
+    """What an approver reads in the Prefect UI before signing: the verdict, where it is, what to run."""
+    name = ctx.config.model_name
+    gates = "\n".join(f"| {g.name} | {'pass' if g.passed else 'FAIL'} | {g.reason} |" for g in verdict.gates)
+    return (
+        f"# {name} v{pending.version} awaits approval\n\n"
+        f"Verdict: **{'passed' if verdict.passed else 'failed'}**. Full report: MLflow run `{run_id}` "
+        f"(artifact `verdict.html`, tracking store `{ctx.tracker.uri}`).\n\n"
+        f"| gate | outcome | detail |\n|---|---|---|\n{gates}\n\n"
+        f"Approvers ({ctx.governance.quorum} needed) sign on their own machines:\n\n"
+        f"```\nquorum approve {name} --version {pending.version} --key YOUR.key\n```\n\n"
+        "The run resumes by itself once the quorum promoted the version.\n"
+    )
 
 
 def _build_facts(

@@ -44,22 +44,28 @@ def _portable(path: Path, project: Path) -> str:
         return str(path.resolve())
 
 
-def render(config: FederationConfig, governance_path: Path, project: Path, approver_keys: list[Path]) -> dict[str, Any]:
-    """The prefect.yaml document for this federation."""
+def render(config: FederationConfig, governance_path: Path, project: Path) -> dict[str, Any]:
+    """The prefect.yaml document for this federation.
+
+    It names no private key: a scheduled or UI-started lifecycle registers and verifies a candidate,
+    then pauses awaiting approval; approvers sign with `quorum approve` on their own machines.
+    """
     assert config.source is not None
     config_path = _portable(config.source, project)
     governance = _portable(governance_path, project)
     deployments: list[dict[str, Any]] = [
         {
             "name": "lifecycle",
-            "description": "The whole lifecycle, every site on its own pool. Scheduled retraining.",
+            "description": (
+                "The whole lifecycle, every site on its own pool. Scheduled retraining: the run pauses "
+                "awaiting approval (`quorum approve`) once its candidate is verified."
+            ),
             "entrypoint": "quorum.flows.lifecycle:lifecycle",
             "work_pool": {"name": COORDINATOR_POOL, "job_variables": {"working_dir": PROJECT_VAR}},
             "parameters": {
                 "config_path": config_path,
                 "governance_path": governance,
                 "runner": "pool",
-                "approver_keys": [_portable(k, project) for k in approver_keys],
             },
             "schedules": [{"cron": config.deployment.retrain_cron, "timezone": "UTC", "active": True}],
         },

@@ -1,8 +1,14 @@
 """Approver key pairs: ECDSA P-256 in PEM, the key type OpenSSF model-signing accepts.
 
 A private key is a credential, so it is born with mode 0600 (never widened and narrowed
-later, which would leave a window where others can read it) and is never overwritten: losing
-an approver's only key to a mistyped path cannot be undone, whereas a refused command can.
+later, which would leave a window where others can read it). Neither file of a pair is ever
+overwritten: losing an approver's only key to a mistyped path cannot be undone, and a public key
+replaced beside a surviving private key would no longer match it, whereas a refused command can
+simply be run again.
+
+Governance pins every key by fingerprint (sha256 of the DER public key), so the key files
+themselves may sit in a folder others can write: ``trusted_public_key`` believes a file only
+when it matches its pin.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from quorum.configs.errors import ConfigError
-from quorum.configs.schema import GovernanceConfig
+from quorum.configs.errors import ConfigError, NotPermitted
+from quorum.configs.schema import Approver, GovernanceConfig, read_input
 
 _PRIVATE_MODE = 0o600
 _PUBLIC_MODE = 0o644
@@ -36,6 +42,7 @@ def generate_key_pair(private_path: Path, public_path: Path) -> None:
             fix="pass different paths, e.g. alice.pem and alice.pub",
         )
     _refuse_existing(private_path)
+    _refuse_existing(public_path)
     key = ec.generate_private_key(ec.SECP256R1())
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -47,8 +54,12 @@ def generate_key_pair(private_path: Path, public_path: Path) -> None:
     try:
         public_tmp = _write_temp(public_path, public_pem, _PUBLIC_MODE)
         try:
-            _link_new(private_tmp, private_path)
-            os.replace(public_tmp, public_path)
+            _link_new(public_tmp, public_path)
+            try:
+                _link_new(private_tmp, private_path)
+            except BaseException:
+                public_path.unlink(missing_ok=True)  # ours: it was linked just above
+                raise
         finally:
             public_tmp.unlink(missing_ok=True)
     finally:
@@ -57,58 +68,98 @@ def generate_key_pair(private_path: Path, public_path: Path) -> None:
     _fsync_dir(public_path.parent)
 
 
-def public_key_fingerprint(public_path: Path) -> str:
-    """sha256 of the DER SubjectPublicKeyInfo: stable whatever the PEM line wrapping.
-
-    Note model_signing's own key "hint" in a bundle is the sha256 of the *PEM* encoding, so
-    the two values differ; this one is what Quorum records in lineage.
-    """
+def load_public_key(public_path: Path) -> ec.EllipticCurvePublicKey:
+    """An approver's EC public key from PEM; every way the file can be unusable is a ``ConfigError``."""
     public_path = Path(public_path)
+    data = read_input(public_path, "public key", "check the path or run `quorum keys generate` first")
     try:
-        key = serialization.load_pem_public_key(public_path.read_bytes())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"public key {public_path} does not exist", fix="check the path or run key generation first"
-        ) from None
+        key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
         raise ConfigError(
             f"{public_path} is not a PEM public key: {exc}", fix="pass the .pub file, not the private key"
         ) from None
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ConfigError(f"{public_path} is not an EC public key", fix="use a key from `quorum keys generate`")
+    return key
 
 
-def private_key_fingerprint(private_path: Path) -> str:
-    """The fingerprint of a private key's public half, to tell which approver holds it."""
+def load_private_key(private_path: Path) -> ec.EllipticCurvePrivateKey:
     private_path = Path(private_path)
+    data = read_input(private_path, "private key", "pass the path of your .key file")
     try:
-        key = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise ConfigError(f"private key {private_path} does not exist", fix="pass the path of your .key file") from None
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise ConfigError(
             f"{private_path} is not an unencrypted PEM private key: {exc}", fix="pass your private key file"
         ) from None
-    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{private_path} is not an EC private key", fix="use a key from `quorum keys generate`")
+    return key
+
+
+def key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
 
 
+def public_key_fingerprint(public_path: Path) -> str:
+    """sha256 of the DER SubjectPublicKeyInfo: stable whatever the PEM line wrapping.
+
+    Note model_signing's own key "hint" in a bundle is the sha256 of the *PEM* encoding, so
+    the two values differ; this one is what governance pins and Quorum records in lineage.
+    """
+    return key_fingerprint(load_public_key(public_path))
+
+
+def private_key_fingerprint(private_path: Path) -> str:
+    """The fingerprint of a private key's public half, to tell which approver holds it."""
+    return key_fingerprint(load_private_key(private_path).public_key())
+
+
+def pinned_key_problem(public_path: Path, fingerprint: str, owner: str) -> str | None:
+    """Why the key file at ``public_path`` may not speak for ``owner``, or None when it matches the pin."""
+    try:
+        actual = public_key_fingerprint(public_path)
+    except ConfigError as error:
+        return f"{owner}'s public key cannot be used: {error.message}"
+    if actual != fingerprint:
+        return (
+            f"{owner}'s public key file {public_path} has fingerprint {actual[:16]}..., not the "
+            f"{fingerprint[:16]}... pinned in governance (key file replaced)"
+        )
+    return None
+
+
+def trusted_public_key(public_path: Path, fingerprint: str, owner: str) -> ec.EllipticCurvePublicKey:
+    """The key at ``public_path``, only if it is the one governance pins for ``owner``."""
+    problem = pinned_key_problem(public_path, fingerprint, owner)
+    if problem:
+        raise NotPermitted(problem, fix="restore the key file from governance's owner, or fix the pin in git")
+    return load_public_key(public_path)
+
+
 def approver_for_private_key(private_path: Path, governance: GovernanceConfig) -> str:
-    """The governance approver whose public key matches ``private_path``; signing needs a known identity."""
+    """The governance approver whose pinned fingerprint matches ``private_path``; signing needs a known identity."""
     fingerprint = private_key_fingerprint(private_path)
     for approver in governance.approvers:
-        if approver.public_key.is_file() and public_key_fingerprint(approver.public_key) == fingerprint:
+        if approver.fingerprint == fingerprint:
             return approver.name
     raise ConfigError(
-        f"the key {private_path} belongs to no approver in governance",
-        fix="add its public key to configs/governance.yaml or use an approver's key",
+        f"the key {private_path} belongs to no approver in governance (fingerprint {fingerprint})",
+        fix="add this fingerprint to configs/governance.yaml (signed by the current quorum) or use an approver's key",
     )
 
 
-def _refuse_existing(private_path: Path) -> None:
-    if private_path.exists() or private_path.is_symlink():
+def approver_key_problem(approver: Approver) -> str | None:
+    """``pinned_key_problem`` for a governance approver."""
+    return pinned_key_problem(approver.public_key, approver.fingerprint, f"approver {approver.name}")
+
+
+def _refuse_existing(path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        kind = "public" if path.suffix == ".pub" else "private"
         raise ConfigError(
-            f"private key {private_path} already exists; refusing to overwrite it",
+            f"{kind} key {path} already exists; refusing to overwrite it",
             fix="move the old key away first if you really mean to replace it, or choose another path",
         )
 

@@ -15,10 +15,11 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from quorum.configs.errors import SignatureError
+from quorum.configs.errors import ProvenanceError, SignatureError
 from quorum.configs.schema import GovernanceConfig
 from quorum.lineage.artifacts import ArtifactStore
-from quorum.lineage.provenance import verify_provenance
+from quorum.lineage.champion import ChampionStatement, verified_champion
+from quorum.lineage.provenance import provenance_digest, verify_provenance
 from quorum.lineage.signing import QuorumResult, Signature, require_quorum, sign_model
 from quorum.lineage.tracking import Tracker, download_version
 
@@ -121,6 +122,30 @@ def install_verified(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return quorum
+
+
+def install_champion(
+    store: ArtifactStore, governance: GovernanceConfig, model: str, trust_file: Path, destination_root: Path
+) -> tuple[ChampionStatement, QuorumResult, Path]:
+    """What a site runs before it loads a champion: the signed statement, then the files it names.
+
+    The statement must verify and be no older than the one ``trust_file`` recorded; the files it names
+    are copied to ``destination_root/v<N>`` and verified there (quorum, provenance, every digest), and
+    their provenance must be exactly the one the statement names. Returns the statement, the files'
+    quorum and the verified folder; the caller records the statement (``remember_champion``) once the
+    model loaded.
+    """
+    statement = verified_champion(store, governance, model, trust_file)
+    target = destination_root / f"v{statement.version}"
+    quorum = install_verified(store, governance, model, statement.version, target)
+    installed = provenance_digest(target / "files")
+    if installed != statement.provenance_sha256:
+        raise ProvenanceError(
+            f"{model} v{statement.version}'s provenance has sha256 {installed[:16]}..., but the signed champion "
+            f"statement names {statement.provenance_sha256[:16]}...: the files were replaced",
+            fix="keep the running model; restore the version's files from a trusted copy",
+        )
+    return statement, quorum, target
 
 
 def load_weights(files: Path) -> Weights:

@@ -66,8 +66,9 @@ def sign_model(model_dir: Path, private_key: Path, signature_path: Path, approve
     model_dir, private_key, signature_path = Path(model_dir), Path(private_key), Path(signature_path)
     _require_model_dir(model_dir)
     _require_outside(model_dir, signature_path)
-    if not private_key.is_file():
-        raise ConfigError(f"private key {private_key} does not exist", fix="generate a key pair for this approver")
+    from quorum.lineage.keys import load_private_key
+
+    load_private_key(private_key)  # a missing, unreadable or malformed key is named before anything is written
     signature_path.parent.mkdir(parents=True, exist_ok=True)
     temp = signature_path.with_name(f".{signature_path.name}.{secrets.token_hex(8)}.tmp")
     try:
@@ -252,16 +253,19 @@ def _quorum_problem(model_dir: Path, signature_path: Path, governance: Governanc
     name = _claimed_approver(signature_path)
     if name not in {a.name for a in governance.approvers}:
         return "not an approver in governance"
+    from quorum.lineage.keys import approver_key_problem
+
     approver = governance.approver(name)
-    return approver.key_problem(today) or _verification_problem(model_dir, signature_path, approver.public_key)
+    return (
+        approver.key_problem(today)
+        or approver_key_problem(approver)
+        or _verification_problem(model_dir, signature_path, approver.public_key)
+    )
 
 
 def _shared_key_problem(approver: Approver, counted_keys: dict[str, str]) -> str | None:
-    """Record the approver's key; reject if another counted approver already used the same key."""
-    from quorum.lineage.keys import public_key_fingerprint
-
-    fingerprint = public_key_fingerprint(approver.public_key)
-    other = counted_keys.setdefault(fingerprint, approver.name)
+    """Record the approver's pinned key; reject if another counted approver already used the same key."""
+    other = counted_keys.setdefault(approver.fingerprint, approver.name)
     if other != approver.name:
         return f"same public key as approver {other}; one key cannot approve twice"
     return None

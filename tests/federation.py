@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from quorum.configs.schema import load_federation
-from quorum.lineage.keys import generate_key_pair
+from quorum.lineage.keys import generate_key_pair, public_key_fingerprint
 from quorum.tasks.synth import synth_federation
 
 FEATURES = {
@@ -91,16 +91,30 @@ def write_federation(
 
 
 def write_governance(
-    root: Path, approvers: Sequence[str] = ("ann", "ben", "cyd"), quorum: int = 2
+    root: Path, approvers: Sequence[str] = ("ann", "ben", "cyd"), quorum: int = 2, checkpoints: bool = True
 ) -> tuple[Path, list[str]]:
-    """governance.yaml plus a key pair per approver; returns the path and the private keys."""
+    """governance.yaml pinning a fresh key pair per approver (and a checkpoint key); returns the path and
+    the approvers' private keys. The checkpoint key's private half sits beside its public key."""
     keys = root / "keys"
     keys.mkdir(parents=True, exist_ok=True)
     private = []
+    for name in (*approvers, *(["coordinator"] if checkpoints else [])):
+        if not (keys / f"{name}.key").exists():
+            generate_key_pair(keys / f"{name}.key", keys / f"{name}.pub")
     for name in approvers:
-        generate_key_pair(keys / f"{name}.key", keys / f"{name}.pub")
         private.append(str(keys / f"{name}.key"))
-    config = {"quorum": quorum, "approvers": [{"name": n, "public_key": f"keys/{n}.pub"} for n in approvers]}
+    config: dict[str, object] = {
+        "quorum": quorum,
+        "approvers": [
+            {"name": n, "public_key": f"keys/{n}.pub", "fingerprint": public_key_fingerprint(keys / f"{n}.pub")}
+            for n in approvers
+        ],
+    }
+    if checkpoints:
+        config["checkpoints"] = {
+            "public_key": "keys/coordinator.pub",
+            "fingerprint": public_key_fingerprint(keys / "coordinator.pub"),
+        }
     path = root / "governance.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path, private

@@ -9,6 +9,7 @@ import yaml
 
 from quorum.configs.errors import ConfigError, UnknownSite
 from quorum.configs.schema import load_federation, load_governance
+from quorum.lineage.keys import public_key_fingerprint
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -29,14 +30,17 @@ sites:
     root: /absolute/sites/b
 """
 
-GOVERNANCE = """\
+FP_A, FP_B = "aaaaaaaa" * 8, "bbbbbbbb" * 8
+GOVERNANCE = f"""\
 quorum: 2
 approvers:
   - name: alice
     public_key: keys/alice.pub
+    fingerprint: {FP_A}
   - name: bob
     role: risk-officer
     public_key: /keys/bob.pub
+    fingerprint: {FP_B}
 """
 
 
@@ -87,7 +91,11 @@ def test_repo_governance_config_loads() -> None:
 
     assert governance.quorum <= len(governance.approvers)
     assert [a.name for a in governance.approvers] == ["alice", "bob", "carol"]
-    assert governance.approver("bob").public_key == (REPO_CONFIGS.parent / ".quorum" / "keys" / "bob.pub").resolve()
+    bob = governance.approver("bob")
+    assert bob.public_key == (REPO_CONFIGS / "demo-keys" / "bob.pub").resolve()
+    assert public_key_fingerprint(bob.public_key) == bob.fingerprint  # the demo keys are the pinned ones
+    assert governance.checkpoints is not None
+    assert public_key_fingerprint(governance.checkpoints.public_key) == governance.checkpoints.fingerprint
 
 
 # --- path resolution ---------------------------------------------------------------------------
@@ -258,11 +266,33 @@ def test_missing_file_is_a_config_error(tmp_path: Path, loader: object) -> None:
     error = config_error(loader, tmp_path / "nowhere.yaml")
 
     assert "nowhere.yaml does not exist" in error.message
-    assert "--config" in error.fix
+    assert ("--config" if loader is load_federation else "--governance") in error.fix
 
 
-def test_directory_instead_of_file_is_a_config_error(tmp_path: Path) -> None:
-    assert "does not exist" in config_error(load_federation, tmp_path).message
+@pytest.mark.parametrize("loader", [load_federation, load_governance], ids=["federation", "governance"])
+def test_directory_instead_of_file_is_a_config_error(tmp_path: Path, loader: object) -> None:
+    assert f"{tmp_path} is a directory, not a file" in config_error(loader, tmp_path).message
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    import os
+
+    path = write(tmp_path, "governance.yaml", GOVERNANCE)
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        pytest.skip("running as a user who can read any file")
+
+    assert "is not readable (permission denied)" in config_error(load_governance, path).message
+
+
+@pytest.mark.parametrize("loader", [load_federation, load_governance], ids=["federation", "governance"])
+def test_a_duplicated_key_is_refused_not_overwritten(tmp_path: Path, loader: object) -> None:
+    text = MINIMAL if loader is load_federation else GOVERNANCE
+    path = write(tmp_path, "config.yaml", text.replace("quorum: 2", "quorum: 2\nquorum: 1") + "seed: 1\nseed: 2\n")
+
+    message = config_error(loader, path).message
+
+    assert "found duplicate key" in message
 
 
 # --- federated training options ---------------------------------------------------------------
@@ -338,11 +368,49 @@ GOVERNANCE_BAD = {
     "quorum-zero": ({"quorum": 0}, "quorum = 0"),
     # the same approver twice would count one person's approval twice
     "duplicate-approver": (
-        {"approvers": [{"name": "alice", "public_key": "a.pub"}, {"name": "alice", "public_key": "b.pub"}]},
+        {
+            "approvers": [
+                {"name": "alice", "public_key": "a.pub", "fingerprint": FP_A},
+                {"name": "alice", "public_key": "b.pub", "fingerprint": FP_B},
+            ]
+        },
         "approver names must be distinct: alice",
     ),
+    # two approvers pinning one key would let one key approve twice
+    "shared-fingerprint": (
+        {
+            "approvers": [
+                {"name": "alice", "public_key": "a.pub", "fingerprint": FP_A},
+                {"name": "bob", "public_key": "b.pub", "fingerprint": FP_A},
+            ]
+        },
+        "approvers share one key fingerprint: alice, bob",
+    ),
     # an approver entry without a key
-    "missing-key": ({"approvers": [{"name": "alice"}]}, "approvers.0.public_key: required key is missing"),
+    "missing-key": (
+        {"approvers": [{"name": "alice", "fingerprint": FP_A}]},
+        "approvers.0.public_key: required key is missing",
+    ),
+    # a key named only by path: whoever writes the file's folder could swap it
+    "missing-fingerprint": (
+        {"approvers": [{"name": "alice", "public_key": "a.pub"}]},
+        "approvers.0.fingerprint: required key is missing",
+    ),
+    # not a sha256 hex digest
+    "short-fingerprint": (
+        {"approvers": [{"name": "alice", "public_key": "a.pub", "fingerprint": "abc"}]},
+        "approvers.0.fingerprint = 'abc'",
+    ),
+    # YAML `yes` is a boolean: never read as a quorum of 1
+    "quorum-yes": ({"quorum": True}, "quorum = True: Input should be a valid integer"),
+    # a quoted number is a string, not a quorum
+    "quorum-string": ({"quorum": "2"}, "quorum = '2': Input should be a valid integer"),
+    # a revocation written as a string must not silently mean "not revoked"
+    "revoked-string": (
+        {"approvers": [{"name": "alice", "public_key": "a.pub", "fingerprint": FP_A, "revoked": "no"}]},
+        "approvers.0.revoked = 'no': Input should be a valid boolean",
+    ),
+    "version-float": ({"version": 2.0}, "version = 2.0: Input should be a valid integer"),
 }
 
 
@@ -449,3 +517,11 @@ def test_a_pii_column_cannot_take_another_role(tmp_path: Path, role: str) -> Non
 
     with pytest.raises(ConfigError, match=f"{role} 'email' is also a PII column"):
         load_federation(path)
+
+
+def test_quorum_yes_in_yaml_is_refused_not_read_as_one(tmp_path: Path) -> None:
+    path = write(tmp_path, "governance.yaml", GOVERNANCE.replace("quorum: 2", "quorum: yes"))
+
+    message = config_error(load_governance, path).message
+
+    assert "quorum = True: Input should be a valid integer" in message

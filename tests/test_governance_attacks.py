@@ -68,8 +68,11 @@ class World:
         return [entry.event for entry in self.context().audit.entries()]
 
     def sign(self, version: str, *signers: str) -> None:
-        ctx = self.context()
-        sign_version(ctx.store, MODEL, version, [(name, self.keys[name]) for name in signers])
+        """What each signer's `quorum approve` signs: the version's files and its champion statement."""
+        from quorum.flows.promote import sign_candidate
+        from quorum.lineage.signing import today_utc
+
+        sign_candidate(self.context(), version, [(name, self.keys[name]) for name in signers], today_utc())
 
     def governance_with(self, approver: str, **changes: object) -> Path:
         """A governance file like the original but with ``changes`` applied to one approver."""

@@ -12,10 +12,11 @@ from quorum.configs.errors import ChampionError, ConfigError, NotPermitted, Quor
 from quorum.configs.schema import Approver, GovernanceConfig, load_governance
 from quorum.flows.governance import champion_history, require_rollback_right, rollback_target
 from quorum.lineage.audit import AuditEntry
-from quorum.lineage.keys import generate_key_pair
+from quorum.lineage.keys import generate_key_pair, public_key_fingerprint
 from quorum.lineage.signing import check_quorum, require_quorum, sign_model
 
 NAMES = ("ann", "ben", "cyd")
+FP = "a" * 64  # a well-formed pin, for tests that never read the key
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,9 @@ def signed(tmp_path: Path, keys: dict[str, tuple[Path, Path]]) -> tuple[Path, Pa
 
 
 def governance(keys: dict[str, tuple[Path, Path]], **ben: object) -> GovernanceConfig:
-    approvers = [Approver(name=n, public_key=keys[n][1]) for n in NAMES]
-    approvers[1] = Approver.model_validate({"name": "ben", "public_key": keys["ben"][1], **ben})
+    approvers = [Approver(name=n, public_key=keys[n][1], fingerprint=public_key_fingerprint(keys[n][1])) for n in NAMES]
+    pin = public_key_fingerprint(keys["ben"][1])
+    approvers[1] = Approver.model_validate({"name": "ben", "public_key": keys["ben"][1], "fingerprint": pin, **ben})
     return GovernanceConfig(quorum=2, approvers=tuple(approvers))
 
 
@@ -61,7 +63,9 @@ def governance(keys: dict[str, tuple[Path, Path]], **ben: object) -> GovernanceC
     ],
 )
 def test_key_problem(changes: dict[str, object], today: date, problem: str | None, tmp_path: Path) -> None:
-    approver = Approver.model_validate({"name": "ben", "public_key": tmp_path / "ben.pub", **changes})
+    approver = Approver.model_validate(
+        {"name": "ben", "public_key": tmp_path / "ben.pub", "fingerprint": FP, **changes}
+    )
 
     assert approver.key_problem(today) == problem
 
@@ -102,8 +106,8 @@ def test_governance_yaml_reads_expiry_revocation_and_rollback(tmp_path: Path) ->
             {
                 "quorum": 1,
                 "approvers": [
-                    {"name": "ann", "public_key": "keys/ann.pub", "expires": "2027-03-31"},
-                    {"name": "ben", "public_key": "keys/ben.pub", "revoked": True},
+                    {"name": "ann", "public_key": "keys/ann.pub", "fingerprint": FP, "expires": "2027-03-31"},
+                    {"name": "ben", "public_key": "keys/ben.pub", "fingerprint": "b" * 64, "revoked": True},
                 ],
                 "rollback": ["ann"],
             }
@@ -121,14 +125,27 @@ def test_governance_yaml_reads_expiry_revocation_and_rollback(tmp_path: Path) ->
     ("changes", "expected"),
     [
         ({"rollback": ["ann", "zed"]}, "rollback names unknown approvers: zed"),  # a typo must not lock rollback out
-        ({"approvers": [{"name": "ann", "public_key": "a.pub", "revoked": True}]}, "only 0 approvers are not revoked"),
-        ({"approvers": [{"name": "ann", "public_key": "a.pub", "expires": "soon"}]}, "approvers.0.expires"),  # no date
-        ({"approvers": [{"name": "ann", "public_key": "a.pub", "revoked": "maybe"}]}, "approvers.0.revoked"),
+        (
+            {"approvers": [{"name": "ann", "public_key": "a.pub", "fingerprint": FP, "revoked": True}]},
+            "only 0 approvers are not revoked",
+        ),
+        (
+            {"approvers": [{"name": "ann", "public_key": "a.pub", "fingerprint": FP, "expires": "soon"}]},
+            "approvers.0.expires",
+        ),  # no date
+        (
+            {"approvers": [{"name": "ann", "public_key": "a.pub", "fingerprint": FP, "revoked": "maybe"}]},
+            "approvers.0.revoked",
+        ),
     ],
 )
 def test_bad_governance_is_reported_naming_the_key(tmp_path: Path, changes: dict[str, object], expected: str) -> None:
     path = tmp_path / "governance.yaml"
-    path.write_text(yaml.safe_dump({"quorum": 1, "approvers": [{"name": "ann", "public_key": "a.pub"}], **changes}))
+    path.write_text(
+        yaml.safe_dump(
+            {"quorum": 1, "approvers": [{"name": "ann", "public_key": "a.pub", "fingerprint": FP}], **changes}
+        )
+    )
 
     with pytest.raises(ConfigError, match=expected):
         load_governance(path)

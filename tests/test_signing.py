@@ -47,7 +47,12 @@ def sigs(tmp_path: Path) -> Path:
 def governance(
     keys: dict[str, tuple[Path, Path]], quorum: int = 2, names: tuple[str, ...] = PEOPLE[:3]
 ) -> GovernanceConfig:
-    return GovernanceConfig(quorum=quorum, approvers=tuple(Approver(name=n, public_key=keys[n][1]) for n in names))
+    return GovernanceConfig(
+        quorum=quorum,
+        approvers=tuple(
+            Approver(name=n, public_key=keys[n][1], fingerprint=public_key_fingerprint(keys[n][1])) for n in names
+        ),
+    )
 
 
 def approve(model: Path, sigs: Path, keys: dict[str, tuple[Path, Path]], signer: str, file_name: str = "") -> Path:
@@ -247,16 +252,38 @@ def test_missing_public_key_is_rejected_naming_path(
 ) -> None:
     approve(model, sigs, keys, "alice")
     missing = tmp_path / "absent" / "alice.pub"
-    config = GovernanceConfig(quorum=1, approvers=(Approver(name="alice", public_key=missing),))
+    pinned = public_key_fingerprint(keys["alice"][1])
+    config = GovernanceConfig(quorum=1, approvers=(Approver(name="alice", public_key=missing, fingerprint=pinned),))
     result = check_quorum(model, sigs, config)
-    assert result.rejected == (("alice.sig", f"public key {missing} does not exist"),)
+    assert result.rejected == (
+        ("alice.sig", f"approver alice's public key cannot be used: public key {missing} does not exist"),
+    )
+
+
+def test_a_public_key_file_that_does_not_match_its_pin_is_rejected(
+    model: Path, sigs: Path, keys: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    # the attacker replaced alice.pub with their own key and signed with it
+    approve(model, sigs, keys, "bob", "alice.sig")
+    pinned = public_key_fingerprint(keys["alice"][1])
+    config = GovernanceConfig(
+        quorum=1, approvers=(Approver(name="alice", public_key=keys["bob"][1], fingerprint=pinned),)
+    )
+    result = check_quorum(model, sigs, config)
+    assert not result.met
+    assert "not the" in result.rejected[0][1] and "pinned in governance (key file replaced)" in result.rejected[0][1]
 
 
 def test_two_approvers_sharing_a_key_count_once(model: Path, sigs: Path, keys: dict[str, tuple[Path, Path]]) -> None:
     shared = keys["alice"][1]
-    config = GovernanceConfig(
-        quorum=2, approvers=(Approver(name="alice", public_key=shared), Approver(name="alias", public_key=shared))
+    pin = public_key_fingerprint(shared)
+    entries = (
+        Approver(name="alice", public_key=shared, fingerprint=pin),
+        Approver(name="alias", public_key=shared, fingerprint=pin),
     )
+    with pytest.raises(ValueError, match="approvers share one key fingerprint: alias, alice"):
+        GovernanceConfig(quorum=2, approvers=entries)
+    config = GovernanceConfig.model_construct(quorum=2, approvers=entries, rollback=None)  # the count guards too
     approve(model, sigs, keys, "alice")
     approve(model, sigs, keys, "alice", "alias.sig")
     result = check_quorum(model, sigs, config)
