@@ -64,7 +64,8 @@ def prefect_harness() -> Iterator[Path]:
     """One temporary Prefect API for the session's flow tests; yields its home folder."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    # the harness starts a Prefect server process; on a loaded 2-core machine that took over 120 s
+    with prefect_test_harness(server_startup_timeout=300):
         yield _SESSION_HOME / "prefect"
 
 

@@ -189,6 +189,7 @@ def test_provenance_is_an_in_toto_statement_bound_to_the_version(world: World) -
     assert tags["previous_champion"] == "none"
 
 
+@pytest.mark.integration  # runs the model-signing CLI in its own process
 def test_model_signing_cli_verifies_the_promoted_version(world: World) -> None:
     for approver in ("ann", "ben"):
         result = cli_verify(
