@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from quorum.configs.errors import QuorumError, ToolError
 from quorum.configs.schema import FederationConfig, expand_secrets
+from quorum.infra.capacity import apply_site_concurrency
 from quorum.infra.deployments import COORDINATOR_POOL, site_pool
 from quorum.lineage.state import SITE_ROOT_ENV, StateLayout
 
@@ -246,6 +247,7 @@ class Stack:
             for name in names:
                 with contextlib.suppress(ObjectAlreadyExists):
                     client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            apply_site_concurrency(client, self.config)  # sites.ID.concurrency: jobs beyond it queue
         return names
 
     def wait_for_workers(self, pools: list[str], timeout_s: float) -> dict[str, str]:
