@@ -212,7 +212,7 @@ def read_job(store: ArtifactStore, job_id: str) -> dict[str, Any]:
     """The job's placement decision as recorded at its start; a clear error for an unknown job."""
     key = _job_key(job_id)
     if not store.exists(key):
-        known = sorted({k.split("/")[1] for k in store.list_keys("jobs/") if k.endswith("/placement.json")})
+        known = sorted({k.split("/")[1] for k in store.list_keys("jobs") if k.endswith("/placement.json")})
         raise QuorumError(
             f"no placement record of job {job_id} in {store.location}",
             fix="pass a job id `quorum run` printed" + (f"; recorded jobs: {', '.join(known[-5:])}" if known else ""),

@@ -150,8 +150,8 @@ def test_explain_prints_what_happened_round_by_round(job: Job, capsys: pytest.Ca
         for line in block:  # one line per eligible site: asked or not, as the runner saw it
             site_id = line.split()[0]
             assert line.split()[1] == ("asked:" if site_id in sites else "not")
-            if site_id in sites:
-                assert f"answered in {DELAY_S[site_id]:.1f}" in line or site_id != "lyon"
+            if site_id in sites:  # its measured time: the training plus the harness's delay
+                assert float(line.split("answered in ")[1].split(" s")[0]) >= DELAY_S[site_id]
     assert lines[heads[-1]].startswith(f"round {len(asked) + 1}: not run: placement budget")
     assert any("boston" in line and "left out of the job: it tag jurisdiction is us" in line for line in lines)
     assert all("boston" not in line for line in lines[heads[0] :])  # never a candidate in any round
