@@ -185,15 +185,21 @@ def _remaining(budget: float | None, spent: float) -> float:
     return math.inf if budget is None else budget - spent
 
 
-def floor_rounds(min_share: float, rounds: int) -> int:
+def floor_rounds(min_share: float, rounds: int, phase: float = 0.0) -> int:
     """The fairness floor: in ``rounds`` rounds an eligible site is asked at least ``floor(min_share x rounds)``
-    times (a share of one round cannot be met before the round; ``1e-9`` absorbs float error)."""
-    return math.floor(min_share * rounds + 1e-9)
+    times (a share of one round cannot be met before the round; ``1e-9`` absorbs float error).
+
+    The sampler holds each site to ``floor(min_share x rounds + phase)`` with its own ``phase`` in [0, 1),
+    spread evenly over the sites: their floors then step up in different rounds, at most
+    ``ceil(min_share x sites)`` (<= sites per round) of them at once, so the floor always fits in the rounds.
+    """
+    return math.floor(min_share * rounds + phase + 1e-9)
 
 
-def under_floor(history: History, site_id: str, min_share: float, server_round: int) -> bool:
-    """Whether the site would fall under its floor after ``server_round`` if not asked in it."""
-    return history.site(site_id).asked < floor_rounds(min_share, server_round)
+def floor_phases(pool: Sequence[str], seed: int) -> dict[str, float]:
+    """Each site's phase of its fairness floor: ``k / sites`` in a seeded order, fixed for the whole job."""
+    order = uniform_order(pool, seed, 0, len(pool))
+    return {site_id: index / len(order) for index, site_id in enumerate(order)}
 
 
 def _guided_order(
@@ -203,13 +209,14 @@ def _guided_order(
     shuffled = uniform_order(pool, seed, server_round, len(pool))  # the tie-break among equals
     rank = {s: i for i, s in enumerate(shuffled)}
     reasons: dict[str, str] = {}
-    floor = [s for s in shuffled if under_floor(history, s, placement.min_share, server_round)]
-    floor.sort(key=lambda s: (history.site(s).asked, rank[s]))
+    phase = floor_phases(pool, seed)
+    needed = {s: floor_rounds(placement.min_share, server_round, phase[s]) for s in pool}
+    floor = [s for s in shuffled if history.site(s).asked < needed[s]]
+    floor.sort(key=lambda s: (history.site(s).asked - needed[s], rank[s]))
     for s in floor:
-        site = history.site(s)
         reasons[s] = (
-            f"fairness floor: asked in {site.asked} of {server_round - 1} rounds, min_share "
-            f"{placement.min_share:g} needs {floor_rounds(placement.min_share, server_round)} by round {server_round}"
+            f"fairness floor: asked in {history.site(s).asked} of {server_round - 1} rounds, min_share "
+            f"{placement.min_share:g} needs {needed[s]} by round {server_round}"
         )
     rest = [s for s in shuffled if s not in reasons]
     unmeasured = [s for s in rest if history.site(s).duration_s is None]
