@@ -232,3 +232,20 @@ def test_a_bad_placement_key_is_a_config_error_with_the_key(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as info:
         load_federation(path)
     assert "placement.sampler" in info.value.message and info.value.fix
+
+
+def test_a_resumed_job_rebuilds_the_samplers_history_from_its_round_records() -> None:
+    from quorum.flows.placement import _outcome_dict, _outcomes
+
+    rounds = [
+        {"a": Outcome(True, 0.25, 0.5, 100), "b": Outcome(False)},
+        {"a": Outcome(True, 0.75, float("nan"), 100), "c": Outcome(True, 2.0, 0.25, 40)},
+    ]
+    live, rebuilt = History(), History()
+    for server_round, outcomes in enumerate(rounds, start=1):
+        live = live.after(server_round, outcomes, 1.5)
+        record = {"outcomes": {s: _outcome_dict(o) for s, o in outcomes.items()}}  # as stored, then read back
+        rebuilt = rebuilt.after(server_round, _outcomes(record), 1.5)
+
+    assert rebuilt == live
+    assert live.site("a").duration_s == 0.5 and live.site("a").utility == 0.0 and live.spent == 3.0
