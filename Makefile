@@ -64,7 +64,7 @@ lock:
 		--no-emit-package torch --custom-compile-command "make lock" -o requirements.lock
 
 bench: setup
-	for script in bench/tuning.py bench/pool_overhead.py bench/signing.py bench/drift.py bench/preprocess.py; do \
+	for script in bench/tuning.py bench/pool_overhead.py bench/signing.py bench/drift.py bench/preprocess.py bench/placement.py; do \
 		$(BIN)/python $$script || exit 1; \
 	done
 

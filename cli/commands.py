@@ -17,6 +17,7 @@ from quorum.lineage.state import StateLayout, configure_environment, use_trackin
 
 if TYPE_CHECKING:
     from quorum.infra.local_api import TemporaryApi
+    from quorum.infra.stack import Stack
 
 
 def _prepare(config_path: Path) -> tuple[FederationConfig, StateLayout]:
@@ -298,9 +299,20 @@ def status(config_path: Path, governance_path: Path | None = None) -> int:
     pools, runs = stack.pool_report([COORDINATOR_POOL, *(site_pool(s) for s in config.site_ids)])
     for name, pool_status in pools.items():
         print(f"pool {name:<19} {pool_status}")
+    print_site_queues(stack, [site_pool(s) for s in config.site_ids])
     for name, pool, state_name, started in runs:
         print(f"run  {name:<24} {pool:<16} {state_name:<10} {started}")
     return 0
+
+
+def print_site_queues(stack: Stack, pools: list[str]) -> None:
+    """Each site pool's flow runs: running and pending against its concurrency limit, and queued jobs."""
+    from quorum.flows.site_queue import pool_queues
+
+    with stack.client() as client:
+        queues = pool_queues(client, pools)
+    for name, queue in queues.items():
+        print(f"queue {name:<18} {queue.describe()}")
 
 
 def print_data_status(config: FederationConfig, state: StateLayout) -> None:

@@ -150,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--site", required=True, help="site id")
     prep.set_defaults(handler=_cmd_preprocess)
 
+    placement = commands.add_parser("placement", help="where a job's work ran").add_subparsers(
+        dest="placement_command", required=True
+    )
+    explain = placement.add_parser("explain", help="round by round: which sites were asked, answered, and why")
+    explain.add_argument("job", help="the job id `quorum run` printed")
+    _add_config(explain)
+    explain.set_defaults(handler=_cmd_placement_explain)
+
     keys = commands.add_parser("keys", help="approver keys").add_subparsers(dest="keys_command", required=True)
     gen = keys.add_parser("generate", help="create an approver key pair (private key mode 0600)")
     gen.add_argument("--name", required=True, help="approver name")
@@ -378,6 +386,12 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from quorum.cli import commands
 
     return commands.preprocess_one(Path(args.config), args.site)
+
+
+def _cmd_placement_explain(args: argparse.Namespace) -> int:
+    from quorum.cli import placement_commands
+
+    return placement_commands.explain(Path(args.config), args.job)
 
 
 def _cmd_keys_generate(args: argparse.Namespace) -> int:

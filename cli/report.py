@@ -30,6 +30,7 @@ def _figures(result: LifecycleResult) -> list[tuple[str, str, str]]:
                 f"AUC {m.get('auc', 0):.3f}",
             )
         )
+    rows.extend(_placement_rows(result))
     if result.evaluation is not None:
         verdict = result.evaluation.verdict
         gates = ", ".join(f"{g.name} {'ok' if g.passed else 'FAIL'}" for g in verdict.gates)
@@ -61,6 +62,22 @@ def timed_rows(result: LifecycleResult, launched_s: float | None = None) -> list
         seconds = result.stage_seconds.get(stage)
         rows.append((stage, status, detail, "" if seconds is None else f"{seconds:.1f} s"))
     return rows
+
+
+def _placement_rows(result: LifecycleResult) -> list[tuple[str, str, str]]:
+    """Which sites the job could use, how the rounds were shared out and what they cost."""
+    placement = result.tuning.placement if result.tuning is not None else None
+    left_out = result.placement.left_out
+    if placement is None and not left_out:
+        return []
+    parts = []
+    if left_out:
+        parts.append(f"left out by policy: {', '.join(left_out)}")
+    if placement is not None:
+        shares = ", ".join(f"{s} {share:.0%}" for s, share in placement.shares.items())
+        parts.append(f"{placement.describe()}; rounds asked: {shares}")
+    status = "budget spent" if placement is not None and placement.stopped else "done"
+    return [("placement", status, "; ".join(parts))]
 
 
 def print_summary(result: LifecycleResult, console: Console | None = None, launched_s: float | None = None) -> None:

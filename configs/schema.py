@@ -61,6 +61,12 @@ class SiteConfig(BaseModel):
     # an AWS shared-credentials file kept at the site: its worker and its DVC remote use it, and no
     # other process is ever given it (relative to the config file)
     aws_credentials_file: Path | None = None
+    # placement: policy tags a job's placement.require is matched against (e.g. jurisdiction: eu),
+    # how many jobs the site runs at once (its work pool's concurrency limit; None: no limit) and
+    # what one training round there costs (counted against a job's placement.budget)
+    tags: dict[str, str] = Field(default_factory=dict)
+    concurrency: int | None = Field(default=None, ge=1, le=1000)
+    cost_per_round: float = Field(default=0.0, ge=0.0)
 
     @property
     def remote_url(self) -> str:
@@ -244,6 +250,49 @@ class TrainingConfig(BaseModel):
         return min(num_sites, max(self.min_sites, math.ceil(self.sample_fraction * num_sites)))
 
 
+class PlacementConfig(BaseModel):
+    """Which sites a job may use and which of them each round asks (``quorum.tasks.placement``).
+
+    ``require`` maps a tag to the value (or any of the values) a site must carry to receive anything of
+    the job. ``sampler`` uniform is the seeded draw; guided weighs each site's recent loss x examples
+    against its measured round time (Oort-like), keeping every eligible site in at least ``min_share``
+    of the rounds. ``budget`` caps the summed ``cost_per_round`` of the sites asked.
+    """
+
+    model_config = _FROZEN
+
+    require: dict[str, str | tuple[str, ...]] = Field(default_factory=dict)
+    sampler: Literal["uniform", "guided"] = "uniform"
+    min_share: float = Field(default=0.1, ge=0.0, le=1.0)
+    speed_weight: float = Field(default=2.0, ge=0.0, le=10.0)
+    budget: float | None = Field(default=None, ge=0.0)
+    queue_timeout_s: float = Field(default=3600.0, gt=0.0)
+
+    @field_validator("require")
+    @classmethod
+    def _non_empty_values(cls, value: dict[str, str | tuple[str, ...]]) -> dict[str, str | tuple[str, ...]]:
+        empty = [tag for tag, wanted in value.items() if not wanted]
+        if empty:
+            raise ValueError(f"require needs at least one allowed value per tag: {', '.join(empty)}")
+        return value
+
+    def allowed(self, tag: str) -> tuple[str, ...]:
+        wanted = self.require[tag]
+        return (wanted,) if isinstance(wanted, str) else tuple(wanted)
+
+    def why_not(self, site: SiteConfig) -> str | None:
+        """Why ``site`` may not receive anything of this job, or None when it meets every requirement."""
+        misses = []
+        for tag in sorted(self.require):
+            allowed = self.allowed(tag)
+            shown = allowed[0] if len(allowed) == 1 else "one of " + ", ".join(allowed)
+            if tag not in site.tags:
+                misses.append(f"has no tag {tag} (required: {shown})")
+            elif site.tags[tag] not in allowed:
+                misses.append(f"tag {tag} is {site.tags[tag]} (required: {shown})")
+        return "; ".join(misses) or None
+
+
 class GatePolicy(BaseModel):
     """Thresholds ``quorum.evaluation.gates.decide`` applies; ``None`` switches a gate off."""
 
@@ -345,6 +394,7 @@ class FederationConfig(BaseModel):
     drift: DriftConfig = DriftConfig()
     deployment: DeploymentConfig = DeploymentConfig()
     storage: StorageConfig = StorageConfig()
+    placement: PlacementConfig = PlacementConfig()
     source: Path | None = None
 
     @field_validator("sites", mode="before")
@@ -390,6 +440,7 @@ class FederationConfig(BaseModel):
                         f"{'fairness gate' if role == 'protected_attribute' else 'uniqueness check'} sees it)"
                     )
         problems.extend(self._contract_fits_the_features())
+        problems.extend(self._placement_fits_the_federation())
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -407,6 +458,37 @@ class FederationConfig(BaseModel):
                 problems.append(
                     f"contract.categorical_domains.{column}: {', '.join(map(repr, extra))} not in "
                     f"features.categorical.{column} ({', '.join(shared)})"
+                )
+        return problems
+
+    def _placement_fits_the_federation(self) -> list[str]:
+        """Enough sites meet ``placement.require`` and the budget pays for at least one round."""
+        placement, training = self.placement, self.training
+        eligible = [site for site in self.sites if placement.why_not(site) is None]
+        problems = []
+        if placement.require and len(eligible) < training.min_sites:
+            left_out = "; ".join(f"{s.id} {placement.why_not(s)}" for s in self.sites if placement.why_not(s))
+            problems.append(
+                f"placement.require leaves {len(eligible)} eligible site(s), training.min_sites is "
+                f"{training.min_sites}: {left_out}"
+            )
+        if placement.sampler == "guided":
+            if placement.min_share > training.sample_fraction:
+                problems.append(
+                    f"placement.min_share {placement.min_share:g} exceeds training.sample_fraction "
+                    f"{training.sample_fraction:g}: rounds cannot ask every site that often"
+                )
+            if training.privacy.enabled:
+                problems.append(
+                    "placement.sampler guided picks sites by their loss and speed, but the privacy accountant "
+                    "assumes a random draw: use sampler uniform with privacy"
+                )
+        if placement.budget is not None and len(eligible) >= training.min_sites:
+            cheapest = sorted(site.cost_per_round for site in eligible)[: training.min_sites]
+            if sum(cheapest) > placement.budget:
+                problems.append(
+                    f"placement.budget {placement.budget:g} does not pay for one round: the cheapest "
+                    f"{training.min_sites} eligible site(s) (training.min_sites) cost {sum(cheapest):g}"
                 )
         return problems
 

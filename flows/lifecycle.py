@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from quorum.flows.context import JobContext, git_commit, load_context
 from quorum.flows.evaluate import EvaluationResult, evaluate_flow, site_coverage
 from quorum.flows.monitor import MonitorResult, monitor_flow
+from quorum.flows.placement import job_placement, lineage_tags, record_placement
 from quorum.flows.preprocess import PreprocessResult, preprocess_flow
 from quorum.flows.promote import PromotionResult, promote_flow
 from quorum.flows.runners.jobs import JobRecord, load_job, save_job
@@ -26,6 +27,7 @@ from quorum.flows.tuning import OnRound, TuningResult, tune_flow
 from quorum.lineage.keys import approver_for_private_key
 from quorum.lineage.provenance import SiteEvidence
 from quorum.tasks.features import feature_names
+from quorum.tasks.placement import Eligibility
 from quorum.tasks.wire import encode_fingerprint
 
 CODE_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +47,7 @@ class LifecycleResult:
     unchanged_since: str | None = None  # the champion version, when training was skipped: nothing changed
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall seconds of each stage that ran
     first_stage_at: float | None = None  # time.perf_counter() when the first stage began (this process's clock)
+    placement: Eligibility = field(default_factory=lambda: Eligibility((), {}))  # the sites it may use
 
 
 @contextmanager
@@ -135,15 +138,16 @@ def _flatten(data: object, prefix: str = "") -> dict[str, object]:
 
 
 def _preprocess_or_resume(ctx: JobContext, runner: SiteRunner, result: LifecycleResult, resume: bool) -> None:
-    """Run stage 1, or take a resumed job's settled sites and MLflow run from its record."""
+    """Run stage 1 on the sites placement allows, or take a resumed job's settled sites and MLflow run."""
     if resume:
         record = load_job(ctx.store, ctx.job_id)
         result.run_id, result.preprocess = record.run_id, record.preprocess
         result.stage_status["preprocess"] = "resumed"
         return
     result.run_id = _start_parent(ctx, git_commit(CODE_ROOT))
+    record_placement(ctx, result.run_id, result.placement)
     with _stage(ctx, result, "preprocess"):
-        result.preprocess = preprocess_flow(ctx.config, runner)
+        result.preprocess = preprocess_flow(ctx.config, runner, list(result.placement.sites))
     source = ctx.config.source
     save_job(
         ctx.store, JobRecord(ctx.job_id, result.run_id, str(source), str(ctx.governance.source), result.preprocess)
@@ -162,7 +166,8 @@ def run_lifecycle(
     commit = git_commit(CODE_ROOT)
     keys = [(approver_for_private_key(Path(k), ctx.governance), Path(k)) for k in approver_keys]
     result = LifecycleResult(ctx.job_id, "", ctx.config.model_name)
-    runner.start(ctx.config.site_ids)
+    result.placement = placement = job_placement(ctx, resume)  # before any site is contacted: policy decides
+    runner.start(placement.sites)
     try:
         _preprocess_or_resume(ctx, runner, result, resume)
         prep = result.preprocess
@@ -200,7 +205,7 @@ def run_lifecycle(
                 tuning.weights,
                 tuning.feature_mean,
                 evaluation.verdict,
-                _lineage_tags(ctx, prep, commit, result.run_id),
+                {**_lineage_tags(ctx, prep, commit, result.run_id), **lineage_tags(placement, tuning.placement)},
                 run_id,
                 keys,
                 site_evidence=_site_evidence(prep),

@@ -19,13 +19,14 @@ from quorum.evaluation.metrics import merge, summarize
 from quorum.evaluation.report import SiteEvaluation
 from quorum.flows import rounds
 from quorum.flows.context import JobContext
+from quorum.flows.placement import PlacementSummary, RoundPlacer
 from quorum.flows.runners.jobs import last_checkpoint
 from quorum.flows.runners.local import SecAggRound, SiteFailure, SiteRunner
 from quorum.tasks.aggregate import weighted_loss_avg
 from quorum.tasks.features import feature_names, merge_moments
 from quorum.tasks.model import Weights, initial_weights
 from quorum.tasks.site import DataFingerprint
-from quorum.tasks.strategies import ServerOptimizerState, sample_sites, trainable_tensors
+from quorum.tasks.strategies import ServerOptimizerState, trainable_tensors
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class TuningResult:
     feature_mean: list[float]
     stopped_early: str = ""  # why fewer rounds than configured ran (the privacy budget), or empty
     method: str = "fedavg"  # strategy and aggregation rule, for summaries
+    placement: PlacementSummary | None = None  # the sampler, what it spent, each site's share of the rounds
 
     @property
     def final_metrics(self) -> dict[str, float]:
@@ -135,13 +137,18 @@ def tune_flow(
         for site_id, reason in no_key.items():
             logger.warning("site %s published no secure-aggregation key and sits this job out: %s", site_id, reason)
         pool = sorted(keys)
+    placer = RoundPlacer(ctx, run_id, pool, first)
 
     stopped_early = ""
     for server_round in range(first, training.rounds + 1):
         if privacy is not None and privacy.after(1).exceeded:
             stopped_early = _stop_at_budget(ctx, run_id, server_round, privacy.after(1).epsilon)
             break
-        sampled = sample_sites(pool, training.sample_fraction, training.min_sites, server_round, config.seed)
+        choice = placer.choose(server_round)  # quorum.tasks.placement: who is asked, and why the others are not
+        if choice.stop:
+            stopped_early = choice.stop
+            break
+        sampled = choice.asked
         logger.info(
             "round %d: sampled %s (sample_fraction %g, seed %d)",
             server_round,
@@ -153,6 +160,7 @@ def tune_flow(
         # dispatch: the sampled sites train from the current global model (masking their update under secagg)
         secagg = SecAggRound(ctx.job_id, {s: keys[s] for s in sampled}) if keys else None
         replies = runner.train(sampled, weights, server_round, secagg)
+        placer.observe(choice, replies)
 
         # validate replies: each is checked before anything is aggregated; a bad one is left out with a reason
         accepted, rejected = rounds.screen_replies(config, server_round, replies, weights)
@@ -200,7 +208,7 @@ def tune_flow(
                 )
             )
     method = training.strategy if training.aggregation == "mean" else f"{training.strategy}, {training.aggregation}"
-    return TuningResult(weights, tuple(records), feature_mean, stopped_early, method)
+    return TuningResult(weights, tuple(records), feature_mean, stopped_early, method, placer.finish())
 
 
 def _stop_at_budget(ctx: JobContext, run_id: str, server_round: int, epsilon: float) -> str:

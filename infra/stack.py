@@ -30,6 +30,7 @@ import yaml
 
 from quorum.configs.errors import QuorumError, ToolError
 from quorum.configs.schema import FederationConfig, expand_secrets
+from quorum.infra.capacity import apply_site_concurrency
 from quorum.infra.deployments import COORDINATOR_POOL, apply, site_pool
 from quorum.lineage.state import SITE_ROOT_ENV, StateLayout
 
@@ -346,6 +347,7 @@ class Stack:
                 for name in names:
                     with contextlib.suppress(ObjectAlreadyExists):
                         client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
+                apply_site_concurrency(client, self.config)  # sites.ID.concurrency: jobs beyond it queue
         except httpx.HTTPError as exc:
             raise ToolError(
                 f"the Prefect server refused the work pools: {exc}",

@@ -21,6 +21,7 @@ from quorum.flows.context import JobContext
 from quorum.flows.runners.exchange import JobExchange
 from quorum.flows.runners.liveness import Allowances, PrefectWatch, Signals, judge
 from quorum.flows.runners.local import Reply, SecAggRound, SiteFailure, SiteRunner
+from quorum.flows.site_queue import wait_for_capacity
 from quorum.tasks import wire
 from quorum.tasks.model import Weights
 from quorum.tasks.site import DataFingerprint, SiteUpdate
@@ -75,6 +76,7 @@ class PoolRunner(SiteRunner):
                     fix="run `quorum up` (it deploys infra/prefect.yaml and starts the site workers)",
                 ) from exc
             self.flow_runs[site_id] = str(run.id)  # type: ignore[union-attr]  # sync call returns a FlowRun
+        wait_for_capacity(self.flow_runs, self.ctx.job_id, self.ctx.config.placement.queue_timeout_s)
 
     def close(self) -> None:
         seq = self.exchange.next_seq()
