@@ -15,8 +15,8 @@ from quorum.flows.context import JobContext
 from quorum.flows.runners.local import SiteFailure, SiteRunner
 from quorum.lineage.registry import load_verified_weights
 from quorum.lineage.tracking import CHAMPION, alias_version
-from quorum.tasks.model import Weights
 from quorum.tasks.site import DataFingerprint
+from quorum.tasks.weights import Weights
 from quorum.tasks.wire import encode_evaluation
 
 

@@ -43,7 +43,7 @@ from quorum.lineage.provenance import (
 from quorum.lineage.registry import fetch_files, model_key, sign_version, signatures_key, verify_version
 from quorum.lineage.signing import QuorumResult, check_quorum, today_utc
 from quorum.lineage.tracking import CANDIDATE, CHAMPION, alias_version, log_model, register, set_alias, set_version_tags
-from quorum.tasks.model import Weights, model_from_weights
+from quorum.tasks.weights import Weights
 
 APPROVAL_TIMEOUT_S = 14 * 24 * 3600  # a paused run fails after two weeks without a quorum
 
@@ -276,6 +276,8 @@ def _require_registered(ctx: JobContext, version: str) -> None:
 def _register_candidate(
     ctx: JobContext, weights: Weights, feature_mean: list[float], run_id: str, tags: dict[str, str]
 ) -> str:
+    from quorum.tasks.model import model_from_weights
+
     model = model_from_weights(weights, ctx.config.model.hidden_sizes)
     # three rows derived from federated means (no site row): a batch of 0 or 1 would pin the exported batch size
     mean = np.asarray(feature_mean, dtype=np.float32)

@@ -20,7 +20,6 @@ from quorum.flows.context import JobContext
 from quorum.flows.runners.local import Reply, SecAggRound, SiteFailure, SiteRunner
 from quorum.lineage.registry import load_verified_weights
 from quorum.lineage.tracking import CHAMPION, alias_version
-from quorum.tasks.model import Weights
 from quorum.tasks.privacy import PrivacyAccountant, private_mean
 from quorum.tasks.replies import validate_masked_reply, validate_reply
 from quorum.tasks.secagg import add_mean_delta, secure_sum
@@ -34,6 +33,7 @@ from quorum.tasks.strategies import (
     server_update,
     update_norm_outliers,
 )
+from quorum.tasks.weights import Weights
 
 Accepted = dict[str, SiteUpdate | MaskedUpdate]
 SEED_BYTES = 32

@@ -24,9 +24,9 @@ from quorum.flows.runners.jobs import last_checkpoint
 from quorum.flows.runners.local import SecAggRound, SiteFailure, SiteRunner
 from quorum.tasks.aggregate import weighted_loss_avg
 from quorum.tasks.features import feature_names, merge_moments
-from quorum.tasks.model import Weights, initial_weights
 from quorum.tasks.site import DataFingerprint
 from quorum.tasks.strategies import ServerOptimizerState, trainable_tensors
+from quorum.tasks.weights import Weights
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ def start_weights(cfg: FederationConfig, fingerprints: dict[str, DataFingerprint
     """Seeded initial weights with input scaling from the sites' merged feature moments."""
     moments = [fp.moments for fp in fingerprints.values() if fp.moments is not None]
     mean, std = merge_moments(moments)
+    from quorum.tasks.model import initial_weights  # torch: loaded once tuning starts
+
     weights = initial_weights(len(feature_names(cfg.features)), cfg.model.hidden_sizes, mean, std, cfg.seed)
     return weights, mean.tolist()
 

@@ -24,7 +24,7 @@ from quorum.lineage.signing import QuorumResult, Signature, require_quorum, sign
 from quorum.lineage.tracking import Tracker, download_version
 
 if TYPE_CHECKING:
-    from quorum.tasks.model import Weights
+    from quorum.tasks.weights import Weights
 
 
 def model_key(name: str, version: str) -> str:

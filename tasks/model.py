@@ -14,7 +14,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-Weights = list[NDArray[np.float32]]
+from quorum.tasks.weights import Weights
 
 
 class ScaledMLP(nn.Module):

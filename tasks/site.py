@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from quorum.evaluation.drift import DriftSummary
-    from quorum.tasks.model import Weights
+    from quorum.tasks.weights import Weights
 
 TRAIN_FILE = "train.parquet"
 TEST_FILE = "test.parquet"

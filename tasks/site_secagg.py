@@ -25,7 +25,7 @@ from quorum.configs.schema import FederationConfig, SiteConfig
 from quorum.tasks.secagg import Masked, SecAggSite, flatten
 
 if TYPE_CHECKING:
-    from quorum.tasks.model import Weights
+    from quorum.tasks.weights import Weights
 
 KEY_DIR = ".secagg"
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

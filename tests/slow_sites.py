@@ -16,7 +16,7 @@ from typing import Any
 
 from quorum.configs.schema import FederationConfig
 from quorum.flows.runners.local import LocalRunner, SecAggRound
-from quorum.tasks.model import Weights
+from quorum.tasks.weights import Weights
 
 
 class SlowSitesRunner(LocalRunner):

@@ -24,12 +24,12 @@ from quorum.flows.context import JobContext, load_context
 from quorum.flows.runners.local import LocalRunner, SecAggRound
 from quorum.flows.tuning import OnRound, RoundDone, TuningResult, start_weights, tune_flow
 from quorum.tasks import site as site_work
-from quorum.tasks.model import Weights
 from quorum.tasks.privacy import epsilon_spent
 from quorum.tasks.secagg import decode, flatten
 from quorum.tasks.site import DataFingerprint, SiteUpdate
 from quorum.tasks.site_secagg import MaskedUpdate
 from quorum.tasks.strategies import sample_sites
+from quorum.tasks.weights import Weights
 from tests.federation import write_federation, write_governance
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -12,7 +12,7 @@ from typing import Any
 from quorum.configs.errors import QuorumError
 from quorum.flows.preprocess import PreprocessResult
 from quorum.lineage.artifacts import ArtifactStore
-from quorum.tasks.model import Weights
+from quorum.tasks.weights import Weights
 from quorum.tasks.wire import decode_fingerprint, encode_fingerprint
 
 

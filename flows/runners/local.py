@@ -22,9 +22,8 @@ from quorum.configs.schema import FederationConfig
 from quorum.evaluation.report import SiteEvaluation
 from quorum.tasks import site as site_work
 from quorum.tasks import site_secagg
-from quorum.tasks.model import Weights
 from quorum.tasks.site_secagg import MaskedUpdate
-from quorum.tasks.training import torch_threads
+from quorum.tasks.weights import Weights
 
 T = TypeVar("T")
 
@@ -110,6 +109,8 @@ def _at_each_site(
     On one torch thread: the sites share this process's cores, and the small models they train run
     fastest without a thread pool to wake for every batch.
     """
+    from quorum.tasks.training import torch_threads  # torch loads when the first round trains
+
     with torch_threads(1):
         return {site_id: _guarded(work, site_id, config, site_id, *args) for site_id in site_ids}
 

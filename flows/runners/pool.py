@@ -23,9 +23,9 @@ from quorum.flows.runners.liveness import Allowances, PrefectWatch, Signals, jud
 from quorum.flows.runners.local import Reply, SecAggRound, SiteFailure, SiteRunner
 from quorum.flows.site_queue import wait_for_capacity
 from quorum.tasks import wire
-from quorum.tasks.model import Weights
 from quorum.tasks.site import DataFingerprint, SiteUpdate
 from quorum.tasks.site_secagg import MaskedUpdate
+from quorum.tasks.weights import Weights
 from quorum.tasks.wire import Request
 
 SESSION_FLOW = "site-session"
