@@ -312,6 +312,46 @@ class DeploymentConfig(BaseModel):
     session_start_timeout_s: float = Field(default=180.0, gt=0)
 
 
+class RoutingPolicy(BaseModel):
+    """How one site's service splits traffic between the champion and the candidate.
+
+    champion: every request to the champion. shadow: the champion answers, the candidate scores the
+    same rows beside it and only counts are kept (rows, agreements). canary: ``canary_percent`` of
+    requests are answered by the candidate.
+    """
+
+    model_config = _FROZEN
+
+    mode: Literal["champion", "shadow", "canary"] = "champion"
+    canary_percent: float = Field(default=0.0, ge=0.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _percent_fits_mode(self) -> RoutingPolicy:
+        if self.mode == "canary" and self.canary_percent == 0:
+            raise ValueError("mode canary needs canary_percent > 0 (e.g. 5)")
+        if self.mode != "canary" and self.canary_percent:
+            raise ValueError(f"canary_percent applies only to mode canary (mode is {self.mode})")
+        return self
+
+
+class ServingConfig(BaseModel):
+    """``quorum serve``: the site-local inference service (always on 127.0.0.1)."""
+
+    model_config = _FROZEN
+
+    port: int = Field(default=8610, ge=1024, le=65535)
+    # auto: the ONNX variant when the version has one and onnxruntime is installed, else torch
+    runtime: Literal["auto", "onnx", "onnx-int8", "torch"] = "auto"
+    # how often the service asks the registry whether the champion (or candidate) moved
+    poll_interval_s: float = Field(default=10.0, gt=0.0, le=3600.0)
+    max_rows: int = Field(default=10_000, ge=1)
+    # per site id; a site not listed serves the champion only
+    routing: dict[str, RoutingPolicy] = Field(default_factory=dict)
+
+    def policy(self, site_id: str) -> RoutingPolicy:
+        return self.routing.get(site_id, RoutingPolicy())
+
+
 class FederationConfig(BaseModel):
     """The whole federation: its sites, shared schema and every knob of the lifecycle."""
 
@@ -331,6 +371,7 @@ class FederationConfig(BaseModel):
     drift: DriftConfig = DriftConfig()
     deployment: DeploymentConfig = DeploymentConfig()
     storage: StorageConfig = StorageConfig()
+    serving: ServingConfig = ServingConfig()
     source: Path | None = None
 
     @field_validator("sites", mode="before")
@@ -376,6 +417,9 @@ class FederationConfig(BaseModel):
                         f"{'fairness gate' if role == 'protected_attribute' else 'uniqueness check'} sees it)"
                     )
         problems.extend(self._contract_fits_the_features())
+        unknown = sorted(set(self.serving.routing) - set(ids))
+        if unknown:
+            problems.append(f"serving.routing names unknown site(s): {', '.join(unknown)} (sites: {', '.join(ids)})")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -140,6 +140,7 @@ def promote_flow(
     version = _register_candidate(ctx, weights, feature_mean, run_id, tags)
     name = ctx.config.model_name
     files = fetch_files(ctx.tracker, ctx.store, name, version)
+    _add_serving_variants(ctx, files, version, weights)
     facts = _build_facts(ctx, verdict, lineage_tags, run_id, site_evidence)
     provenance = write_provenance(files, build_statement(files, name, version, facts))
     ctx.store.publish(model_key(name, version), files)
@@ -156,6 +157,13 @@ def promote_flow(
         logger.warning("%s v%s awaits approvals: %d of %d", name, version, len(quorum.valid_approvers), quorum.required)
         return PromotionResult(version, False, quorum, alias_version(ctx.tracker, name, CHAMPION))
     return make_champion(ctx, version)
+
+
+def _add_serving_variants(ctx: JobContext, files: Path, version: str, weights: Weights) -> None:
+    """The ONNX and int8 variants go into the model folder before provenance and signatures cover it."""
+    from quorum.flows.variants import export_serving_variants
+
+    export_serving_variants(ctx, files, version, weights)
 
 
 def _build_facts(
