@@ -139,7 +139,7 @@ class ModelService:
         fetch_files(self.ctx.tracker, self.ctx.store, name, version)
         destination = self.site.root / SERVING_DIR / f"{role}-v{version}"
         verified = verify_for_serving(self.ctx.store, self.ctx.governance, name, version, destination, role)
-        scorer = load_scorer(verified.files, self.runtime)
+        scorer = load_scorer(verified.files, self.runtime, self.ctx.config.model.hidden_sizes)
         fill = training_fill(self.site.processed_dir / TRAIN_FILE, self.ctx.config.features, scorer.feature_mean)
         return LoadedModel(verified, scorer, row_schema(self.ctx.config.features, self.site, fill))
 

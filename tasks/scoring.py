@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -79,7 +80,7 @@ def choose_runtime(files: Path, wanted: str) -> str:
     return wanted
 
 
-def load_scorer(files: Path, runtime: str) -> Scorer:
+def load_scorer(files: Path, runtime: str, hidden_sizes: Sequence[int]) -> Scorer:
     """The model in ``files`` (a verified MLflow model folder) behind the chosen runtime."""
     chosen = choose_runtime(files, runtime)
     if chosen in RUNTIME_FILES:
@@ -88,7 +89,9 @@ def load_scorer(files: Path, runtime: str) -> Scorer:
         return OnnxScorer(chosen, mean, onnx_session(files / VARIANTS_DIR / RUNTIME_FILES[chosen]))
     import mlflow.pytorch
 
-    model = mlflow.pytorch.load_model(str(files))
-    model.eval()
-    mean = tuple(float(v) for v in model.state_dict()["feature_mean"].numpy())
-    return TorchScorer("torch", mean, model)
+    from quorum.tasks.model import get_weights, model_from_weights
+
+    # MLflow loads an exported program; rebuilt as the plain module it came from, it runs in eval mode
+    weights = get_weights(mlflow.pytorch.load_model(str(files)))
+    mean = tuple(float(v) for v in weights[0])
+    return TorchScorer("torch", mean, model_from_weights(weights, hidden_sizes))

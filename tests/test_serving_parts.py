@@ -61,7 +61,9 @@ def test_rows_become_the_matrix_training_builds_from_the_same_values() -> None:
         ({"age": 1, "channel": "online"}, 422, "income"),  # a feature missing
     ],
 )
-def test_bad_rows_are_refused_naming_the_column_never_the_value(row: dict[str, object], status: int, named: str) -> None:
+def test_bad_rows_are_refused_naming_the_column_never_the_value(
+    row: dict[str, object], status: int, named: str
+) -> None:
     schema = row_schema(FEATURES, SITE, (0.0, 0.0))
 
     with pytest.raises(RowRefused) as info:
@@ -138,8 +140,8 @@ def test_onnx_graph_and_int8_variant_answer_like_the_torch_model(tmp_path: Path)
     features = np.random.default_rng(1).normal(1.5, 2.0, size=(64, 6)).astype(np.float32)
 
     variants = export_variants(tmp_path, weights, [f"f{i}" for i in range(6)])
-    fp32 = load_scorer(tmp_path, "onnx").predict(features)
-    int8 = load_scorer(tmp_path, "onnx-int8").predict(features)
+    fp32 = load_scorer(tmp_path, "onnx", (8, 4)).predict(features)
+    int8 = load_scorer(tmp_path, "onnx-int8", (8, 4)).predict(features)
     with torch.no_grad():
         expected = torch.sigmoid(model(torch.from_numpy(features))).double().numpy()
 
