@@ -46,6 +46,7 @@ from quorum.tasks.site import TRAIN_FILE
 logger = logging.getLogger("quorum.serving")
 SERVING_DIR = "deployed/serving"
 HOST = "127.0.0.1"
+MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 def routing_key(site_id: str) -> str:
@@ -144,14 +145,26 @@ class ModelService:
         return LoadedModel(verified, scorer, row_schema(self.ctx.config.features, self.site, fill))
 
     def _swap(self, role: Role, loaded: LoadedModel | None) -> None:
+        if role == "candidate":
+            self._archive_routing()  # the counts belong to the candidate they measured
         with self._lock:
             previous = self._models[role]
             self._models[role] = loaded  # one reference: requests in flight keep the model they read
-            self._stats["swaps"] += previous is not None
-            if role == "candidate" or previous is None or loaded is None or previous.version != loaded.version:
-                self._counts = RoutingCounts() if role == "candidate" else self._counts
+            self._stats["swaps"] += previous is not None and loaded is not None
+            if role == "candidate":
+                self._counts = RoutingCounts()
         if previous is not None and (loaded is None or previous.verified.files != loaded.verified.files):
             shutil.rmtree(previous.verified.files.parent, ignore_errors=True)
+
+    def _archive_routing(self) -> None:
+        """Keep the finished candidate's counts in the store before they start again for the next one."""
+        if self.routing_counts() != RoutingCounts():
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            self.ctx.store.put_json(f"serving/{self.site.id}/history/{stamp}.json", self.routing_summary())
+
+    def refusal(self, role: Role, version: str) -> str | None:
+        """Why ``version`` was refused for ``role`` at the last attempt, if it was."""
+        return self._refused.get((role, version))
 
     def _refuse(self, role: Role, version: str, reason: str) -> None:
         """Audit a refusal once per version and reason; the loaded model keeps serving."""
@@ -308,8 +321,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": "no such endpoint", "fix": "use POST /predict, GET /health or GET /metrics"})
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length > 0 else b""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 < length <= MAX_BODY_BYTES:
+            self.close_connection = True  # the body was not read: the connection cannot carry another request
+            self._json(
+                413 if length > MAX_BODY_BYTES else 411, {"error": "a JSON body with its Content-Length is needed"}
+            )
+            return
+        body = self.rfile.read(length)
         if self.path != "/predict":
             self._json(404, {"error": "no such endpoint", "fix": "POST rows to /predict"})
             return
@@ -340,6 +362,12 @@ class ServingHTTPServer(ThreadingHTTPServer):
     def __init__(self, service: ModelService, port: int) -> None:
         super().__init__((HOST, port), _Handler)
         self.service = service
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A broken connection is logged by type only (the default prints a traceback)."""
+        import sys
+
+        logger.warning("%s: a connection failed (%s)", self.service.site.id, type(sys.exc_info()[1]).__name__)
 
 
 @dataclass
@@ -377,7 +405,7 @@ def start_service(ctx: JobContext, site_id: str, port: int | None = None, runtim
         version = alias_version(ctx.tracker, name, CHAMPION)
         if version is None:
             raise ChampionError(f"{name} has no champion to serve", fix="promote a version first (`quorum approve`)")
-        reason = service._refused.get(("champion", version), "it did not verify")
+        reason = service.refusal("champion", version) or "it did not verify"
         raise SignatureError(
             f"champion {name} v{version} refused at site {site_id}: {reason}",
             fix="restore the version from a trusted copy or roll back (`quorum rollback`)",

@@ -25,8 +25,11 @@ MANIFEST_FILE = "serving.json"
 
 
 class Scorer(Protocol):
-    runtime: str
-    feature_mean: tuple[float, ...]
+    @property
+    def runtime(self) -> str: ...
+
+    @property
+    def feature_mean(self) -> tuple[float, ...]: ...
 
     def predict(self, matrix: NDArray[np.float32]) -> NDArray[np.float64]: ...
 

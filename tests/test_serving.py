@@ -303,6 +303,23 @@ def test_shadow_scores_the_candidate_beside_the_champion_and_keeps_only_counts(w
     assert set(published) >= {"shadow_agreements", "candidate_requests", "refused_requests"}
 
 
+def test_the_next_evaluation_run_gets_the_routing_counts(world: World) -> None:
+    from quorum.flows.serving_report import log_serving_routing
+
+    world.with_serving({"routing": {SITE: {"mode": "shadow"}}})
+    with serving(world) as running:
+        call(f"{running.url}/predict", {"rows": feature_rows(world, 5)})
+    ctx = world.context()  # stopping the service published its counts
+    run_id = ctx.tracker.start_run("evaluate")
+
+    summaries = log_serving_routing(ctx, run_id)
+
+    metrics = ctx.tracker.client.get_run(run_id).data.metrics
+    assert set(summaries) == {SITE}
+    assert metrics[f"serving.{SITE}.shadow_rows"] == 5 and metrics[f"serving.{SITE}.champion_requests"] == 1
+    assert 0.0 <= metrics[f"serving.{SITE}.shadow_agreement_rate"] <= 1.0
+
+
 def test_canary_sends_its_share_of_requests_to_the_candidate(world: World) -> None:
     world.with_serving({"routing": {SITE: {"mode": "canary", "canary_percent": 50}}})
     rows = feature_rows(world, 1)

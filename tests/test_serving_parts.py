@@ -183,3 +183,27 @@ def test_bad_serving_config_is_refused_naming_the_key(tmp_path: Path, serving: d
         load_federation(_config(tmp_path, serving))
 
     assert message in info.value.message
+
+
+def test_the_onnx_runtime_path_serves_without_importing_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from quorum.lineage.onnx_export import export_variants
+
+    rng = np.random.default_rng(0)
+    weights = [np.zeros(3, np.float32), np.ones(3, np.float32)]
+    weights += [rng.normal(size=(4, 3)).astype(np.float32), np.zeros(4, np.float32)]
+    weights += [rng.normal(size=(1, 4)).astype(np.float32), np.zeros(1, np.float32)]
+    export_variants(tmp_path, weights, ["a", "b", "c"])
+    script = (
+        "import sys, numpy as np\n"
+        "import quorum.flows.serving\n"
+        "from quorum.tasks.scoring import load_scorer\n"
+        f"scorer = load_scorer(__import__('pathlib').Path({str(tmp_path)!r}), 'auto', (4,))\n"
+        "print(scorer.runtime, scorer.predict(np.ones((2, 3), np.float32)).shape, 'torch' in sys.modules)\n"
+    )
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=600)
+
+    assert result.stdout.split() == ["onnx", "(2,)", "False"]
