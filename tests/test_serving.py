@@ -182,7 +182,7 @@ def test_rows_with_pii_are_refused_and_no_value_is_echoed_or_logged(
 def test_a_new_champion_is_swapped_in_under_concurrent_requests_with_none_failing(world: World) -> None:
     rows = feature_rows(world, 4)
     clients, after_swap = 4, 15
-    started, swapped = threading.Barrier(clients + 1), threading.Event()
+    started, swapped = threading.Barrier(clients + 1, timeout=600), threading.Event()  # a failed client breaks it
     seen: list[list[tuple[int, str]]] = [[] for _ in range(clients)]
 
     def client(index: int) -> None:
