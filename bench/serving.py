@@ -105,7 +105,9 @@ def build_federation() -> tuple[Path, Path]:
 
 def start_mlflow(tracking_uri: str, model_uri: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    # mlflow starts `uvicorn` by name: the venv's bin folder must be on PATH
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
     command += ["--host", "127.0.0.1", "-p", str(port)]
     log = (WORK / "mlflow-serve.log").open("wb")
@@ -113,7 +115,8 @@ def start_mlflow(tracking_uri: str, model_uri: str) -> tuple[subprocess.Popen[by
     deadline = time.monotonic() + MLFLOW_START_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"mlflow models serve exited: see {WORK / 'mlflow-serve.log'}")
+            tail = (WORK / "mlflow-serve.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"mlflow models serve exited:\n{tail}")
         try:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             connection.request("GET", "/ping")
