@@ -141,14 +141,20 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=300, help="requests of one row per contender")
     parser.add_argument("--batched", type=int, default=100, help="requests of 256 rows per contender")
     parser.add_argument("--skip-mlflow", action="store_true")
+    parser.add_argument(
+        "--federation",
+        type=Path,
+        help="a folder holding federation.yaml and governance.yaml with a promoted v1 (copied first; "
+        "default: build one with a lifecycle run)",
+    )
     args = parser.parse_args()
     try:
-        run(args.single, args.batched, not args.skip_mlflow)
+        run(args.single, args.batched, not args.skip_mlflow, args.federation)
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
 
 
-def run(single: int, batched: int, with_mlflow: bool) -> None:
+def run(single: int, batched: int, with_mlflow: bool, federation: Path | None) -> None:
     import numpy as np
     import pandas as pd
     import torch
@@ -159,8 +165,12 @@ def run(single: int, batched: int, with_mlflow: bool) -> None:
     from quorum.tasks.model import model_from_weights
     from quorum.tasks.scoring import onnx_session
 
-    print("building a 3-site federation and promoting v1 (one lifecycle) ...", flush=True)
-    config_path, governance_path = build_federation()
+    if federation is None:
+        print("building a 3-site federation and promoting v1 (one lifecycle) ...", flush=True)
+        config_path, governance_path = build_federation()
+    else:
+        shutil.copytree(federation, WORK / "federation")
+        config_path, governance_path = WORK / "federation" / "federation.yaml", WORK / "federation" / "governance.yaml"
     ctx = load_context(str(config_path), str(governance_path))
     config = ctx.config
     files = ctx.store.checkout(model_key(config.model_name, "1"))

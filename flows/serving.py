@@ -309,6 +309,9 @@ class ModelService:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a client's next request skips the TCP handshake
+    # headers and body go out in two writes: with Nagle's algorithm the second waits ~40 ms for the
+    # client's delayed ACK of the first
+    disable_nagle_algorithm = True
     server: ServingHTTPServer
 
     def do_GET(self) -> None:
