@@ -185,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(deploy, governance=True)
     deploy.set_defaults(handler=_cmd_deploy)
 
+    serve = commands.add_parser("serve", help="answer inference requests at a site with the verified champion")
+    serve.add_argument("--site", required=True, help="site id")
+    serve.add_argument("--port", type=int, help="port on 127.0.0.1 (default: serving.port in the config)")
+    serve.add_argument(
+        "--runtime",
+        choices=("auto", "onnx", "onnx-int8", "torch"),
+        help="model runtime (default: serving.runtime; auto prefers the signed ONNX variant)",
+    )
+    _add_config(serve, governance=True)
+    serve.set_defaults(handler=_cmd_serve)
+
     drift = commands.add_parser(
         "drift-check", help="decide on retraining from every site's newest drift summary (--trigger starts it)"
     )
@@ -418,6 +429,12 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     from quorum.cli import commands
 
     return commands.deploy(Path(args.config), Path(args.governance), args.site, args.verbose)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from quorum.cli.serve_command import serve
+
+    return serve(Path(args.config), Path(args.governance), args.site, args.port, args.runtime)
 
 
 def _cmd_drift_check(args: argparse.Namespace) -> int:

@@ -375,6 +375,46 @@ class DeploymentConfig(BaseModel):
     mlflow_workers: int = Field(default=1, ge=1, le=16)  # MLflow server processes; each imports MLflow on `quorum up`
 
 
+class RoutingPolicy(BaseModel):
+    """How one site's service splits traffic between the champion and the candidate.
+
+    champion: every request to the champion. shadow: the champion answers, the candidate scores the
+    same rows beside it and only counts are kept (rows, agreements). canary: ``canary_percent`` of
+    requests are answered by the candidate.
+    """
+
+    model_config = _FROZEN
+
+    mode: Literal["champion", "shadow", "canary"] = "champion"
+    canary_percent: float = Field(default=0.0, ge=0.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _percent_fits_mode(self) -> RoutingPolicy:
+        if self.mode == "canary" and self.canary_percent == 0:
+            raise ValueError("mode canary needs canary_percent > 0 (e.g. 5)")
+        if self.mode != "canary" and self.canary_percent:
+            raise ValueError(f"canary_percent applies only to mode canary (mode is {self.mode})")
+        return self
+
+
+class ServingConfig(BaseModel):
+    """``quorum serve``: the site-local inference service (always on 127.0.0.1)."""
+
+    model_config = _FROZEN
+
+    port: int = Field(default=8610, ge=1024, le=65535)
+    # auto: the ONNX variant when the version has one and onnxruntime is installed, else torch
+    runtime: Literal["auto", "onnx", "onnx-int8", "torch"] = "auto"
+    # how often the service asks the registry whether the champion (or candidate) moved
+    poll_interval_s: float = Field(default=10.0, gt=0.0, le=3600.0)
+    max_rows: int = Field(default=10_000, ge=1)
+    # per site id; a site not listed serves the champion only
+    routing: dict[str, RoutingPolicy] = Field(default_factory=dict)
+
+    def policy(self, site_id: str) -> RoutingPolicy:
+        return self.routing.get(site_id, RoutingPolicy())
+
+
 class FederationConfig(BaseModel):
     """The whole federation: its sites, shared schema and every knob of the lifecycle."""
 
@@ -395,6 +435,7 @@ class FederationConfig(BaseModel):
     deployment: DeploymentConfig = DeploymentConfig()
     storage: StorageConfig = StorageConfig()
     placement: PlacementConfig = PlacementConfig()
+    serving: ServingConfig = ServingConfig()
     source: Path | None = None
 
     @field_validator("sites", mode="before")
@@ -441,6 +482,9 @@ class FederationConfig(BaseModel):
                     )
         problems.extend(self._contract_fits_the_features())
         problems.extend(self._placement_fits_the_federation())
+        unknown = sorted(set(self.serving.routing) - set(ids))
+        if unknown:
+            problems.append(f"serving.routing names unknown site(s): {', '.join(unknown)} (sites: {', '.join(ids)})")
         if problems:
             raise ValueError("; ".join(problems))
         return self

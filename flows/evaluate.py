@@ -13,6 +13,7 @@ from quorum.evaluation.report import EvaluationReport, SiteEvaluation
 from quorum.evaluation.verdict_report import verdict_html
 from quorum.flows.context import JobContext
 from quorum.flows.runners.local import SiteFailure, SiteRunner
+from quorum.flows.serving_report import log_serving_routing
 from quorum.lineage.registry import load_verified_weights
 from quorum.lineage.tracking import CHAMPION, alias_version
 from quorum.tasks.site import DataFingerprint
@@ -94,6 +95,7 @@ def evaluate_flow(
     page = verdict_html(verdict, report, ctx.config.gates, champion, title)
     tracker.log_text(run_id, page, "verdict.html")
     tracker.log_dict(run_id, {s.site_id: encode_evaluation(s) for s in report.sites}, "site_counts.json")
+    log_serving_routing(ctx, run_id)
     ctx.audit.append("gate_verdict", "coordinator", {"job_id": ctx.job_id, **verdict.to_dict()})
     logger = get_run_logger()
     for site_id, reason in verdict.excluded:

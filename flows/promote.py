@@ -325,6 +325,7 @@ def promote_flow(
     name = ctx.config.model_name
     day = today_utc()
     files = fetch_files(ctx.tracker, ctx.store, name, version)
+    _add_serving_variants(ctx, files, version, weights)
     facts = _build_facts(ctx, verdict, lineage_tags, run_id, site_evidence)
     provenance = write_provenance(files, build_statement(files, name, version, facts))
     ctx.store.publish(model_key(name, version), files)
@@ -404,6 +405,13 @@ def approval_markdown(ctx: JobContext, pending: PromotionResult, verdict: Verdic
         f"```\nquorum approve {name} --version {pending.version} --key YOUR.key\n```\n\n"
         "The run resumes by itself once the quorum promoted the version.\n"
     )
+
+
+def _add_serving_variants(ctx: JobContext, files: Path, version: str, weights: Weights) -> None:
+    """The ONNX and int8 variants go into the model folder before provenance and signatures cover it."""
+    from quorum.flows.variants import export_serving_variants
+
+    export_serving_variants(ctx, files, version, weights)
 
 
 def _build_facts(

@@ -112,6 +112,13 @@ def render(config: FederationConfig, governance_path: Path, project: Path) -> di
                 "work_pool": dict(pool),
                 "parameters": {"config_path": config_path, "governance_path": governance, "site_id": site.id},
             },
+            {
+                "name": f"serve-{site.id}",
+                "description": f"Answer inference requests at site {site.id} with the verified champion (127.0.0.1).",
+                "entrypoint": "quorum.flows.serve:serve_flow",
+                "work_pool": dict(pool),
+                "parameters": {"config_path": config_path, "governance_path": governance, "site_id": site.id},
+            },
         ]
     return {"name": "quorum", "prefect-version": "3", "pull": [], "deployments": deployments}
 

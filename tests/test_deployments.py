@@ -43,5 +43,5 @@ def test_every_site_has_its_pool_and_the_lifecycle_runs_on_the_coordinator() -> 
 
     assert pools["lifecycle"] == COORDINATOR_POOL
     for site in config.site_ids:
-        for kind in ("session", "preprocess", "monitor", "deploy"):
+        for kind in ("session", "preprocess", "monitor", "deploy", "serve"):
             assert pools[f"{kind}-{site}"] == f"site-{site}"

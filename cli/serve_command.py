@@ -1,0 +1,41 @@
+"""``quorum serve --site ID``: the site's inference service in the foreground, until Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from quorum.configs.schema import load_federation, load_governance
+from quorum.lineage.state import StateLayout, configure_environment, use_tracking_server
+
+
+def serve(config_path: Path, governance_path: Path, site_id: str, port: int | None, runtime: str | None) -> int:
+    config = load_federation(config_path)
+    load_governance(governance_path)
+    config.site(site_id)
+    state = StateLayout(config.state_dir)
+    configure_environment(state)
+    use_tracking_server(state, config.deployment.mlflow_tracking_uri)
+    from quorum.flows.context import load_context
+    from quorum.flows.serving import start_service
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ctx = load_context(str(config_path), str(governance_path))
+    running = start_service(ctx, site_id, port, runtime)
+    champion = running.service.champion
+    assert champion is not None  # start_service raises otherwise
+    policy = running.service.policy
+    print(
+        f"{site_id} serves {ctx.config.model_name} v{champion.version} ({champion.scorer.runtime}, "
+        f"policy {policy.mode}) at {running.url}\n"
+        f"  POST {running.url}/predict   GET {running.url}/health   GET {running.url}/metrics   (Ctrl-C stops)",
+        flush=True,
+    )
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        print("stopping: requests in flight finish, routing counts are saved", flush=True)
+    finally:
+        running.stop()
+    return 0

@@ -1,0 +1,75 @@
+"""The one check a site's service runs before it answers with a model version.
+
+``verify_for_serving`` is the single entry point: the service calls nothing else to decide whether
+a version may serve. Today a champion must carry a quorum of valid approver signatures over its
+files and a provenance statement about exactly that version and those files (the check
+``quorum deploy`` runs); a candidate (shadow or canary traffic only) must carry the same provenance
+and at least one valid approver signature, since it awaits the rest. Both are checked on the site's
+own copy, the very bytes that will be loaded.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from quorum.configs.errors import QuorumNotMet, SignatureError
+from quorum.configs.schema import GovernanceConfig
+from quorum.lineage.artifacts import ArtifactStore
+from quorum.lineage.provenance import provenance_digest, verify_provenance
+from quorum.lineage.registry import install_verified, model_key, signatures_key
+from quorum.lineage.signing import check_quorum
+
+Role = Literal["champion", "candidate"]
+
+
+@dataclass(frozen=True)
+class VerifiedVersion:
+    """A version whose copy at ``files`` verified for ``role``."""
+
+    model: str
+    version: str
+    role: Role
+    files: Path
+    provenance_sha256: str
+    signers: tuple[str, ...]
+
+
+def verify_for_serving(
+    store: ArtifactStore, governance: GovernanceConfig, name: str, version: str, destination: Path, role: Role
+) -> VerifiedVersion:
+    """Copy ``name`` v``version`` to ``destination`` and verify the copy for ``role``; raise ``SignatureError``."""
+    if role == "champion":
+        signers = install_verified(store, governance, name, version, destination).valid_approvers
+    else:
+        signers = _install_candidate(store, governance, name, version, destination)
+    files = destination / "files"
+    return VerifiedVersion(name, version, role, files, provenance_digest(files), signers)
+
+
+def _install_candidate(
+    store: ArtifactStore, governance: GovernanceConfig, name: str, version: str, destination: Path
+) -> tuple[str, ...]:
+    staging = destination.with_name(f".{destination.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        for key, folder in ((model_key(name, version), "files"), (signatures_key(name, version), "signatures")):
+            source = store.checkout(key)
+            if not source.is_dir():
+                raise SignatureError(f"no {folder} for candidate {name} v{version}", fix="run the promote stage again")
+            shutil.copytree(source, staging / folder, symlinks=True)
+        quorum = check_quorum(staging / "files", staging / "signatures", governance)
+        if not quorum.valid_approvers:
+            rejected = "; ".join(f"{file} ({reason})" for file, reason in quorum.rejected) or "no signature"
+            raise QuorumNotMet(
+                f"candidate {name} v{version} has no valid approver signature: {rejected}",
+                fix="a candidate serves shadow or canary traffic only once an approver signed it",
+            )
+        verify_provenance(staging / "files", name, version)
+        shutil.rmtree(destination, ignore_errors=True)
+        staging.rename(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return quorum.valid_approvers
