@@ -26,10 +26,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from quorum.configs.errors import ChampionError, QuorumError, SignatureError
+from quorum.configs.schema import GovernanceConfig
 from quorum.flows.context import JobContext
+from quorum.flows.deploy import trust_record
+from quorum.lineage.champion import verified_champion
+from quorum.lineage.governance_chain import trusted_governance
 from quorum.lineage.registry import fetch_files
 from quorum.lineage.serving_trust import Role, VerifiedVersion, verify_for_serving
-from quorum.lineage.tracking import CANDIDATE, CHAMPION, alias_version
+from quorum.lineage.tracking import CANDIDATE, alias_version
 from quorum.tasks.routing import RoutingCounts, agreements, route_request
 from quorum.tasks.scoring import Scorer, load_scorer
 from quorum.tasks.serving_rows import (
@@ -97,11 +101,32 @@ class ModelService:
         """Load the champion (and candidate, if the policy uses one) when the registry moved them."""
         with self._refresh_lock:
             name = self.ctx.config.model_name
-            self._follow("champion", alias_version(self.ctx.tracker, name, CHAMPION))
+            self._follow("champion", self._champion_version(name))
             if self.policy.mode != "champion":
                 candidate = alias_version(self.ctx.tracker, name, CANDIDATE)
                 champion = self.champion
                 self._follow("candidate", None if champion and candidate == champion.version else candidate)
+
+    def _governance(self) -> GovernanceConfig:
+        """Governance as this site accepts it: chained by signatures from the version it accepted before."""
+        source = self.ctx.governance.source
+        return self.ctx.governance if source is None else trusted_governance(source, trust_record(self.site))
+
+    def _champion_version(self, name: str) -> str | None:
+        """The version the signed champion statement names, never the registry alias; ``None`` (keep
+        serving what is loaded) when the statement is missing, unsigned or older than one seen before."""
+        try:
+            return verified_champion(self.ctx.store, self._governance(), name, trust_record(self.site)).version
+        except ChampionError:  # nothing promoted yet: nothing to refuse
+            return None
+        except SignatureError as error:
+            self._refuse("champion", "statement", error.message)
+            return None
+
+    def champion_refusal(self) -> str | None:
+        """Why the newest champion was refused, if the last attempt to load one was refused."""
+        reasons = [reason for (role, _), reason in self._refused.items() if role == "champion"]
+        return reasons[-1] if reasons else None
 
     def _follow(self, role: Role, version: str | None) -> None:
         current = self._models[role]
@@ -139,7 +164,9 @@ class ModelService:
         name = self.ctx.config.model_name
         fetch_files(self.ctx.tracker, self.ctx.store, name, version)
         destination = self.site.root / SERVING_DIR / f"{role}-v{version}"
-        verified = verify_for_serving(self.ctx.store, self.ctx.governance, name, version, destination, role)
+        verified = verify_for_serving(
+            self.ctx.store, self._governance(), name, version, destination, role, trust_record(self.site)
+        )
         scorer = load_scorer(verified.files, self.runtime, self.ctx.config.model.hidden_sizes)
         fill = training_fill(self.site.processed_dir / TRAIN_FILE, self.ctx.config.features, scorer.feature_mean)
         return LoadedModel(verified, scorer, row_schema(self.ctx.config.features, self.site, fill))
@@ -405,12 +432,11 @@ def start_service(ctx: JobContext, site_id: str, port: int | None = None, runtim
     service.refresh()
     if service.champion is None:
         name = ctx.config.model_name
-        version = alias_version(ctx.tracker, name, CHAMPION)
-        if version is None:
+        reason = service.champion_refusal()
+        if reason is None:
             raise ChampionError(f"{name} has no champion to serve", fix="promote a version first (`quorum approve`)")
-        reason = service.refusal("champion", version) or "it did not verify"
         raise SignatureError(
-            f"champion {name} v{version} refused at site {site_id}: {reason}",
+            f"the champion of {name} was refused at site {site_id}: {reason}",
             fix="restore the version from a trusted copy or roll back (`quorum rollback`)",
         )
     server = ServingHTTPServer(service, ctx.config.serving.port if port is None else port)

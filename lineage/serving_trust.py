@@ -1,10 +1,12 @@
 """The one check a site's service runs before it answers with a model version.
 
 ``verify_for_serving`` is the single entry point: the service calls nothing else to decide whether
-a version may serve. Today a champion must carry a quorum of valid approver signatures over its
-files and a provenance statement about exactly that version and those files (the check
-``quorum deploy`` runs); a candidate (shadow or canary traffic only) must carry the same provenance
-and at least one valid approver signature, since it awaits the rest. Both are checked on the site's
+a version may serve. A champion must be the version the signed champion statement names, no older
+than the statement this site accepted before (``deployed/trust.json``), with a quorum of valid
+approver signatures over its files and a provenance statement about exactly that version and those
+files, whose digest the champion statement names (the check ``quorum deploy`` runs); a candidate
+(shadow or canary traffic only) must carry the same provenance and at least one valid approver
+signature, since it awaits the rest. Both are checked on the site's
 own copy, the very bytes that will be loaded.
 """
 
@@ -19,8 +21,9 @@ from typing import Literal
 from quorum.configs.errors import QuorumNotMet, SignatureError
 from quorum.configs.schema import GovernanceConfig
 from quorum.lineage.artifacts import ArtifactStore
+from quorum.lineage.champion import remember_champion
 from quorum.lineage.provenance import provenance_digest, verify_provenance
-from quorum.lineage.registry import install_verified, model_key, signatures_key
+from quorum.lineage.registry import install_champion, model_key, signatures_key
 from quorum.lineage.signing import check_quorum
 
 Role = Literal["champion", "candidate"]
@@ -39,11 +42,27 @@ class VerifiedVersion:
 
 
 def verify_for_serving(
-    store: ArtifactStore, governance: GovernanceConfig, name: str, version: str, destination: Path, role: Role
+    store: ArtifactStore,
+    governance: GovernanceConfig,
+    name: str,
+    version: str,
+    destination: Path,
+    role: Role,
+    trust_file: Path,
 ) -> VerifiedVersion:
-    """Copy ``name`` v``version`` to ``destination`` and verify the copy for ``role``; raise ``SignatureError``."""
+    """Copy ``name`` v``version`` to ``destination`` and verify the copy for ``role``; raise ``SignatureError``.
+
+    A champion's copy lands in ``destination``'s folder as ``v<N>``, named by the signed statement; the
+    site then records the statement, so no older one is accepted afterwards."""
     if role == "champion":
-        signers = install_verified(store, governance, name, version, destination).valid_approvers
+        statement, quorum, destination = install_champion(store, governance, name, trust_file, destination.parent)
+        if statement.version != version:
+            raise SignatureError(
+                f"the signed champion statement names {name} v{statement.version}, not v{version}",
+                fix="serve the version the champion statement names (`quorum status` shows it)",
+            )
+        remember_champion(trust_file, statement)
+        signers = quorum.valid_approvers
     else:
         signers = _install_candidate(store, governance, name, version, destination)
     files = destination / "files"
