@@ -41,7 +41,7 @@ HOST = "127.0.0.1"
 WORKER_HEARTBEAT_S = 10  # a worker beats this often; three missed beats and its site counts as absent
 SCHEDULED_RUNS = 3  # upcoming runs the Prefect scheduler keeps per schedule
 SQLITE_BUSY_S = 30  # how long the Prefect server waits for SQLite's write lock (its default 10 s fails under load)
-READY_TIMEOUT_S = 300.0  # for the whole of `quorum up`: a loaded 2-core machine needs minutes, an idle one seconds
+READY_TIMEOUT_S = 600.0  # for the whole of `quorum up`: a loaded 2-core machine needs minutes, an idle one seconds
 
 
 @dataclass(frozen=True)

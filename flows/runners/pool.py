@@ -30,6 +30,7 @@ from quorum.tasks.wire import Request
 
 SESSION_FLOW = "site-session"
 POLL_S = 0.02
+START_ATTEMPTS = 6  # 1 + 2 + 4 + 8 + 16 s of backoff for a server that answers 503
 GONE_AFTER_S = 10.0  # a session silent this long whose worker is gone too has died (it beats every second)
 
 
@@ -54,29 +55,43 @@ class PoolRunner(SiteRunner):
 
     def start(self, site_ids: Sequence[str]) -> None:
         """Start one session per site, without waiting for any of them to be picked up."""
-        from prefect.deployments import run_deployment
-
         self._started_at = time.monotonic()
         for site_id in site_ids:
+            self.flow_runs[site_id] = self._start_session(site_id)
+        wait_for_capacity(self.flow_runs, self.ctx.job_id, self.ctx.config.placement.queue_timeout_s)
+
+    def _start_session(self, site_id: str) -> str:
+        """The flow run id of the site's new session; a busy server (503) is asked again, with backoff."""
+        import httpx
+        from prefect.deployments import run_deployment
+        from prefect.exceptions import ObjectNotFound
+
+        parameters = {
+            "config_path": self.config_path,
+            "site_id": site_id,
+            "job_id": self.ctx.job_id,
+            "store_root": self.ctx.store.location,
+        }
+        refused: Exception | None = None
+        for attempt in range(START_ATTEMPTS):
             try:
                 run = run_deployment(
-                    session_deployment(site_id),
-                    parameters={
-                        "config_path": self.config_path,
-                        "site_id": site_id,
-                        "job_id": self.ctx.job_id,
-                        "store_root": self.ctx.store.location,
-                    },
-                    timeout=0,
-                    tags=[f"job:{self.ctx.job_id}"],
+                    session_deployment(site_id), parameters=parameters, timeout=0, tags=[f"job:{self.ctx.job_id}"]
                 )
-            except Exception as exc:  # Prefect raises ObjectNotFound or HTTP errors: both mean "not deployed"
+                return str(run.id)  # type: ignore[union-attr]  # the sync call returns a FlowRun
+            except ObjectNotFound as exc:
                 raise QuorumError(
-                    f"cannot start the session of site {site_id}: {exc}",
+                    f"site {site_id} has no session deployment ({session_deployment(site_id)})",
                     fix="run `quorum up` (it deploys infra/prefect.yaml and starts the site workers)",
                 ) from exc
-            self.flow_runs[site_id] = str(run.id)  # type: ignore[union-attr]  # sync call returns a FlowRun
-        wait_for_capacity(self.flow_runs, self.ctx.job_id, self.ctx.config.placement.queue_timeout_s)
+            except httpx.HTTPError as exc:  # Prefect's status errors derive from it
+                refused = exc
+                if attempt + 1 < START_ATTEMPTS:
+                    time.sleep(2.0**attempt)
+        raise QuorumError(
+            f"the Prefect server did not start the session of site {site_id} in {START_ATTEMPTS} tries: {refused}",
+            fix="the server is overloaded or down: see its log (quorum status), then run the job again",
+        )
 
     def close(self) -> None:
         seq = self.exchange.next_seq()
