@@ -17,17 +17,19 @@ from quorum.evaluation.report import SiteEvaluation
 from quorum.tasks.contract import ContractSummary
 from quorum.tasks.features import Moments
 
-Kind = Literal["preprocess", "train", "evaluate", "monitor", "keys", "reveal", "stop"]
-KINDS: tuple[str, ...] = ("preprocess", "train", "evaluate", "monitor", "keys", "reveal", "stop")
-PUBLIC_KEY_BYTES = 32  # X25519
+Kind = Literal["preprocess", "train", "evaluate", "monitor", "keys", "share", "reveal", "stop"]
+KINDS: tuple[str, ...] = ("preprocess", "train", "evaluate", "monitor", "keys", "share", "reveal", "stop")
+PUBLIC_KEY_BYTES = 64  # a site's round keys under secure aggregation: two X25519 public keys
 
 
 @dataclass(frozen=True)
 class Request:
     """One piece of work the coordinator asks of the sampled sites.
 
-    Under secure aggregation ``peers`` maps every site of the round to its public key (hex): a train
-    request masks against them, a reveal request names the ``dropped`` sites whose pair seeds it wants.
+    Under secure aggregation ``peers`` maps every site of the round to its round keys (hex): a share
+    request splits secrets for them, a train request masks against them (except the ``dropped`` ones,
+    which shared nothing), a reveal request names the ``dropped`` sites and carries in ``shares`` the
+    encrypted shares the sites sent each other (recipient -> sender -> hex).
     """
 
     job_id: str
@@ -39,6 +41,14 @@ class Request:
     weights_sha256: str | None = None
     peers: Mapping[str, str] | None = None
     dropped: tuple[str, ...] = ()
+    shares: Mapping[str, Mapping[str, str]] | None = None
+
+    def shares_for(self, site_id: str) -> dict[str, bytes]:
+        """The encrypted shares addressed to ``site_id``; malformed hex is rejected, not guessed at."""
+        try:
+            return {str(sender): bytes.fromhex(str(c)) for sender, c in (self.shares or {}).get(site_id, {}).items()}
+        except (ValueError, AttributeError) as exc:
+            raise ReplyRejected(f"malformed shares: {exc}", fix="check the coordinator's version") from exc
 
     def peer_keys(self) -> dict[str, bytes]:
         """``peers`` as raw public keys; a malformed list is rejected, not guessed at."""
@@ -48,7 +58,7 @@ class Request:
             raise ReplyRejected(f"malformed peer key list: {exc}", fix="check the coordinator's version") from exc
         short = sorted(site for site, key in keys.items() if len(key) != PUBLIC_KEY_BYTES)
         if short:
-            raise ReplyRejected(f"peer keys of {short} are not X25519 public keys", fix="check the coordinator")
+            raise ReplyRejected(f"peer keys of {short} are not two X25519 public keys", fix="check the coordinator")
         return keys
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,6 +72,7 @@ class Request:
             "weights_sha256": self.weights_sha256,
             "peers": None if self.peers is None else dict(self.peers),
             "dropped": list(self.dropped),
+            "shares": None if self.shares is None else {k: dict(v) for k, v in self.shares.items()},
         }
 
     @classmethod
@@ -80,6 +91,9 @@ class Request:
                 weights_sha256=data.get("weights_sha256"),
                 peers=None if data.get("peers") is None else {str(k): str(v) for k, v in data["peers"].items()},
                 dropped=tuple(str(s) for s in data.get("dropped", ())),
+                shares=None
+                if data.get("shares") is None
+                else {str(k): {str(s): str(c) for s, c in v.items()} for k, v in data["shares"].items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             fix = "the coordinator and site run different versions"

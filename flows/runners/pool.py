@@ -92,6 +92,7 @@ class PoolRunner(SiteRunner):
             server_round,
             peers=None if secagg is None else secagg.wire_peers(),
             dropped=tuple(sorted(dropped)),
+            shares=secagg.wire_shares() if secagg is not None and kind == "reveal" else None,
         )
         request = self.exchange.post(request, weights)
         deadline = time.monotonic() + self._deadline_s()
@@ -160,22 +161,31 @@ class PoolRunner(SiteRunner):
                 raise ReplyRejected("secure aggregation is on but the reply is not one masked vector")
             return MaskedUpdate(site, server_round, arrays[0], examples, loss, train_s)
 
-        return self._decode(self._dispatch("train", site_ids, weights, server_round, secagg), decode)
+        unshared = () if secagg is None else secagg.unshared
+        return self._decode(self._dispatch("train", site_ids, weights, server_round, secagg, unshared), decode)
 
-    def keys(self, site_ids: Sequence[str], job_id: str) -> dict[str, bytes | SiteFailure]:
+    def keys(self, site_ids: Sequence[str], job_id: str, server_round: int) -> dict[str, bytes | SiteFailure]:
         def decode(site_id: str, reply: dict[str, Any]) -> bytes:
             key = bytes.fromhex(str(reply["public_key"]))
             if len(key) != PUBLIC_KEY_BYTES:
-                raise ReplyRejected(f"public key of {len(key)} bytes, expected {PUBLIC_KEY_BYTES}")
+                raise ReplyRejected(f"round keys of {len(key)} bytes, expected {PUBLIC_KEY_BYTES}")
             return key
 
-        return self._decode(self._dispatch("keys", site_ids), decode)
+        return self._decode(self._dispatch("keys", site_ids, server_round=server_round), decode)
+
+    def share(
+        self, site_ids: Sequence[str], secagg: SecAggRound, server_round: int
+    ) -> dict[str, dict[str, bytes] | SiteFailure]:
+        def decode(site_id: str, reply: dict[str, Any]) -> dict[str, bytes]:
+            return {str(to): bytes.fromhex(str(c)) for to, c in reply["shares"].items()}
+
+        return self._decode(self._dispatch("share", site_ids, server_round=server_round, secagg=secagg), decode)
 
     def reveal(
         self, site_ids: Sequence[str], secagg: SecAggRound, server_round: int, dropped: Collection[str]
     ) -> dict[str, dict[str, bytes] | SiteFailure]:
         def decode(site_id: str, reply: dict[str, Any]) -> dict[str, bytes]:
-            return {str(peer): bytes.fromhex(str(seed)) for peer, seed in reply["seeds"].items()}
+            return {str(owner): bytes.fromhex(str(share)) for owner, share in reply["shares"].items()}
 
         replies = self._dispatch("reveal", site_ids, server_round=server_round, secagg=secagg, dropped=dropped)
         return self._decode(replies, decode)
