@@ -1,8 +1,9 @@
 """The SecAgg+ steps of one round: a site's four (:class:`SecAggSite`) and the coordinator's unmasking.
 
-Pure: no files, no network. A site's secrets all derive from its 32-byte master secret for the job, so
-a restarted site answers a repeated request exactly as before; what it revealed in a round is passed
-in and returned (``decided``), and the caller keeps it, so it never reveals the other kind of share.
+Pure: no files, no network. A site's keys and self-mask seed for a round all derive from one 32-byte
+secret (drawn afresh for each attempt at a round by :mod:`quorum.tasks.site_secagg`), so a restarted
+site answers a repeated request of the attempt exactly as before; what it revealed is passed in and
+returned (``decided``), and the caller keeps it, so it never reveals the other kind of share.
 See :mod:`quorum.tasks.secagg` for the protocol and the field.
 """
 
@@ -47,7 +48,7 @@ def _share_aad(job_id: str, server_round: int, sender: str, recipient: str) -> b
 
 @dataclass(frozen=True)
 class SecAggSite:
-    """One site's side of the protocol for one job; the master secret never leaves this object."""
+    """One site's side of the protocol for one job; its secret never leaves this object."""
 
     site_id: str
     job_id: str

@@ -24,7 +24,7 @@ from quorum.tasks.aggregate import fedavg
 from quorum.tasks.messages import Request
 from quorum.tasks.model import Weights
 from quorum.tasks.secagg import clip, flatten
-from quorum.tasks.site_secagg import MaskedUpdate, key_path, reveal_shares, round_keys, share_keys, site_key
+from quorum.tasks.site_secagg import MaskedUpdate, reveal_shares, round_file, round_keys, share_keys, site_key
 
 JOB = "job-7"
 ROUND = 3
@@ -89,7 +89,7 @@ class FixedUpdates(SiteRunner):
                 out[s] = _gone(s)
                 continue
             trained, n = self.updates[s]
-            site = site_key(self.config, s, secagg.job_id)
+            site = site_key(self.config, s, secagg.job_id, server_round)
             plan = site_secagg.round_plan(self.config, secagg.job_id, server_round, secagg.peers)
             delta = clip(flatten(trained) - flatten(weights), self.config.training.secagg.clip_norm)
             weight = n * (self.boost if s in self.lie else 1.0)
@@ -239,20 +239,50 @@ def test_a_site_masking_a_larger_weight_than_its_fingerprint_has_the_round_refus
 # --- the site's files ----------------------------------------------------------------------------------
 
 
-def test_site_secret_is_private_to_the_site_and_stable_for_the_job(tmp_path: Path) -> None:
+def test_each_keys_request_starts_an_attempt_with_a_fresh_private_secret(tmp_path: Path) -> None:
     config = federation(tmp_path)
 
     first = round_keys(config, "a", "job-1", 1)
-    again = round_keys(config, "a", "job-1", 1)
-    next_round = round_keys(config, "a", "job-1", 2)
-    other_job = round_keys(config, "a", "job-2", 1)
-    path = key_path(config.site("a"), "job-1")
+    retry = round_keys(config, "a", "job-1", 1)  # the round asked again: new secrets, never the old masks
+    path = round_file(config.site("a"), "job-1", 1, "key")
 
-    assert first == again and len({first, next_round, other_job}) == 3 and len(first) == 64
+    assert len({first, retry}) == 2 and len(first) == 64
     assert path.is_relative_to(config.site("a").root)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    assert path.read_bytes() not in first  # the file holds the master secret, which no public key shows
+    assert path.read_bytes() not in first  # the file holds the secret, which no public key shows
+
+
+def test_a_request_with_a_previous_attempts_keys_is_refused(tmp_path: Path) -> None:
+    config = federation(tmp_path)
+    stale = {s: round_keys(config, s, JOB, ROUND) for s in SITES}
+    round_keys(config, "a", JOB, ROUND)  # a new attempt at the round
+
+    with pytest.raises(ReplyRejected, match="does not hold site a's keys for round 3"):
+        share_keys(config, "a", JOB, ROUND, stale)
+
+
+def test_a_site_sends_one_masked_vector_per_attempt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two vectors under the same masks would reveal their difference: the second is refused."""
+    from quorum.tasks import site as site_work
+
+    config = federation(tmp_path)
+    reference, updates = five_updates()
+    trained = {"weights": updates["a"][0]}
+    monkeypatch.setattr(
+        site_work, "train_site", lambda c, s, w, r: site_work.SiteUpdate(s, r, trained["weights"], 100, 0.1)
+    )
+    peers = {s: round_keys(config, s, JOB, ROUND) for s in SITES}
+
+    first = site_secagg.train_site_masked(config, "a", reference, ROUND, JOB, peers)
+    again = site_secagg.train_site_masked(config, "a", reference, ROUND, JOB, peers)  # a retried request
+    trained["weights"] = updates["b"][0]  # e.g. the coordinator sent other global weights for the round
+    with pytest.raises(ReplyRejected, match="already sent another masked update"):
+        site_secagg.train_site_masked(config, "a", reference, ROUND, JOB, peers)
+
+    np.testing.assert_array_equal(first.masked, again.masked)
+    peers = {**peers, "a": round_keys(config, "a", JOB, ROUND)}  # a new attempt: fresh masks, so it may send
+    assert site_secagg.train_site_masked(config, "a", reference, ROUND, JOB, peers).masked.size == first.masked.size
 
 
 def _shared_round(config: FederationConfig) -> tuple[dict[str, bytes], dict[str, dict[str, bytes]]]:
@@ -269,7 +299,7 @@ def test_a_site_never_reveals_the_other_kind_of_share_later_in_the_round(tmp_pat
     config = federation(tmp_path)
     peers, inbox = _shared_round(config)
     reveal_shares(config, "a", JOB, ROUND, peers, ["b"], inbox["a"])  # b called dropped: b's mask-key share
-    record = key_path(config.site("a"), JOB).with_name(f"{JOB}.r{ROUND:04d}.reveal.json")
+    record = round_file(config.site("a"), JOB, ROUND, "reveal.json")
 
     with pytest.raises(ReplyRejected, match="never reveals both kinds"):
         reveal_shares(config, "a", JOB, ROUND, peers, [], inbox["a"])  # now b is alive: its self-mask share
