@@ -149,7 +149,11 @@ def _require_secure(
 ) -> None:
     """``min_sites`` must hold, and enough sites to rebuild a secret (the threshold) must still take part."""
     require_sites(training, server_round, len(taking_part), rejected)
-    threshold = _plan(training, "", server_round, members).threshold if len(members) > 1 else 2
+    configured = training.secagg.threshold
+    if isinstance(configured, int):  # before any plan: too few sites for it is a dropout, not a config error
+        threshold = configured
+    else:
+        threshold = _plan(training, "", server_round, members).threshold if len(members) > 1 else 2
     if len(taking_part) < threshold:
         reasons = "; ".join(f"{s}: {r}" for s, r in sorted(rejected.items())) or "none"
         raise NotEnoughSites(

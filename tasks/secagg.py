@@ -167,7 +167,7 @@ def prg(seed: bytes, length: int) -> Masked:
     """
     words = np.empty(length + 2, dtype=np.uint64)  # update_into wants room for a block more
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    encryptor.update_into(bytes(8 * length), memoryview(words).cast("B"))
+    encryptor.update_into(bytes(8 * length), words.data.cast("B"))
     words = words[:length]
     words &= np.uint64(FIELD)
     return words
