@@ -312,8 +312,8 @@ def test_secure_aggregation_over_the_pool_exchange_survives_a_site_that_drops_af
     from quorum.flows.runners.site_session import handle
     from quorum.tasks.aggregate import fedavg
 
-    # delta's silence costs 3 s; a busy machine needs more than 1 s to train 3 sites in turn
-    deployment = {"round_deadline_s": 3.0, "session_start_timeout_s": 3.0}
+    # delta's silence costs 5 s: a busy machine needs more than 1 s to train 3 sites in turn
+    deployment = {"round_deadline_s": 5.0, "session_start_timeout_s": 5.0}
     path = write_federation(
         federation.root,
         SITES,
