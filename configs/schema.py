@@ -168,6 +168,41 @@ class PrivacyConfig(BaseModel):
     epsilon_budget: float = Field(default=10.0, gt=0.0)
 
 
+class SecAggConfig(BaseModel):
+    """SecAgg+ knobs (used with ``secure_aggregation: true``): the neighbourhood, the threshold, the clip.
+
+    ``num_shares``: each site's secrets are split among itself and ``num_shares - 1`` neighbours (odd;
+    unset: 2 * ceil(log2 n) + 1, capped at the round's sites). ``threshold``: shares that rebuild a
+    secret, an int or a fraction of ``num_shares``; always a strict majority (unset: the smallest one).
+    ``clip_norm``: each site clips its update delta to this L2 norm before masking.
+    """
+
+    model_config = _FROZEN
+
+    num_shares: int | None = Field(default=None, ge=3)
+    threshold: int | float | None = None
+    clip_norm: float = Field(default=10.0, gt=0.0, le=1e6)
+
+    @model_validator(mode="after")
+    def _majority(self) -> SecAggConfig:
+        problems = []
+        if self.num_shares is not None and self.num_shares % 2 == 0:
+            problems.append(f"num_shares {self.num_shares} must be odd: a site's neighbours sit on both sides of it")
+        if isinstance(self.threshold, float) and not 0.5 < self.threshold <= 1.0:
+            problems.append(f"threshold {self.threshold} as a fraction must be in (0.5, 1]: a strict majority")
+        if isinstance(self.threshold, int):
+            if self.threshold < 2:
+                problems.append(f"threshold {self.threshold} must be at least 2")
+            elif self.num_shares is not None and not self.num_shares // 2 < self.threshold <= self.num_shares:
+                problems.append(
+                    f"threshold {self.threshold} must be a strict majority of num_shares {self.num_shares} "
+                    f"({self.num_shares // 2 + 1}..{self.num_shares})"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class TrainingConfig(BaseModel):
     """How sites train and how the coordinator combines their updates; the defaults are plain FedAvg."""
 
@@ -196,6 +231,7 @@ class TrainingConfig(BaseModel):
     checkpoint: Path | None = None
     freeze_layers: int = Field(default=0, ge=0)
     secure_aggregation: bool = False
+    secagg: SecAggConfig = SecAggConfig()
     privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
@@ -562,6 +598,9 @@ class FederationConfig(BaseModel):
             )
         if training.secure_aggregation and training.min_sites < 2:
             problems.append("training.secure_aggregation needs min_sites >= 2: a sum of one update is that update")
+        threshold = training.secagg.threshold
+        if training.secure_aggregation and isinstance(threshold, int) and threshold > per_round:
+            problems.append(f"training.secagg.threshold {threshold} exceeds the sites per round: {round_size}")
         return problems
 
     def site(self, site_id: str) -> SiteConfig:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import secrets
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from quorum.configs.errors import ChampionError, ConfigError, NotEnoughSites
+from quorum.configs.errors import ChampionError, ConfigError, NotEnoughSites, ReplyRejected
 from quorum.configs.schema import FederationConfig, TrainingConfig
 from quorum.flows.context import JobContext
 from quorum.flows.runners.local import Reply, SecAggRound, SiteFailure, SiteRunner
@@ -22,7 +22,8 @@ from quorum.lineage.registry import load_verified_weights
 from quorum.lineage.tracking import CHAMPION, alias_version
 from quorum.tasks.privacy import PrivacyAccountant, private_mean
 from quorum.tasks.replies import validate_masked_reply, validate_reply
-from quorum.tasks.secagg import add_mean_delta, secure_sum
+from quorum.tasks.secagg import Masked, RoundPlan, add_mean_delta, plan_round
+from quorum.tasks.secagg_protocol import checked_mean_delta, unmask_sum
 from quorum.tasks.site import SiteUpdate
 from quorum.tasks.site_secagg import MaskedUpdate
 from quorum.tasks.strategies import (
@@ -36,7 +37,6 @@ from quorum.tasks.strategies import (
 from quorum.tasks.weights import Weights
 
 Accepted = dict[str, SiteUpdate | MaskedUpdate]
-SEED_BYTES = 32
 
 
 # --- configure ------------------------------------------------------------------------------------
@@ -100,12 +100,67 @@ def privacy_accountant(training: TrainingConfig, num_sites: int, rounds_done: in
     return PrivacyAccountant(privacy.noise_multiplier, rate, privacy.delta, privacy.epsilon_budget, rounds_done)
 
 
-def collect_keys(runner: SiteRunner, site_ids: Sequence[str], job_id: str) -> tuple[dict[str, bytes], dict[str, str]]:
-    """Every site's public key for the job, and why the sites without one sit the job out."""
-    answers = runner.keys(site_ids, job_id)
+def secure_setup(
+    runner: SiteRunner, job_id: str, sampled: Sequence[str], server_round: int, training: TrainingConfig
+) -> tuple[SecAggRound, dict[str, str]]:
+    """SecAgg+ steps 1-2: the sampled sites advertise the round's keys, then share their secrets with their
+    neighbourhoods. Returns the round (keys, sites that did not share, their encrypted shares) and why
+    sites were left out; too few left to unmask stops the round."""
+    answers = runner.keys(sampled, job_id, server_round)
     keys = {s: a for s, a in answers.items() if isinstance(a, bytes)}
-    missing = {s: a.describe() for s, a in answers.items() if isinstance(a, SiteFailure)}
-    return keys, missing
+    left_out = {
+        s: f"advertised no round keys: {a.describe()}" for s, a in answers.items() if isinstance(a, SiteFailure)
+    }
+    _require_secure(training, server_round, keys, keys, left_out)
+    plan = _plan(training, job_id, server_round, keys)
+    sent = runner.share(sorted(keys), SecAggRound(job_id, keys), server_round)
+    shares: dict[str, dict[str, bytes]] = {}
+    for sender, answer in sorted(sent.items()):
+        if isinstance(answer, SiteFailure):
+            left_out[sender] = f"did not share its keys: {answer.describe()}"
+        elif sorted(answer) != sorted(plan.neighbourhoods[sender]):
+            left_out[sender] = (
+                f"shared with {sorted(answer)}, not its neighbourhood {list(plan.neighbourhoods[sender])}"
+            )
+        else:
+            for recipient, ciphertext in answer.items():
+                shares.setdefault(recipient, {})[sender] = ciphertext
+    shared = [s for s in sorted(keys) if s not in left_out]
+    _require_secure(training, server_round, keys, shared, left_out)
+    unshared = tuple(s for s in sorted(keys) if s not in shared)
+    shares = {to: {s: c for s, c in by.items() if s in shared} for to, by in shares.items() if to in shared}
+    return SecAggRound(job_id, keys, unshared, shares), left_out
+
+
+def _plan(training: TrainingConfig, job_id: str, server_round: int, members: Collection[str]) -> RoundPlan:
+    secagg = training.secagg
+    try:
+        return plan_round(members, job_id, server_round, secagg.num_shares, secagg.threshold)
+    except ReplyRejected as exc:
+        raise ConfigError(f"round {server_round}: {exc.message}", fix=exc.fix) from None
+
+
+def _require_secure(
+    training: TrainingConfig,
+    server_round: int,
+    members: Collection[str],
+    taking_part: Collection[str],
+    rejected: Mapping[str, str],
+) -> None:
+    """``min_sites`` must hold, and enough sites to rebuild a secret (the threshold) must still take part."""
+    require_sites(training, server_round, len(taking_part), rejected)
+    configured = training.secagg.threshold
+    if isinstance(configured, int):  # before any plan: too few sites for it is a dropout, not a config error
+        threshold = configured
+    else:
+        threshold = _plan(training, "", server_round, members).threshold if len(members) > 1 else 2
+    if len(taking_part) < threshold:
+        reasons = "; ".join(f"{s}: {r}" for s, r in sorted(rejected.items())) or "none"
+        raise NotEnoughSites(
+            f"round {server_round}: {len(taking_part)} sites left, the secure-aggregation threshold is {threshold} "
+            f"of {len(members)}; left out: {reasons}",
+            fix="fix the failing sites, or lower training.secagg.threshold in the federation config",
+        )
 
 
 # --- validate replies -----------------------------------------------------------------------------
@@ -179,36 +234,36 @@ def aggregate_secure(
     reference: Weights,
     accepted: Accepted,
     training: TrainingConfig,
-) -> tuple[Weights, dict[str, str]]:
-    """FedAvg from the masked replies; sites that masked but are missing are unmasked with the survivors' seeds.
+    train_rows: Mapping[str, int],
+) -> tuple[Weights, dict[str, str], dict[str, str]]:
+    """SecAgg+ step 4 and FedAvg: the survivors reveal shares, the sum is unmasked and checked.
 
-    A survivor that does not reveal joins the dropped sites and the others are asked again, so the sum is
-    always over exactly the sites whose vectors it holds. Returns the new model and those extra rejections.
+    Each update is weighted by its site's train rows from its data fingerprint, never by its reply: a reply
+    claiming another count is left out (as dropped). Survivors that fail to reveal stay in the sum as long
+    as ``threshold`` shares of every secret arrive. Returns the new model, the replies left out, and the
+    survivors that did not reveal.
     """
-    masked = {s: u.masked for s, u in accepted.items() if isinstance(u, MaskedUpdate)}
-    survivors = sorted(masked)
     extra: dict[str, str] = {}
-    revealed: dict[str, dict[str, bytes]] = {}
-    while dropped := sorted(set(secagg.peers) - set(survivors)):
-        require_sites(training, server_round, len(survivors), extra)
-        answers = runner.reveal(survivors, secagg, server_round, dropped)
-        failed = {s: _reveal_problem(a, dropped) for s, a in answers.items()}
-        failed = {s: problem for s, problem in failed.items() if problem}
-        if not failed:
-            revealed = {s: a for s, a in answers.items() if isinstance(a, dict)}
-            break
-        extra.update({s: f"did not reveal its pair seeds: {problem}" for s, problem in failed.items()})
-        survivors = [s for s in survivors if s not in failed]
-    require_sites(training, server_round, len(survivors), extra)
-    total = secure_sum({s: masked[s] for s in survivors}, secagg.peers, revealed)
-    return add_mean_delta(reference, total), extra
-
-
-def _reveal_problem(answer: dict[str, bytes] | SiteFailure, dropped: Sequence[str]) -> str:
-    if isinstance(answer, SiteFailure):
-        return answer.describe()
-    missing = [d for d in dropped if len(answer.get(d, b"")) != SEED_BYTES]
-    return f"no seed for {', '.join(missing)}" if missing else ""
+    masked: dict[str, Masked] = {}
+    for site_id, update in sorted(accepted.items()):
+        if not isinstance(update, MaskedUpdate):
+            continue
+        if update.num_examples != train_rows.get(site_id):
+            extra[site_id] = f"claims {update.num_examples} examples, its data fingerprint {train_rows.get(site_id)}"
+        else:
+            masked[site_id] = update.masked
+    survivors = sorted(masked)
+    _require_secure(training, server_round, secagg.peers, survivors, extra)
+    dropped = sorted(set(secagg.peers) - set(survivors))
+    answers = runner.reveal(survivors, secagg, server_round, dropped)
+    revealed = {s: a for s, a in answers.items() if isinstance(a, dict)}
+    silent = {s: a.describe() for s, a in answers.items() if isinstance(a, SiteFailure)}
+    plan = _plan(training, secagg.job_id, server_round, secagg.peers)
+    shared = set(secagg.peers) - set(secagg.unshared)
+    total = unmask_sum(masked, secagg.peers, plan, shared, revealed, server_round, secagg.job_id)
+    weight = float(sum(train_rows[s] for s in survivors))
+    mean = checked_mean_delta(total, weight, training.secagg.clip_norm, len(survivors))
+    return add_mean_delta(reference, mean), extra, silent
 
 
 def server_step(

@@ -21,7 +21,7 @@ from quorum.flows import rounds
 from quorum.flows.context import JobContext
 from quorum.flows.placement import PlacementSummary, RoundPlacer
 from quorum.flows.runners.jobs import last_checkpoint
-from quorum.flows.runners.local import SecAggRound, SiteFailure, SiteRunner
+from quorum.flows.runners.local import SiteFailure, SiteRunner
 from quorum.tasks.aggregate import weighted_loss_avg
 from quorum.tasks.features import feature_names, merge_moments
 from quorum.tasks.site import DataFingerprint
@@ -133,13 +133,7 @@ def tune_flow(
         logger.info("resuming job %s after round %d of %d", ctx.job_id, first - 1, training.rounds)
         if training.server_optimizer != "fedavg":
             logger.info("server optimizer %s restarts with fresh moments (not checkpointed)", training.strategy)
-    pool, keys = site_ids, dict[str, bytes]()
-    if training.secure_aggregation:
-        keys, no_key = rounds.collect_keys(runner, site_ids, ctx.job_id)
-        for site_id, reason in no_key.items():
-            logger.warning("site %s published no secure-aggregation key and sits this job out: %s", site_id, reason)
-        pool = sorted(keys)
-    placer = RoundPlacer(ctx, run_id, pool, first)
+    placer = RoundPlacer(ctx, run_id, site_ids, first)  # secure aggregation keys are per round (SecAgg+)
 
     stopped_early = ""
     for server_round in range(first, training.rounds + 1):
@@ -160,18 +154,28 @@ def tune_flow(
         )
 
         # dispatch: the sampled sites train from the current global model (masking their update under secagg)
-        secagg = SecAggRound(ctx.job_id, {s: keys[s] for s in sampled}) if keys else None
-        replies = runner.train(sampled, weights, server_round, secagg)
+        secagg, left_out = None, dict[str, str]()
+        if training.secure_aggregation:  # SecAgg+ advertise and share steps first
+            secagg, left_out = rounds.secure_setup(runner, ctx.job_id, sampled, server_round, training)
+        replies = runner.train([s for s in sampled if s not in left_out], weights, server_round, secagg)
         placer.observe(choice, replies)
 
         # validate replies: each is checked before anything is aggregated; a bad one is left out with a reason
         accepted, rejected = rounds.screen_replies(config, server_round, replies, weights)
+        rejected.update(left_out)
 
         # aggregate: the configured rule (or DP's noised mean, or the secure sum), then the server optimizer
         if secagg is not None:
-            aggregated, unrevealed = rounds.aggregate_secure(runner, secagg, server_round, weights, accepted, training)
+            rows = {s: fp.train_rows for s, fp in fingerprints.items()}
+            aggregated, unrevealed, silent = rounds.aggregate_secure(
+                runner, secagg, server_round, weights, accepted, training, rows
+            )
             rejected.update(unrevealed)
             accepted = {s: u for s, u in accepted.items() if s not in unrevealed}
+            for site_id, reason in silent.items():
+                logger.warning(
+                    "round %d: %s did not unmask (its update is in the sum): %s", server_round, site_id, reason
+                )
         else:
             aggregated = rounds.aggregate_updates(training, weights, accepted, trainable)
         weights, server_state = rounds.server_step(training, weights, aggregated, server_state, trainable)

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from quorum.tasks.secagg import FIELD, in_field
+
 if TYPE_CHECKING:
     from quorum.tasks.site import SiteUpdate
     from quorum.tasks.site_secagg import MaskedUpdate
@@ -35,9 +37,11 @@ def validate_reply(
 def validate_masked_reply(
     reply: MaskedUpdate, reference: Sequence[NDArray[np.float32]], server_round: int, site_id: str
 ) -> str | None:
-    """The checks a masked reply allows: who, which round, how many examples, and the vector's length and type.
+    """The checks a masked reply allows: who, which round, how many examples, the vector's length and type,
+    and that every value is an element of the secure-aggregation field.
 
-    Its values are uniformly random by design, so NaN, norm or range checks cannot be made on it.
+    Its values are uniformly random in the field by design, so NaN, norm or robust checks cannot be made on
+    it: the unmasked sum is checked instead (``quorum.tasks.secagg_protocol.checked_mean_delta``).
     """
     problem = _envelope_problem(reply, server_round, site_id)
     if problem:
@@ -46,6 +50,8 @@ def validate_masked_reply(
     masked = reply.masked
     if masked.dtype != np.uint64 or masked.shape != (expected,):
         return f"masked vector is {masked.dtype}{list(masked.shape)}, expected uint64[{expected}]"
+    if not in_field(masked):
+        return f"masked vector holds values outside the field (>= 2**61 - 1): {int((masked >= FIELD).sum())} of them"
     return None
 
 

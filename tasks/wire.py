@@ -22,9 +22,9 @@ from quorum.tasks.contract import ContractSummary, FailedExpectation
 from quorum.tasks.features import Moments
 from quorum.tasks.site import DataFingerprint
 
-Kind = Literal["preprocess", "train", "evaluate", "monitor", "keys", "reveal", "stop"]
+Kind = Literal["preprocess", "train", "evaluate", "monitor", "keys", "share", "reveal", "stop"]
 KINDS: tuple[str, ...] = get_args(Kind)
-PUBLIC_KEY_BYTES = 32  # X25519
+PUBLIC_KEY_BYTES = 64  # a site's round keys under secure aggregation: two X25519 public keys
 _FIX = "run the same Quorum version at the coordinator and at every site"
 
 T = TypeVar("T")
@@ -112,8 +112,10 @@ def _decoding(what: str, decode: Callable[[], T]) -> T:
 class Request:
     """One piece of work the coordinator asks of the sampled sites.
 
-    Under secure aggregation ``peers`` maps every site of the round to its public key (hex): a train
-    request masks against them, a reveal request names the ``dropped`` sites whose pair seeds it wants.
+    Under secure aggregation ``peers`` maps every site of the round to its round keys (hex): a share
+    request splits secrets for them, a train request masks against them (except the ``dropped`` ones,
+    which shared nothing), a reveal request names the ``dropped`` sites and carries in ``shares`` the
+    encrypted shares the sites sent each other (recipient -> sender -> hex).
     """
 
     job_id: str
@@ -125,6 +127,14 @@ class Request:
     weights_sha256: str | None = None
     peers: Mapping[str, str] | None = None
     dropped: tuple[str, ...] = ()
+    shares: Mapping[str, Mapping[str, str]] | None = None
+
+    def shares_for(self, site_id: str) -> dict[str, bytes]:
+        """The encrypted shares addressed to ``site_id``; malformed hex is rejected, not guessed at."""
+        try:
+            return {str(sender): bytes.fromhex(str(c)) for sender, c in (self.shares or {}).get(site_id, {}).items()}
+        except (ValueError, AttributeError) as exc:
+            raise ReplyRejected(f"malformed shares: {exc}", fix="check the coordinator's version") from exc
 
     def peer_keys(self) -> dict[str, bytes]:
         """``peers`` as raw public keys; a malformed list is rejected, not guessed at."""
@@ -134,7 +144,7 @@ class Request:
             raise ReplyRejected(f"malformed peer key list: {exc}", fix="check the coordinator's version") from exc
         short = sorted(site for site, key in keys.items() if len(key) != PUBLIC_KEY_BYTES)
         if short:
-            raise ReplyRejected(f"peer keys of {short} are not X25519 public keys", fix="check the coordinator")
+            raise ReplyRejected(f"round keys of {short} are not two X25519 public keys", fix="check the coordinator")
         return keys
 
 
@@ -149,6 +159,7 @@ def encode_request(request: Request) -> dict[str, Any]:
         "weights_sha256": request.weights_sha256,
         "peers": None if request.peers is None else dict(request.peers),
         "dropped": list(request.dropped),
+        "shares": None if request.shares is None else {k: dict(v) for k, v in request.shares.items()},
     }
 
 
@@ -157,7 +168,7 @@ def decode_request(data: Any) -> Request:
         kind = _str(data, "kind")
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}")
-        peers = data.get("peers")
+        peers, shares = data.get("peers"), data.get("shares")
         return Request(
             job_id=_str(data, "job_id"),
             seq=_int(data, "seq"),
@@ -168,6 +179,9 @@ def decode_request(data: Any) -> Request:
             weights_sha256=_opt_str(data, "weights_sha256"),
             peers=None if peers is None else {k: _str(peers, k) for k in _object(data, "peers")},
             dropped=_strings(_list(data, "dropped"), "dropped"),
+            shares=None
+            if shares is None
+            else {k: {s: _str(shares[k], s) for s in _object(shares, k)} for k in _object(data, "shares")},
         )
 
     return _decoding("request", decode)
@@ -312,20 +326,21 @@ def encode_public_key(site_id: str, key: bytes) -> dict[str, Any]:
 def decode_public_key(data: Any) -> bytes:
     key = _decoding("key reply", lambda: bytes.fromhex(_str(data, "public_key")))
     if len(key) != PUBLIC_KEY_BYTES:
-        raise ReplyRejected(f"public key of {len(key)} bytes, expected {PUBLIC_KEY_BYTES}", fix=_FIX)
+        raise ReplyRejected(f"round keys of {len(key)} bytes, expected {PUBLIC_KEY_BYTES}", fix=_FIX)
     return key
 
 
-def encode_seeds(site_id: str, seeds: Mapping[str, bytes]) -> dict[str, Any]:
-    return {"site_id": site_id, "seeds": {peer: seed.hex() for peer, seed in sorted(seeds.items())}}
+def encode_shares(site_id: str, shares: Mapping[str, bytes]) -> dict[str, Any]:
+    """A share or reveal reply: encrypted shares by recipient (share), or revealed shares by owner (reveal)."""
+    return {"site_id": site_id, "shares": {peer: share.hex() for peer, share in sorted(shares.items())}}
 
 
-def decode_seeds(data: Any) -> dict[str, bytes]:
+def decode_shares(data: Any) -> dict[str, bytes]:
     def decode() -> dict[str, bytes]:
-        seeds = _object(data, "seeds")
-        return {str(peer): bytes.fromhex(_str(seeds, peer)) for peer in seeds}
+        shares = _object(data, "shares")
+        return {str(peer): bytes.fromhex(_str(shares, peer)) for peer in shares}
 
-    return _decoding("reveal reply", decode)
+    return _decoding("shares reply", decode)
 
 
 # --- site -> coordinator: evaluate, monitor -------------------------------------------------------

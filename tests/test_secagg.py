@@ -1,38 +1,33 @@
-"""Secure aggregation: masks cancel in the sum, hide each update, survive a dropout, and differ per round."""
+"""Secure aggregation: masks cancel in the sum, hide each update, survive dropouts, and differ per round."""
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
 from quorum.configs.errors import ReplyRejected
 from quorum.tasks.aggregate import fedavg
 from quorum.tasks.secagg import (
-    SecAggSite,
+    FIELD,
+    FieldSum,
+    add,
+    clip,
     decode,
+    default_num_shares,
     encode,
-    fedavg_from_sum,
     flatten,
-    secure_sum,
+    in_field,
+    plan_round,
+    prg,
+    subtract,
+    threshold_for,
     unflatten,
-    unmask_dropouts,
 )
+from quorum.tasks.secagg_protocol import checked_mean_delta
+from tests.secagg_harness import JOB, Round, fixed_site, plain_mean, run_round
 
-JOB = "job-0001"
 SITE_IDS = ("alpha", "bravo", "charlie", "delta", "echo")
-
-
-def fixed_key(site_id: str) -> X25519PrivateKey:
-    """Fixed keys derived from the site id, so the tests run offline and reproducibly."""
-    return X25519PrivateKey.from_private_bytes(hashlib.sha256(f"quorum-test-{site_id}".encode()).digest())
-
-
-def make_sites() -> dict[str, SecAggSite]:
-    return {site_id: SecAggSite(site_id, fixed_key(site_id)) for site_id in SITE_IDS}
 
 
 def make_updates() -> dict[str, tuple[list[NDArray[np.float32]], int]]:
@@ -46,8 +41,12 @@ def make_updates() -> dict[str, tuple[list[NDArray[np.float32]], int]]:
     }
 
 
-def public_keys(sites: dict[str, SecAggSite]) -> dict[str, bytes]:
-    return {site_id: site.public_key_bytes() for site_id, site in sites.items()}
+def vectors_and_weights() -> tuple[dict[str, NDArray[np.float64]], dict[str, int]]:
+    updates = make_updates()
+    return {s: flatten(u[0]) for s, u in updates.items()}, {s: u[1] for s, u in updates.items()}
+
+
+# --- the field --------------------------------------------------------------------------------------
 
 
 def test_flatten_and_unflatten_round_trip() -> None:
@@ -63,14 +62,17 @@ def test_flatten_and_unflatten_round_trip() -> None:
 def test_fixed_point_encoding_round_trips_within_its_resolution() -> None:
     values = np.array([0.0, -1.5, 3.14159, -1e6, 2.0**-20], dtype=np.float64)
 
-    np.testing.assert_allclose(decode(encode(values)), values, atol=2.0**-17)
+    encoded = encode(values)
+
+    assert in_field(encoded)
+    np.testing.assert_allclose(decode(encoded), values, atol=2.0**-25)
 
 
 @pytest.mark.parametrize(
     "values",
     [
         np.array([np.nan]),  # diverged training
-        np.array([2.0**31]),  # beyond the fixed-point range: the sum could wrap
+        np.array([2.0**29]),  # beyond the fixed-point range: a sum of sites could wrap in the field
     ],
     ids=["nan", "too-large"],
 )
@@ -79,81 +81,115 @@ def test_encoding_rejects_what_it_cannot_sum_exactly(values: NDArray[np.float64]
         encode(values)
 
 
+def test_field_sums_wrap_exactly_and_negatives_cancel() -> None:
+    a, b = encode(np.array([1.25, -3.0, 0.0])), encode(np.array([-1.25, 5.5, -2.0]))
+
+    np.testing.assert_allclose(decode(add(a, b)), [0.0, 2.5, -2.0])
+    np.testing.assert_allclose(decode(subtract(a, b)), [2.5, -8.5, 2.0])
+
+
+def test_lazy_reduction_matches_python_integers_over_many_additions() -> None:
+    rng = np.random.default_rng(0)
+    values = [rng.integers(0, FIELD, size=50, dtype=np.uint64, endpoint=True) for _ in range(20)]  # FIELD is 0 too
+    running = FieldSum(values[0])
+    for v in values[1:10]:
+        running.add(v)
+    for v in values[10:]:
+        running.subtract(v)
+
+    want = [(sum(int(v[i]) for v in values[:10]) - sum(int(v[i]) for v in values[10:])) % FIELD for i in range(50)]
+    assert running.result().tolist() == want
+
+
+def test_prg_is_deterministic_per_seed_and_stays_in_the_field() -> None:
+    first, again, other = prg(bytes(32), 1000), prg(bytes(32), 1000), prg(bytes([1]) * 32, 1000)
+
+    np.testing.assert_array_equal(first, again)
+    assert np.mean(first == other) < 0.01 and bool((first <= FIELD).all())
+    assert abs(float(np.mean(first)) / FIELD - 0.5) < 0.05  # about uniform
+
+
+def test_clip_scales_long_vectors_down_and_leaves_short_ones() -> None:
+    long, short = np.array([3.0, 4.0]), np.array([0.3, 0.4])
+
+    np.testing.assert_allclose(clip(long, 1.0), [0.6, 0.8])
+    np.testing.assert_array_equal(clip(short, 1.0), short)
+
+
+# --- the graph and threshold ------------------------------------------------------------------------
+
+
+def test_neighbourhoods_are_symmetric_of_the_configured_size_and_reshuffled_per_round() -> None:
+    members = [f"site-{i:03d}" for i in range(40)]
+
+    plan = plan_round(members, JOB, 1, 9, None)
+    later = plan_round(members, JOB, 2, 9, None)
+
+    assert all(len(n) == 9 and s in n for s, n in plan.neighbourhoods.items())
+    assert all(u in plan.neighbourhoods[v] for u, near in plan.neighbourhoods.items() for v in near)
+    assert plan.threshold == 5 and plan.num_shares == 9
+    assert plan.neighbourhoods != later.neighbourhoods
+
+
+@pytest.mark.parametrize(("sites", "expected"), [(2, 2), (4, 4), (8, 7), (100, 15), (1000, 21)])
+def test_default_neighbourhood_grows_with_log_n_not_n(sites: int, expected: int) -> None:
+    assert default_num_shares(sites) == expected
+
+
+@pytest.mark.parametrize(
+    ("threshold", "expected"), [(None, 4), (0.6, 5), (6, 6), (1.0, 7)], ids=["majority", "fraction", "int", "all"]
+)
+def test_threshold_is_at_least_a_strict_majority(threshold: int | float | None, expected: int) -> None:
+    assert threshold_for(7, threshold) == expected
+
+
+@pytest.mark.parametrize("threshold", [3, 8], ids=["minority", "more-than-shares"])
+def test_a_threshold_outside_majority_to_all_is_refused(threshold: int) -> None:
+    with pytest.raises(ReplyRejected, match="strict majority"):
+        threshold_for(7, threshold)
+
+
+# --- whole rounds -----------------------------------------------------------------------------------
+
+
 def test_secure_sum_equals_plain_fedavg() -> None:
-    sites, updates = make_sites(), make_updates()
-    keys = public_keys(sites)
+    updates = make_updates()
+    vectors, weights = vectors_and_weights()
     shapes = [w.shape for w in updates["alpha"][0]]
 
-    masked = {
-        site_id: site.mask(flatten(updates[site_id][0]), updates[site_id][1], keys, server_round=3, job_id=JOB)
-        for site_id, site in sites.items()
-    }
-    secure = fedavg_from_sum(secure_sum(masked, participants=keys, revealed={}), shapes)
+    secure = unflatten(run_round(vectors, weights), shapes)
 
     for got, want in zip(secure, fedavg(list(updates.values())), strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_a_single_masked_update_reveals_nothing_useful() -> None:
-    sites, updates = make_sites(), make_updates()
-    keys = public_keys(sites)
-    truth = flatten(updates["bravo"][0]) * updates["bravo"][1]
+    vectors, weights = vectors_and_weights()
+    rnd = Round({s: fixed_site(s) for s in SITE_IDS})
+    rnd.advertise()
+    rnd.share()
+    rnd.mask(vectors, weights)
+    truth = vectors["bravo"] * weights["bravo"]
 
-    seen = decode(sites["bravo"].mask(flatten(updates["bravo"][0]), updates["bravo"][1], keys, 3, JOB))[:-1]
+    seen = decode(rnd.masked["bravo"])[:-1]
 
     assert abs(np.corrcoef(seen, truth)[0, 1]) < 0.5
     assert np.linalg.norm(seen - truth) > 1e6 * np.linalg.norm(truth)
 
 
-def test_dropout_after_masking_still_yields_the_survivors_sum() -> None:
-    sites, updates = make_sites(), make_updates()
-    keys = public_keys(sites)
-    shapes = [w.shape for w in updates["alpha"][0]]
-    masked = {s: site.mask(flatten(updates[s][0]), updates[s][1], keys, 7, JOB) for s, site in sites.items()}
-    del masked["charlie"]  # charlie masked with everyone's keys, then never sent
-    survivors = sorted(masked)
+def test_without_unmasking_the_sum_is_garbage() -> None:
+    vectors, weights = vectors_and_weights()
+    rnd = Round({s: fixed_site(s) for s in SITE_IDS})
+    rnd.advertise()
+    rnd.share()
+    rnd.mask(vectors, weights)
+    total = FieldSum(np.zeros(vectors["alpha"].size + 1, dtype=np.uint64))
+    for vector in rnd.masked.values():
+        total.add(vector)
 
-    revealed = {s: sites[s].reveal_pair_seeds(["charlie"], keys, 7, JOB) for s in survivors}
-    secure = fedavg_from_sum(secure_sum(masked, participants=keys, revealed=revealed), shapes)
+    dangling = decode(total.result())
 
-    expected = fedavg([updates[s] for s in survivors])
-    for got, want in zip(secure, expected, strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-5)
-
-
-def test_a_dropout_without_every_reveal_is_refused() -> None:
-    sites, updates = make_sites(), make_updates()
-    keys = public_keys(sites)
-    masked = {s: site.mask(flatten(updates[s][0]), updates[s][1], keys, 7, JOB) for s, site in sites.items()}
-    del masked["charlie"]
-    revealed = {s: sites[s].reveal_pair_seeds(["charlie"], keys, 7, JOB) for s in ("alpha", "bravo", "delta")}
-
-    with pytest.raises(ReplyRejected, match="echo<->charlie"):
-        secure_sum(masked, participants=keys, revealed=revealed)
-
-
-def test_without_unmasking_a_dropout_the_sum_is_garbage() -> None:
-    sites, updates = make_sites(), make_updates()
-    keys = public_keys(sites)
-    masked = {s: site.mask(flatten(updates[s][0]), updates[s][1], keys, 7, JOB) for s, site in sites.items()}
-    del masked["charlie"]
-    total = np.zeros_like(masked["alpha"])
-    for vector in masked.values():
-        total += vector
-
-    dangling = decode(total)
-    cleaned = decode(
-        unmask_dropouts(
-            total,
-            survivors=masked,
-            dropped=["charlie"],
-            revealed={s: sites[s].reveal_pair_seeds(["charlie"], keys, 7, JOB) for s in masked},
-        )
-    )
-
-    true_weight = sum(updates[s][1] for s in masked)
-    assert abs(dangling[-1] - true_weight) > 1e6
-    assert cleaned[-1] == pytest.approx(true_weight)
+    assert abs(dangling[-1] - sum(weights.values())) > 1e6  # the self-masks stay until their seeds are rebuilt
 
 
 @pytest.mark.parametrize(
@@ -162,34 +198,63 @@ def test_without_unmasking_a_dropout_the_sum_is_garbage() -> None:
     ids=["other-round", "other-job"],
 )
 def test_masks_differ_across_rounds_and_jobs(other_round: int, other_job: str) -> None:
-    sites, updates = make_sites(), make_updates()
-    keys = public_keys(sites)
-    vector, weight = flatten(updates["delta"][0]), updates["delta"][1]
+    vectors, weights = vectors_and_weights()
 
-    first = sites["delta"].mask(vector, weight, keys, 3, JOB)
-    again = sites["delta"].mask(vector, weight, keys, 3, JOB)
-    other = sites["delta"].mask(vector, weight, keys, other_round, other_job)
+    def masked(server_round: int, job_id: str) -> NDArray[np.uint64]:
+        sites = {s: fixed_site(s, job_id) for s in SITE_IDS}
+        keys = {s: site.round_keys(server_round) for s, site in sites.items()}
+        plan = plan_round(keys, job_id, server_round, None, None)
+        return sites["delta"].mask(vectors["delta"], weights["delta"], server_round, keys, plan)
 
-    np.testing.assert_array_equal(first, again)  # deterministic given the keys, round and job
+    first, again, other = masked(3, JOB), masked(3, JOB), masked(other_round, other_job)
+
+    np.testing.assert_array_equal(first, again)  # deterministic given the site's secret, round and job
     assert np.mean(first == other) < 0.01
 
 
+def test_round_keys_are_fresh_each_round() -> None:
+    site = fixed_site("alpha")
+
+    assert site.round_keys(1) != site.round_keys(2) and len(site.round_keys(1)) == 64
+
+
 def test_mask_does_not_mutate_its_input() -> None:
-    sites, updates = make_sites(), make_updates()
-    vector = flatten(updates["echo"][0])
-    saved = vector.copy()
+    vectors, weights = vectors_and_weights()
+    saved = vectors["echo"].copy()
 
-    sites["echo"].mask(vector, 10, public_keys(sites), 1, JOB)
+    run_round(vectors, weights)
 
-    np.testing.assert_array_equal(vector, saved)
+    np.testing.assert_array_equal(vectors["echo"], saved)
 
 
-def test_generated_keys_work_like_fixed_ones() -> None:
-    sites = {s: SecAggSite.generate(s) for s in ("x", "y", "z")}
-    keys = public_keys(sites)
+def test_generated_secrets_work_like_fixed_ones() -> None:
+    from quorum.tasks.secagg_protocol import SecAggSite
+
+    rnd = Round({s: SecAggSite.generate(s, JOB) for s in ("x", "y", "z")})
     vectors = {"x": np.array([1.0, 2.0]), "y": np.array([3.0, -1.0]), "z": np.array([0.5, 0.5])}
+    weights = {"x": 1, "y": 1, "z": 2}
+    rnd.advertise()
+    rnd.share()
+    rnd.mask(vectors, weights)
 
-    masked = {s: sites[s].mask(vectors[s], 1.0, keys, 1, JOB) for s in sites}
-    total = secure_sum(masked, participants=keys, revealed={})
+    total = rnd.total(rnd.reveal(["x", "y", "z"], dropped=[]))
 
-    np.testing.assert_allclose(total, [4.5, 1.5, 3.0], atol=1e-4)
+    np.testing.assert_allclose(total, [5.0, 2.0, 4.0], atol=1e-6)
+
+
+def test_a_sparse_graph_round_equals_fedavg_at_30_sites() -> None:
+    rng = np.random.default_rng(3)
+    ids = [f"s{i:02d}" for i in range(30)]
+    vectors = {s: rng.normal(size=20) for s in ids}
+    weights = {s: int(rng.integers(1, 100)) for s in ids}
+
+    got = run_round(vectors, weights, num_shares=7, gone_after_share=["s03", "s17"], gone_after_mask=["s21"])
+
+    survivors = [s for s in ids if s not in ("s03", "s17")]
+    np.testing.assert_allclose(got, plain_mean(vectors, weights, survivors), atol=1e-6)
+
+
+def test_checked_mean_accepts_an_honest_sum_at_its_exact_bound() -> None:
+    total = np.array([3.0 * 10, 4.0 * 10, 10.0])  # one site, weight 10, delta (3, 4) of norm 5 = clip_norm
+
+    np.testing.assert_allclose(checked_mean_delta(total, 10.0, 5.0, 1), [3.0, 4.0])

@@ -322,7 +322,7 @@ def test_secure_aggregation_gives_fedavgs_model_without_the_coordinator_seeing_a
 def test_secure_aggregation_over_the_pool_exchange_survives_a_site_that_drops_after_masking(
     federation: Federation,
 ) -> None:
-    """PoolRunner and the site sessions' ``handle``: delta publishes its key, then never sends its update."""
+    """PoolRunner and the site sessions' ``handle``: delta advertises its keys and shares, then never sends."""
     from quorum.flows.runners.pool import PoolRunner
     from quorum.flows.runners.site_session import handle
     from quorum.tasks.aggregate import fedavg
@@ -348,7 +348,7 @@ def test_secure_aggregation_over_the_pool_exchange_survives_a_site_that_drops_af
                 time.sleep(0.01)
                 continue
             for site_id in request.sites:
-                if site_id != "delta" or request.kind == "keys":
+                if site_id != "delta" or request.kind in ("keys", "share"):
                     handle(ctx.config, site_id, runner.exchange, request)
             done = request.seq
 
@@ -358,16 +358,16 @@ def test_secure_aggregation_over_the_pool_exchange_survives_a_site_that_drops_af
         from quorum.flows import rounds
 
         weights, _ = start_weights(ctx.config, federation.fingerprints)
-        keys, missing = rounds.collect_keys(runner, SITES, ctx.job_id)
-        secagg = SecAggRound(ctx.job_id, keys)
-        replies = runner.train(sorted(keys), weights, 1, secagg)
+        secagg, missing = rounds.secure_setup(runner, ctx.job_id, SITES, 1, ctx.config.training)
+        replies = runner.train(sorted(secagg.peers), weights, 1, secagg)
         accepted, rejected = rounds.screen_replies(ctx.config, 1, replies, weights)
-        result, unrevealed = rounds.aggregate_secure(runner, secagg, 1, weights, accepted, ctx.config.training)
+        rows = {s: fp.train_rows for s, fp in federation.fingerprints.items()}
+        result, unrevealed, _ = rounds.aggregate_secure(runner, secagg, 1, weights, accepted, ctx.config.training, rows)
     finally:
         stop.set()
         serving.join(timeout=5)
 
-    assert missing == {} and sorted(keys) == sorted(SITES)
+    assert missing == {} and sorted(secagg.peers) == sorted(SITES)
     assert list(rejected) == ["delta"] and "did not answer" in rejected["delta"] and unrevealed == {}
     survivors = [site_work.train_site(ctx.config, s, weights, 1) for s in ("alpha", "beta", "gamma")]
     expected = fedavg([(u.weights, u.num_examples) for u in survivors])

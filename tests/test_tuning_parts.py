@@ -1,10 +1,9 @@
 """The pieces the round loop is wired from: freezing, masks, private mean, masked replies, site keys,
-the split cache, the wire format, and the coordinator's secure-aggregation steps with a dropout."""
+the split cache and the wire format (the secure-aggregation rounds are in test_secagg_rounds.py)."""
 
 from __future__ import annotations
 
-import stat
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +12,16 @@ import pandas as pd
 import pytest
 from numpy.typing import NDArray
 
-from quorum.configs.errors import ConfigError, NotEnoughSites, ReplyRejected
-from quorum.configs.schema import FederationConfig, TrainingConfig
-from quorum.evaluation.report import SiteEvaluation
-from quorum.flows import rounds
-from quorum.flows.runners.local import SecAggRound, SiteFailure, SiteRunner
+from quorum.configs.errors import ConfigError, ReplyRejected
+from quorum.configs.schema import FederationConfig
 from quorum.tasks import site as site_work
-from quorum.tasks.model import Weights, initial_weights
+from quorum.tasks.model import initial_weights
 from quorum.tasks.privacy import private_mean
 from quorum.tasks.replies import validate_masked_reply
-from quorum.tasks.secagg import SecAggSite, flatten
-from quorum.tasks.site_secagg import MaskedUpdate, key_path, public_key, reveal_seeds, train_site_masked
+from quorum.tasks.site_secagg import MaskedUpdate, key_path
 from quorum.tasks.strategies import keep_fixed, min_replies, trainable_tensors
 from quorum.tasks.training import LocalTrainingConfig, freeze_leading_layers, train_local
-from quorum.tasks.wire import Request, decode_request, encode_request
+from quorum.tasks.wire import Request
 
 HIDDEN = (8, 4)
 
@@ -184,50 +179,10 @@ def federation(tmp_path: Path, site_ids: Sequence[str] = ("alpha", "beta", "gamm
     )
 
 
-def test_site_key_is_private_to_the_site_and_stable_for_the_job(tmp_path: Path) -> None:
-    config = federation(tmp_path)
-
-    first = public_key(config, "alpha", "job-1")
-    again = public_key(config, "alpha", "job-1")
-    other_job = public_key(config, "alpha", "job-2")
-    path = key_path(config.site("alpha"), "job-1")
-
-    assert first == again and first != other_job and len(first) == 32
-    assert path.is_relative_to(config.site("alpha").root)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    assert first not in path.read_bytes()  # the file holds the private key, not the public one
-
-
 @pytest.mark.parametrize("job_id", ["../escape", "a/b", "", ".hidden"], ids=["parent", "slash", "empty", "dot"])
 def test_a_job_id_cannot_move_the_key_file(tmp_path: Path, job_id: str) -> None:
     with pytest.raises(ReplyRejected, match="job id"):
         key_path(federation(tmp_path).site("alpha"), job_id)
-
-
-def test_a_site_refuses_to_reveal_when_it_would_be_alone_in_the_sum(tmp_path: Path) -> None:
-    config = federation(tmp_path)
-    peers = {s: public_key(config, s, "job-1") for s in ("alpha", "beta")}
-
-    with pytest.raises(ReplyRejected, match="alone in the sum"):
-        reveal_seeds(config, "alpha", "job-1", 1, peers, ["beta"])
-
-
-def test_a_site_refuses_a_key_list_without_its_own_key(tmp_path: Path) -> None:
-    config = federation(tmp_path)
-    peers = {"alpha": SecAggSite.generate("alpha").public_key_bytes(), "beta": public_key(config, "beta", "job-1")}
-
-    with pytest.raises(ReplyRejected, match="does not hold site alpha's public key"):
-        train_site_masked(config, "alpha", [], 1, "job-1", peers)
-
-
-def test_request_carries_peer_keys_and_dropped_sites_over_the_wire() -> None:
-    keys = {"alpha": bytes(range(32)), "beta": bytes(32)}
-    request = Request("job", 4, "reveal", ("alpha",), 2, peers={s: k.hex() for s, k in keys.items()}, dropped=("beta",))
-
-    back = decode_request(encode_request(request))
-
-    assert back == request and back.peer_keys() == keys
 
 
 def test_a_malformed_peer_key_is_rejected() -> None:
@@ -257,109 +212,3 @@ def test_split_is_read_once_and_reread_when_rewritten(tmp_path: Path, monkeypatc
     assert len(reads) == 2 and second[0] is first[0]
     assert not first[0].flags.writeable  # shared across rounds, so nobody may change it
     np.testing.assert_array_equal(third[0][:, 0], [7.0, 8.0])
-
-
-# --- the coordinator's secure aggregation, with a dropout ---------------------------------------------
-
-
-class InMemorySecAgg(SiteRunner):
-    """Sites that mask fixed updates: ``silent`` ones publish a key but never send; ``mute`` ones never reveal."""
-
-    def __init__(self, updates: dict[str, tuple[Weights, int]], silent: Collection[str], mute: Collection[str]):
-        self.sites = {s: SecAggSite.generate(s) for s in updates}
-        self.updates, self.silent, self.mute = updates, set(silent), set(mute)
-        self.reveals: list[tuple[str, ...]] = []
-
-    def keys(self, site_ids: Sequence[str], job_id: str) -> dict[str, bytes | SiteFailure]:
-        return {s: self.sites[s].public_key_bytes() for s in site_ids}
-
-    def train(
-        self, site_ids: Sequence[str], weights: Weights, server_round: int, secagg: SecAggRound | None = None
-    ) -> dict[str, Any]:
-        assert secagg is not None
-        out: dict[str, Any] = {}
-        for s in site_ids:
-            if s in self.silent:
-                out[s] = SiteFailure(s, "Site did not answer", f"site {s} did not answer within 1s", "")
-                continue
-            trained, n = self.updates[s]
-            delta = flatten(trained) - flatten(weights)
-            masked = self.sites[s].mask(delta, float(n), secagg.peers, server_round, secagg.job_id)
-            out[s] = MaskedUpdate(s, server_round, masked, n, 0.1)
-        return out
-
-    def reveal(
-        self, site_ids: Sequence[str], secagg: SecAggRound, server_round: int, dropped: Collection[str]
-    ) -> dict[str, dict[str, bytes] | SiteFailure]:
-        self.reveals.append(tuple(sorted(dropped)))
-        return {
-            s: SiteFailure(s, "gone", "stopped answering", "")
-            if s in self.mute
-            else self.sites[s].reveal_pair_seeds(dropped, secagg.peers, server_round, secagg.job_id)
-            for s in site_ids
-        }
-
-    def preprocess(self, site_ids: Sequence[str]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, SiteEvaluation | SiteFailure]:
-        raise NotImplementedError
-
-    def monitor(self, site_ids: Sequence[str], champion: Weights | None) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-def five_updates() -> tuple[Weights, dict[str, tuple[Weights, int]]]:
-    rng = np.random.default_rng(9)
-    reference = [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=2).astype(np.float32)]
-    updates = {
-        s: ([w + rng.normal(scale=0.1, size=w.shape).astype(np.float32) for w in reference], int(rng.integers(50, 500)))
-        for s in ("a", "b", "c", "d", "e")
-    }
-    return reference, updates
-
-
-def fedavg_of(updates: dict[str, tuple[Weights, int]], sites: Collection[str]) -> Weights:
-    from quorum.tasks.aggregate import fedavg
-
-    return fedavg([updates[s] for s in sorted(sites)])
-
-
-def secure_round(runner: InMemorySecAgg, reference: Weights, min_sites: int = 2) -> tuple[Weights, dict[str, str]]:
-    training = TrainingConfig(secure_aggregation=True, min_sites=min_sites)
-    keys, _ = rounds.collect_keys(runner, sorted(runner.sites), "job-7")
-    secagg = SecAggRound("job-7", keys)
-    replies = runner.train(sorted(keys), reference, 3, secagg)
-    accepted = {s: r for s, r in replies.items() if isinstance(r, MaskedUpdate)}
-    return rounds.aggregate_secure(runner, secagg, 3, reference, accepted, training)  # type: ignore[arg-type]
-
-
-def test_a_site_dropping_after_masking_is_unmasked_with_the_survivors_seeds() -> None:
-    reference, updates = five_updates()
-    runner = InMemorySecAgg(updates, silent={"c"}, mute=())
-
-    weights, extra = secure_round(runner, reference)
-
-    assert runner.reveals == [("c",)] and extra == {}
-    for got, want in zip(weights, fedavg_of(updates, {"a", "b", "d", "e"}), strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-4)
-
-
-def test_a_survivor_that_does_not_reveal_is_dropped_too_and_the_others_asked_again() -> None:
-    reference, updates = five_updates()
-    runner = InMemorySecAgg(updates, silent={"c"}, mute={"e"})
-
-    weights, extra = secure_round(runner, reference)
-
-    assert runner.reveals == [("c",), ("c", "e")]
-    assert set(extra) == {"e"} and "did not reveal" in extra["e"]
-    for got, want in zip(weights, fedavg_of(updates, {"a", "b", "d"}), strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-4)
-
-
-def test_too_few_survivors_stop_the_round() -> None:
-    reference, updates = five_updates()
-    runner = InMemorySecAgg(updates, silent={"a", "b", "c"}, mute=())
-
-    with pytest.raises(NotEnoughSites, match="2 valid replies, 3 needed"):
-        secure_round(runner, reference, min_sites=3)

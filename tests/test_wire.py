@@ -47,7 +47,14 @@ CASES: list[tuple[str, Any, Callable[[Any], Any], Callable[[Any], Any]]] = [
     (
         "request_reveal.json",
         wire.Request(
-            "job-7", 9, "reveal", ("alpha",), 4, peers={"alpha": "01" * 32, "beta": "02" * 32}, dropped=("beta",)
+            "job-7",
+            9,
+            "reveal",
+            ("alpha",),
+            4,
+            peers={"alpha": "01" * 64, "beta": "02" * 64, "gamma": "03" * 64},
+            dropped=("beta",),
+            shares={"alpha": {"gamma": "0a0b"}, "gamma": {"alpha": "0c0d"}},
         ),
         wire.encode_request,
         wire.decode_request,
@@ -122,12 +129,12 @@ def test_decoding_the_golden_file_gives_the_value(
     assert decode(_golden(name)) == value
 
 
-def test_key_and_seed_replies_round_trip() -> None:
-    key = bytes(range(32))
+def test_key_and_share_replies_round_trip() -> None:
+    key = bytes(range(64))
     seeds = {"beta": b"\x01" * 16, "gamma": b"\x02" * 16}
 
     assert wire.decode_public_key(wire.encode_public_key("alpha", key)) == key
-    assert wire.decode_seeds(wire.encode_seeds("alpha", seeds)) == seeds
+    assert wire.decode_shares(wire.encode_shares("alpha", seeds)) == seeds
     assert wire.decode_failure(wire.encode_train_reply(_golden_train())) is None  # a result is not a failure
 
 
@@ -182,8 +189,9 @@ def test_malformed_messages_are_rejected_naming_what_is_wrong(
 @pytest.mark.parametrize(
     "data",
     [
-        {"site_id": "alpha", "public_key": "00" * 31},  # one byte short of an X25519 key
-        {"site_id": "alpha", "public_key": "zz" * 32},  # not hex
+        {"site_id": "alpha", "public_key": "00" * 63},  # one byte short of two X25519 keys
+        {"site_id": "alpha", "public_key": "00" * 32},  # one X25519 key where a round needs two
+        {"site_id": "alpha", "public_key": "zz" * 64},  # not hex
         {"site_id": "alpha"},  # no key at all
     ],
 )
@@ -198,4 +206,4 @@ def test_every_request_kind_decodes_and_nothing_else() -> None:
     decoded = [wire.decode_request({**base, "kind": kind}).kind for kind in wire.KINDS]
 
     assert decoded == list(wire.KINDS)
-    assert set(wire.KINDS) == {"preprocess", "train", "evaluate", "monitor", "keys", "reveal", "stop"}
+    assert set(wire.KINDS) == {"preprocess", "train", "evaluate", "monitor", "keys", "share", "reveal", "stop"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from prefect import Task, task
@@ -47,13 +47,20 @@ class SiteFailure:
 
 @dataclass(frozen=True)
 class SecAggRound:
-    """What a site needs to mask its update in one round: the job (it binds the masks) and every peer's public key."""
+    """What the sites of a round need for the next SecAgg+ step: the job (it binds the masks), every
+    site's advertised round keys, the sites that did not share their keys (nobody masks with them),
+    and, to unmask, the encrypted shares addressed to each site (recipient -> sender -> ciphertext)."""
 
     job_id: str
     peers: Mapping[str, bytes]
+    unshared: tuple[str, ...] = ()
+    shares: Mapping[str, Mapping[str, bytes]] = field(default_factory=dict)
 
     def wire_peers(self) -> dict[str, str]:
         return {site_id: key.hex() for site_id, key in sorted(self.peers.items())}
+
+    def wire_shares(self) -> dict[str, dict[str, str]]:
+        return {to: {sender: c.hex() for sender, c in sorted(by.items())} for to, by in sorted(self.shares.items())}
 
 
 Reply = site_work.SiteUpdate | MaskedUpdate | SiteFailure
@@ -78,14 +85,21 @@ class SiteRunner(ABC):
         """Each site's update; with ``secagg`` a masked update instead, so no single update is ever seen here."""
 
     @abstractmethod
-    def keys(self, site_ids: Sequence[str], job_id: str) -> dict[str, bytes | SiteFailure]:
-        """Each site's secure-aggregation public key for the job (the private key stays at the site)."""
+    def keys(self, site_ids: Sequence[str], job_id: str, server_round: int) -> dict[str, bytes | SiteFailure]:
+        """Each site's secure-aggregation public keys for the round (the secrets stay at the site)."""
+
+    @abstractmethod
+    def share(
+        self, site_ids: Sequence[str], secagg: SecAggRound, server_round: int
+    ) -> dict[str, dict[str, bytes] | SiteFailure]:
+        """Each site's encrypted Shamir shares of its secrets, by recipient (its neighbourhood)."""
 
     @abstractmethod
     def reveal(
         self, site_ids: Sequence[str], secagg: SecAggRound, server_round: int, dropped: Collection[str]
     ) -> dict[str, dict[str, bytes] | SiteFailure]:
-        """Each surviving site's pair seeds with the ``dropped`` sites, to unmask the survivors' sum."""
+        """Each surviving site's shares, by owner: of the self-mask seed of a survivor, of the mask key of a
+        site in ``dropped``; the shares the sites sent each other are in ``secagg.shares``."""
 
     @abstractmethod
     def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, SiteEvaluation | SiteFailure]: ...
@@ -125,13 +139,28 @@ def train_at_sites(
 ) -> dict[str, Any]:
     if secagg is not None:
         masked = site_secagg.train_site_masked
-        return _at_each_site(masked, config, site_ids, weights, server_round, secagg.job_id, secagg.peers)
+        job_id, peers, unshared = secagg.job_id, secagg.peers, secagg.unshared
+        return _at_each_site(masked, config, site_ids, weights, server_round, job_id, peers, unshared)
     return _at_each_site(site_work.train_site, config, site_ids, weights, server_round)
 
 
-@task(cache_policy=NO_CACHE)
-def keys_at_sites(config: FederationConfig, site_ids: Sequence[str], job_id: str) -> dict[str, Any]:
-    return _at_each_site(site_secagg.public_key, config, site_ids, job_id)
+@task(cache_policy=NO_CACHE, task_run_name="secagg-keys-round-{server_round}")
+def keys_at_sites(config: FederationConfig, site_ids: Sequence[str], job_id: str, server_round: int) -> dict[str, Any]:
+    return _at_each_site(site_secagg.round_keys, config, site_ids, job_id, server_round)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="secagg-share-round-{server_round}")
+def share_at_sites(
+    config: FederationConfig, site_ids: Sequence[str], secagg: SecAggRound, server_round: int
+) -> dict[str, Any]:
+    return _at_each_site(site_secagg.share_keys, config, site_ids, secagg.job_id, server_round, secagg.peers)
+
+
+def _reveal_at(
+    config: FederationConfig, site_id: str, secagg: SecAggRound, server_round: int, dropped: tuple[str, ...]
+) -> dict[str, bytes]:
+    mine = secagg.shares.get(site_id, {})
+    return site_secagg.reveal_shares(config, site_id, secagg.job_id, server_round, secagg.peers, dropped, mine)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="reveal-round-{server_round}")
@@ -142,8 +171,7 @@ def reveal_at_sites(
     server_round: int,
     dropped: tuple[str, ...],
 ) -> dict[str, Any]:
-    reveal = site_secagg.reveal_seeds
-    return _at_each_site(reveal, config, site_ids, secagg.job_id, server_round, secagg.peers, dropped)
+    return _at_each_site(_reveal_at, config, site_ids, secagg, server_round, dropped)
 
 
 @task(cache_policy=NO_CACHE)
@@ -196,8 +224,11 @@ class LocalRunner(SiteRunner):
     ) -> dict[str, Any]:
         return self._in_turn(train_at_sites, site_ids, weights, server_round, secagg)
 
-    def keys(self, site_ids: Sequence[str], job_id: str) -> dict[str, Any]:
-        return self._in_turn(keys_at_sites, site_ids, job_id)
+    def keys(self, site_ids: Sequence[str], job_id: str, server_round: int) -> dict[str, Any]:
+        return self._in_turn(keys_at_sites, site_ids, job_id, server_round)
+
+    def share(self, site_ids: Sequence[str], secagg: SecAggRound, server_round: int) -> dict[str, Any]:
+        return self._in_turn(share_at_sites, site_ids, secagg, server_round)
 
     def reveal(
         self, site_ids: Sequence[str], secagg: SecAggRound, server_round: int, dropped: Collection[str]

@@ -114,6 +114,7 @@ class PoolRunner(SiteRunner):
             server_round,
             peers=None if secagg is None else secagg.wire_peers(),
             dropped=tuple(sorted(dropped)),
+            shares=secagg.wire_shares() if secagg is not None and kind == "reveal" else None,
         )
         request = self.exchange.post(request, weights)
         posted = time.monotonic()
@@ -169,16 +170,24 @@ class PoolRunner(SiteRunner):
                 raise ReplyRejected("secure aggregation is on but the reply is not one masked vector")
             return MaskedUpdate(site, reply.server_round, arrays[0], examples, loss, reply.train_s)
 
-        return self._decode(self._dispatch("train", site_ids, weights, server_round, secagg), decode)
+        unshared = () if secagg is None else secagg.unshared
+        return self._decode(self._dispatch("train", site_ids, weights, server_round, secagg, unshared), decode)
 
-    def keys(self, site_ids: Sequence[str], job_id: str) -> dict[str, bytes | SiteFailure]:
-        return self._decode(self._dispatch("keys", site_ids), lambda _, r: wire.decode_public_key(r))
+    def keys(self, site_ids: Sequence[str], job_id: str, server_round: int) -> dict[str, bytes | SiteFailure]:
+        replies = self._dispatch("keys", site_ids, server_round=server_round)
+        return self._decode(replies, lambda _, r: wire.decode_public_key(r))
+
+    def share(
+        self, site_ids: Sequence[str], secagg: SecAggRound, server_round: int
+    ) -> dict[str, dict[str, bytes] | SiteFailure]:
+        replies = self._dispatch("share", site_ids, server_round=server_round, secagg=secagg)
+        return self._decode(replies, lambda _, r: wire.decode_shares(r))
 
     def reveal(
         self, site_ids: Sequence[str], secagg: SecAggRound, server_round: int, dropped: Collection[str]
     ) -> dict[str, dict[str, bytes] | SiteFailure]:
         replies = self._dispatch("reveal", site_ids, server_round=server_round, secagg=secagg, dropped=dropped)
-        return self._decode(replies, lambda _, r: wire.decode_seeds(r))
+        return self._decode(replies, lambda _, r: wire.decode_shares(r))
 
     def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, SiteEvaluation | SiteFailure]:
         return self._decode(self._dispatch("evaluate", site_ids, weights), lambda _, r: wire.decode_evaluation(r))

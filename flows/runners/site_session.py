@@ -57,13 +57,10 @@ def handle(config: FederationConfig, site_id: str, exchange: JobExchange, reques
         elif request.kind == "train":
             _train(config, site_id, exchange, request)
         elif request.kind == "keys":
-            key = site_secagg.public_key(config, site_id, request.job_id)
+            key = site_secagg.round_keys(config, site_id, request.job_id, request.server_round)
             exchange.reply(request.seq, site_id, wire.encode_public_key(site_id, key))
-        elif request.kind == "reveal":
-            seeds = site_secagg.reveal_seeds(
-                config, site_id, request.job_id, request.server_round, request.peer_keys(), request.dropped
-            )
-            exchange.reply(request.seq, site_id, wire.encode_seeds(site_id, seeds))
+        elif request.kind in ("share", "reveal"):
+            _secagg_step(config, site_id, exchange, request)
         elif request.kind == "evaluate":
             result = site_work.evaluate_site(config, site_id, exchange.request_weights(request))
             exchange.reply(request.seq, site_id, wire.encode_evaluation(result))
@@ -75,12 +72,23 @@ def handle(config: FederationConfig, site_id: str, exchange: JobExchange, reques
         exchange.fail(request.seq, site_id, error)
 
 
+def _secagg_step(config: FederationConfig, site_id: str, exchange: JobExchange, request: Request) -> None:
+    """Share this site's secrets with its neighbourhood, or reveal its shares to unmask the round's sum."""
+    job, server_round, peers = request.job_id, request.server_round, request.peer_keys()
+    if request.kind == "share":
+        out = site_secagg.share_keys(config, site_id, job, server_round, peers)
+    else:
+        mine = request.shares_for(site_id)
+        out = site_secagg.reveal_shares(config, site_id, job, server_round, peers, request.dropped, mine)
+    exchange.reply(request.seq, site_id, wire.encode_shares(site_id, out))
+
+
 def _train(config: FederationConfig, site_id: str, exchange: JobExchange, request: Request) -> None:
     """Train and reply with the new weights, or, when the request carries peer keys, with one masked vector."""
     weights = exchange.request_weights(request)
     if request.peers is not None:
         masked = site_secagg.train_site_masked(
-            config, site_id, weights, request.server_round, request.job_id, request.peer_keys()
+            config, site_id, weights, request.server_round, request.job_id, request.peer_keys(), request.dropped
         )
         update: site_work.SiteUpdate | site_secagg.MaskedUpdate = masked
         arrays: list[Any] = [masked.masked]
