@@ -144,7 +144,7 @@ class Request:
             raise ReplyRejected(f"malformed peer key list: {exc}", fix="check the coordinator's version") from exc
         short = sorted(site for site, key in keys.items() if len(key) != PUBLIC_KEY_BYTES)
         if short:
-            raise ReplyRejected(f"round keys of {short} are not two X25519 public keys", fix="check the coordinator")
+            raise ReplyRejected(f"round keys of {short} are not X25519 public keys", fix="check the coordinator")
         return keys
 
 
