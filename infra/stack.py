@@ -174,7 +174,10 @@ class Stack:
         # uvicorn kills a worker that has not answered its health check within 5 s: on a loaded machine one
         # still importing MLflow then, so workers were killed and restarted for ever and MLflow never came up
         command += ["--workers", str(deployment.mlflow_workers), "--uvicorn-opts=--timeout-worker-healthcheck 300"]
-        return command, {**self.coordinator_env(), "MLFLOW_BACKEND_STORE_URI": backend}
+        # MLflow 3's server also starts a pool of job runners (huey consumers, several processes) that Quorum
+        # never uses: on 2 cores they cost a core during start-up and outlived a killed server
+        jobs_off = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        return command, {**self.coordinator_env(), "MLFLOW_BACKEND_STORE_URI": backend, **jobs_off}
 
     def start_servers(self) -> None:
         """Start both servers and wait until both answer."""

@@ -31,7 +31,7 @@ from quorum.flows.context import JobContext, load_context
 from quorum.flows.serving import RunningService, routing_key, start_service
 from quorum.lineage.keys import generate_key_pair
 from quorum.lineage.provenance import PROVENANCE_FILE
-from quorum.lineage.registry import model_key, sign_version
+from quorum.lineage.registry import model_key
 from quorum.lineage.tracking import CHAMPION, set_alias, version_tags
 from tests.federation import write_federation, write_governance
 
@@ -63,11 +63,10 @@ class World:
         return self.context().audit.entries()
 
     def approve_v2(self) -> None:
-        from quorum.flows.promote import promote_approved
+        """ben's `quorum approve`: the second signature completes the quorum and signs the champion statement."""
+        from quorum.flows.promote import approve_flow
 
-        ctx = self.context()
-        sign_version(ctx.store, MODEL, "2", [("ben", self.keys["ben"])])
-        assert promote_approved(ctx, "2").champion
+        assert approve_flow(self.context(), "2", self.keys["ben"]).promotion is not None
 
 
 @pytest.fixture(scope="module")
@@ -218,19 +217,22 @@ def test_a_new_champion_is_swapped_in_under_concurrent_requests_with_none_failin
 
 def test_a_tampered_champion_is_refused_audited_and_the_last_verified_one_keeps_answering(world: World) -> None:
     rows = feature_rows(world, 2)
-    sign_version(world.context().store, MODEL, "2", [("ben", world.keys["ben"])])
     onnx_file = world.files("2") / "onnx" / "model.onnx"
 
     with serving(world) as running:
+        set_alias(world.context().tracker, MODEL, CHAMPION, "2")  # the alias moved outside the quorum
+        running.service.refresh()
+        _, on_alias = call(f"{running.url}/predict", {"rows": rows})
+        world.approve_v2()  # the quorum signs a statement naming v2 ...
         data = bytearray(onnx_file.read_bytes())
         data[len(data) // 2] ^= 0x01
-        onnx_file.write_bytes(bytes(data))
-        set_alias(world.context().tracker, MODEL, CHAMPION, "2")  # the alias moved outside the quorum
+        onnx_file.write_bytes(bytes(data))  # ... whose files are then changed in the store
         running.service.refresh()
         running.service.refresh()  # asked again: refused again, audited once
         status, answer = call(f"{running.url}/predict", {"rows": rows})
         _, health = call(f"{running.url}/health")
 
+    assert on_alias["version"] == "1"  # the alias alone moves nothing: sites follow the signed statement
     assert status == 200 and answer["version"] == "1"
     assert health["champion"]["version"] == "1"
     refusals = [e for e in world.events() if e.event == "serving_refused"]
