@@ -123,10 +123,10 @@ class ModelService:
             self._refuse("champion", "statement", error.message)
             return None
 
-    def champion_refusal(self) -> str | None:
-        """Why the newest champion was refused, if the last attempt to load one was refused."""
-        reasons = [reason for (role, _), reason in self._refused.items() if role == "champion"]
-        return reasons[-1] if reasons else None
+    def champion_refusal(self) -> tuple[str, str] | None:
+        """``(version, reason)`` of the newest champion refusal (version ``statement``: the statement itself)."""
+        refused = [(version, reason) for (role, version), reason in self._refused.items() if role == "champion"]
+        return refused[-1] if refused else None
 
     def _follow(self, role: Role, version: str | None) -> None:
         current = self._models[role]
@@ -432,11 +432,13 @@ def start_service(ctx: JobContext, site_id: str, port: int | None = None, runtim
     service.refresh()
     if service.champion is None:
         name = ctx.config.model_name
-        reason = service.champion_refusal()
-        if reason is None:
+        refused = service.champion_refusal()
+        if refused is None:
             raise ChampionError(f"{name} has no champion to serve", fix="promote a version first (`quorum approve`)")
+        version, reason = refused
+        what = f"the champion statement of {name}" if version == "statement" else f"champion {name} v{version}"
         raise SignatureError(
-            f"the champion of {name} was refused at site {site_id}: {reason}",
+            f"{what} refused at site {site_id}: {reason}",
             fix="restore the version from a trusted copy or roll back (`quorum rollback`)",
         )
     server = ServingHTTPServer(service, ctx.config.serving.port if port is None else port)
