@@ -78,7 +78,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         running.start_servers()
         pools = running.ensure_pools()
         prefect_file = root / "prefect.yaml"
-        write(render(config, governance_path, root, []), prefect_file)
+        write(render(config, governance_path, root), prefect_file)
         running.deploy(prefect_file, root)
         running.start_workers(root)
         running.wait_for_workers(pools, timeout_s=120)
