@@ -195,8 +195,17 @@ def test_lifecycle_on_postgres_and_s3(infra: dict[str, Any]) -> None:
     assert quorum.met and set(quorum.valid_approvers) == {"ann", "ben"}
     # the lineage, read back through the MLflow server on PostgreSQL
     lineage = subprocess.run(
-        [QUORUM, "lineage", MODEL, "--version", "1", "--config", str(infra["config"])]
-        + ["--governance", str(infra["governance"])],
+        [
+            QUORUM,
+            "lineage",
+            MODEL,
+            "--version",
+            "1",
+            "--config",
+            str(infra["config"]),
+            "--governance",
+            str(infra["governance"]),
+        ],
         cwd=infra["root"],
         env=infra["env"],
         capture_output=True,
