@@ -458,16 +458,26 @@ def keys_generate(name: str, out: Path, config_path: Path | None = None) -> int:
     return 0
 
 
-def approve(config_path: Path, governance_path: Path, model: str, version: str, key: Path) -> int:
-    """Sign a version on the approver's own machine; the promotion flow promotes once the quorum is met."""
+def _approver_command(
+    config_path: Path, governance_path: Path, model: str, key: Path, usage: str
+) -> StateLayout:
+    """What `approve` and `rollback` check before anything runs: the configs, the key file and the model name."""
     config, state = _prepare(config_path)
     load_governance(governance_path)
     _require_key_files([key], "--key")
     if model != config.model_name:
         raise ConfigError(
             f"this federation registers {config.model_name!r}, not {model!r}",
-            fix=f"quorum approve {config.model_name} --version {version} --key ...",
+            fix=usage.format(model=config.model_name),
         )
+    return state
+
+
+def approve(config_path: Path, governance_path: Path, model: str, version: str, key: Path) -> int:
+    """Sign a version on the approver's own machine; the promotion flow promotes once the quorum is met."""
+    state = _approver_command(
+        config_path, governance_path, model, key, f"quorum approve {{model}} --version {version} --key ..."
+    )
     from quorum.lineage.keys import load_private_key
 
     load_private_key(key)  # a bad --key path is named before any flow starts
@@ -493,14 +503,7 @@ def rollback(
     reason: str,
     verbose: bool = False,
 ) -> int:
-    config, state = _prepare(config_path)
-    load_governance(governance_path)
-    _require_key_files([key], "--key")
-    if model != config.model_name:
-        raise ConfigError(
-            f"this federation registers {config.model_name!r}, not {model!r}",
-            fix=f"quorum rollback {config.model_name} --key ...",
-        )
+    state = _approver_command(config_path, governance_path, model, key, "quorum rollback {model} --key ...")
     api = _local_api(state)
     from quorum.flows.context import load_context
     from quorum.flows.governance import rollback_flow

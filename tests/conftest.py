@@ -78,3 +78,25 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def governed_history(tmp_path_factory: pytest.TempPathFactory, prefect_harness: Path) -> Path:
+    """One real federation run twice: v1 champion (ann + ben), v2 awaiting a second approval.
+
+    The governance, trust and serving tests each copy it (their ``world`` fixtures), so the two
+    lifecycles run once per test process instead of once per module.
+    """
+    from quorum.flows.lifecycle import lifecycle
+    from quorum.lineage.keys import generate_key_pair
+    from tests.federation import write_federation, write_governance
+
+    root = tmp_path_factory.mktemp("governed")
+    config_path = write_federation(root, rounds=2)
+    governance_path, keys = write_governance(root)
+    generate_key_pair(root / "keys" / "mallory.key", root / "keys" / "mallory.pub")
+    first = lifecycle(str(config_path), str(governance_path), keys[:2])
+    second = lifecycle(str(config_path), str(governance_path), keys[:1])
+    assert first.promotion is not None and first.promotion.champion
+    assert second.promotion is not None and not second.promotion.champion
+    return root

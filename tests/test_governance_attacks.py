@@ -33,11 +33,10 @@ from quorum.configs.errors import (
 )
 from quorum.evaluation.gates import GateResult, Verdict
 from quorum.flows.context import JobContext, load_context
-from quorum.lineage.keys import generate_key_pair, public_key_fingerprint
+from quorum.lineage.keys import public_key_fingerprint
 from quorum.lineage.provenance import PREDICATE_TYPE, PROVENANCE_FILE, STATEMENT_TYPE, file_digests
 from quorum.lineage.registry import model_key, sign_version, signatures_key, verify_version
 from quorum.lineage.tracking import CANDIDATE, CHAMPION, alias_version, version_tags
-from tests.federation import write_federation, write_governance
 from tests.test_signing import cli_verify
 
 MODEL = "test-model"
@@ -100,20 +99,10 @@ def _restore_cli_logging() -> Iterator[None]:
             handler.setLevel(level)
 
 
-@pytest.fixture(scope="module")
-def history(tmp_path_factory: pytest.TempPathFactory, prefect_harness: Path) -> Path:
-    """Run one real lifecycle twice: v1 becomes champion (ann + ben), v2 awaits a second approval."""
-    from quorum.flows.lifecycle import lifecycle
-
-    root = tmp_path_factory.mktemp("governed")
-    config_path = write_federation(root, rounds=2)
-    governance_path, keys = write_governance(root)
-    generate_key_pair(root / "keys" / "mallory.key", root / "keys" / "mallory.pub")
-    first = lifecycle(str(config_path), str(governance_path), keys[:2])
-    second = lifecycle(str(config_path), str(governance_path), keys[:1])
-    assert first.promotion is not None and first.promotion.champion
-    assert second.promotion is not None and not second.promotion.champion
-    return root
+@pytest.fixture
+def history(governed_history: Path) -> Path:
+    """v1 champion (ann + ben), v2 awaiting a second approval: see ``governed_history``."""
+    return governed_history
 
 
 @pytest.fixture

@@ -29,11 +29,9 @@ import yaml
 
 from quorum.flows.context import JobContext, load_context
 from quorum.flows.serving import RunningService, routing_key, start_service
-from quorum.lineage.keys import generate_key_pair
 from quorum.lineage.provenance import PROVENANCE_FILE
 from quorum.lineage.registry import model_key
 from quorum.lineage.tracking import CHAMPION, set_alias, version_tags
-from tests.federation import write_federation, write_governance
 
 pytestmark = pytest.mark.integration
 MODEL = "test-model"
@@ -69,19 +67,10 @@ class World:
         assert approve_flow(self.context(), "2", self.keys["ben"]).promotion is not None
 
 
-@pytest.fixture(scope="module")
-def history(tmp_path_factory: pytest.TempPathFactory, prefect_harness: Path) -> Path:
-    from quorum.flows.lifecycle import lifecycle
-
-    root = tmp_path_factory.mktemp("served")
-    config_path = write_federation(root, rounds=2)
-    governance_path, keys = write_governance(root)
-    generate_key_pair(root / "keys" / "mallory.key", root / "keys" / "mallory.pub")
-    first = lifecycle(str(config_path), str(governance_path), keys[:2])
-    second = lifecycle(str(config_path), str(governance_path), keys[:1])
-    assert first.promotion is not None and first.promotion.champion
-    assert second.promotion is not None and not second.promotion.champion
-    return root
+@pytest.fixture
+def history(governed_history: Path) -> Path:
+    """v1 champion (ann + ben), v2 awaiting a second approval: see ``governed_history``."""
+    return governed_history
 
 
 @pytest.fixture

@@ -18,29 +18,19 @@ import yaml
 from quorum.configs.errors import AuditLogError, ConfigError, QuorumError, SignatureError
 from quorum.lineage import champion
 from quorum.lineage.envelope import sign
-from quorum.lineage.keys import generate_key_pair, public_key_fingerprint
+from quorum.lineage.keys import public_key_fingerprint
 from quorum.lineage.provenance import PROVENANCE_FILE, file_digests, write_provenance
 from quorum.lineage.registry import sign_version
 from quorum.lineage.tracking import CHAMPION, set_version_tags, version_tags
-from tests.federation import write_federation, write_governance
 from tests.test_governance_attacks import MODEL, World, _restore_cli_logging  # noqa: F401 (autouse fixture)
 
 SITES = ("alpha", "beta", "gamma")
 
 
-@pytest.fixture(scope="module")
-def history(tmp_path_factory: pytest.TempPathFactory, prefect_harness: Path) -> Path:
-    from quorum.flows.lifecycle import lifecycle
-
-    root = tmp_path_factory.mktemp("trust")
-    config_path = write_federation(root, rounds=2)
-    governance_path, keys = write_governance(root)
-    generate_key_pair(root / "keys" / "mallory.key", root / "keys" / "mallory.pub")
-    first = lifecycle(str(config_path), str(governance_path), keys[:2])
-    second = lifecycle(str(config_path), str(governance_path), keys[:1])
-    assert first.promotion is not None and first.promotion.champion
-    assert second.promotion is not None and not second.promotion.champion
-    return root
+@pytest.fixture
+def history(governed_history: Path) -> Path:
+    """v1 champion (ann + ben), v2 awaiting a second approval: see ``governed_history``."""
+    return governed_history
 
 
 @pytest.fixture
