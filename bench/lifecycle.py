@@ -51,7 +51,7 @@ STAGES = ("start-up", "preprocess", "tune", "evaluate", "promote", "monitor")
 
 def write_federation(root: Path) -> tuple[Path, Path, list[Path]]:
     """The workload as site CSVs, a federation config, a governance file and two approvers' keys."""
-    from quorum.lineage.keys import generate_key_pair
+    from quorum.lineage.keys import generate_key_pair, public_key_fingerprint
 
     names = [f"f{i:02d}" for i in range(tuning.FEATURES)]
     sites = tuning.make_sites()
@@ -85,13 +85,17 @@ def write_federation(root: Path) -> tuple[Path, Path, list[Path]]:
         # free loopback ports for `--runner pool` (`quorum up`), so no other server's port is taken
         "deployment": {"prefect_port": _free_port(), "mlflow_port": _free_port()},
     }
-    keys = []
-    for name in APPROVERS:
+    for name in (*APPROVERS, "coordinator"):
         generate_key_pair(root / "keys" / f"{name}.key", root / "keys" / f"{name}.pub")
-        keys.append(root / "keys" / f"{name}.key")
+    keys = [root / "keys" / f"{name}.key" for name in APPROVERS]
+    pinned = {n: public_key_fingerprint(root / "keys" / f"{n}.pub") for n in (*APPROVERS, "coordinator")}
     governance = {
         "quorum": len(APPROVERS),
-        "approvers": [{"name": n, "role": "reviewer", "public_key": f"keys/{n}.pub"} for n in APPROVERS],
+        "approvers": [
+            {"name": n, "role": "reviewer", "public_key": f"keys/{n}.pub", "fingerprint": pinned[n]} for n in APPROVERS
+        ],
+        # the checkpoint key signs the audit log's head; its private half sits beside it, as on a coordinator
+        "checkpoints": {"public_key": "keys/coordinator.pub", "fingerprint": pinned["coordinator"]},
     }
     config, governance_path = root / "federation.yaml", root / "governance.yaml"
     config.write_text(yaml.safe_dump(federation, sort_keys=False), encoding="utf-8")
