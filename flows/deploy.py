@@ -20,8 +20,6 @@ deploy loads the earlier champion, because the rollback wrote a newer statement 
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +30,12 @@ from quorum.configs.errors import SignatureError
 from quorum.configs.schema import SiteConfig
 from quorum.flows.context import JobContext, load_context
 from quorum.lineage.anchor import check_anchors, witness, witnessed
-from quorum.lineage.champion import remember_champion, require_backed_champion_events, verified_champion
+from quorum.lineage.champion import (
+    remember_champion,
+    require_backed_champion_events,
+    verified_champion,
+    write_json_atomically,
+)
 from quorum.lineage.governance_chain import trusted_governance
 from quorum.lineage.registry import fetch_files, install_champion, load_weights
 
@@ -138,11 +141,4 @@ def deploy_flow(config_path: str, governance_path: str, site_id: str) -> Deploym
 
 
 def _write_record(path: Path, deployment: Deployment) -> None:
-    """Atomic, so a site never reads half a record about what it runs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        temp.write_text(json.dumps(asdict(deployment), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    write_json_atomically(path, asdict(deployment))

@@ -368,7 +368,11 @@ def read_trust(path: Path) -> dict[str, Any]:
 
 
 def write_trust(path: Path, record: Mapping[str, Any]) -> None:
-    path = Path(path)
+    write_json_atomically(Path(path), record)
+
+
+def write_json_atomically(path: Path, record: Mapping[str, Any]) -> None:
+    """Write under a temporary name, then rename: a site never reads half a record about what it trusts or runs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
