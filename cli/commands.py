@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ from quorum.configs.schema import FederationConfig, GovernanceConfig, load_feder
 from quorum.lineage.state import StateLayout, configure_environment, use_tracking_server
 
 if TYPE_CHECKING:
+    from quorum.flows.runners.site_workers import SiteWorkers
     from quorum.infra.local_api import TemporaryApi
     from quorum.infra.stack import Stack
 
@@ -142,7 +144,10 @@ def demo(config_path: Path, governance_path: Path, verbose: bool, launched_s: fl
         + (f", wrote {len(written)} data files" if written else ", data already present")
     )
     keys = demo_keys(load_governance(governance_path))
-    return _run_and_report(config_path, governance_path, keys, None, verbose, api=api, launched_s=launched_s)
+    workers = _site_workers(config)
+    return _run_and_report(
+        config_path, governance_path, keys, None, verbose, api=api, launched_s=launched_s, workers=workers
+    )
 
 
 def run(
@@ -160,11 +165,12 @@ def run(
     config, state = _prepare(config_path)
     load_governance(governance_path)
     _require_key_files(approve_with, "--approve-with")
-    api = None
+    api = workers = None
     if runner == "pool":
         _use_stack(config, state)
     else:
         api = _local_api(state)
+        workers = _site_workers(config)
     job = resume or job_id
     return _run_and_report(
         config_path,
@@ -177,6 +183,7 @@ def run(
         not force,
         api=api,
         launched_s=launched_s,
+        workers=workers,
     )
 
 
@@ -230,26 +237,37 @@ def _run_and_report(
     *,
     api: TemporaryApi | None = None,
     launched_s: float | None = None,
+    workers: SiteWorkers | None = None,
 ) -> int:
-    from quorum.cli.report import RoundProgress, print_summary
-    from quorum.flows.lifecycle import lifecycle
+    with workers or contextlib.nullcontext():
+        from quorum.cli.report import RoundProgress, print_summary
+        from quorum.flows.lifecycle import lifecycle
 
-    _quiet_console(verbose)
-    _open_tracking_store(config_path, api)
-    _wait_for_api(api)
-    with RoundProgress() as progress:
-        result = lifecycle(
-            config_path=str(config_path.resolve()),
-            governance_path=str(governance_path.resolve()),
-            approver_keys=keys,
-            job_id=job_id,
-            runner="pool" if runner == "pool" else "local",
-            resume=resume,
-            only_if_changed=only_if_changed,
-            on_round=progress,
-        )
+        _quiet_console(verbose)
+        _open_tracking_store(config_path, api)
+        _wait_for_api(api)
+        with RoundProgress() as progress:
+            result = lifecycle(
+                config_path=str(config_path.resolve()),
+                governance_path=str(governance_path.resolve()),
+                approver_keys=keys,
+                job_id=job_id,
+                runner="pool" if runner == "pool" else "local",
+                resume=resume,
+                only_if_changed=only_if_changed,
+                on_round=progress,
+                site_workers=workers,
+            )
     print_summary(result, launched_s=launched_s)
     return 0
+
+
+def _site_workers(config: FederationConfig) -> SiteWorkers | None:
+    """Start the embedded runner's site worker processes now: they load the site code (Great Expectations,
+    torch) on the other cores while this process imports Prefect and MLflow and waits for its API."""
+    from quorum.flows.runners.site_workers import start_site_workers
+
+    return start_site_workers(config.deployment.site_processes)
 
 
 def up(
@@ -458,9 +476,7 @@ def keys_generate(name: str, out: Path, config_path: Path | None = None) -> int:
     return 0
 
 
-def _approver_command(
-    config_path: Path, governance_path: Path, model: str, key: Path, usage: str
-) -> StateLayout:
+def _approver_command(config_path: Path, governance_path: Path, model: str, key: Path, usage: str) -> StateLayout:
     """What `approve` and `rollback` check before anything runs: the configs, the key file and the model name."""
     config, state = _prepare(config_path)
     load_governance(governance_path)

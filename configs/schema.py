@@ -409,6 +409,10 @@ class DeploymentConfig(BaseModel):
     round_deadline_s: float = Field(default=120.0, gt=0)
     session_start_timeout_s: float = Field(default=180.0, gt=0)
     mlflow_workers: int = Field(default=1, ge=1, le=16)  # MLflow server processes; each imports MLflow on `quorum up`
+    # the embedded runner's site worker processes (`quorum run`, and lifecycle runs with runner "local"):
+    # they load the site code while the job starts and work side by side; 0 keeps the sites' work in the
+    # flow's own process
+    site_processes: int = Field(default=2, ge=0, le=64)
 
 
 class RoutingPolicy(BaseModel):

@@ -23,6 +23,7 @@ from quorum.flows.preprocess import PreprocessResult, preprocess_flow
 from quorum.flows.promote import PromotionResult, promote_flow
 from quorum.flows.runners.jobs import JobRecord, load_job, save_job
 from quorum.flows.runners.local import LocalRunner, SiteRunner
+from quorum.flows.runners.site_workers import SiteWorkers, start_site_workers
 from quorum.flows.tuning import OnRound, TuningResult, tune_flow
 from quorum.lineage.keys import approver_for_private_key
 from quorum.lineage.provenance import SiteEvidence
@@ -236,6 +237,7 @@ def lifecycle(
     only_if_changed: bool | None = None,
     reason: str = "",
     on_round: OnRound | None = None,
+    site_workers: SiteWorkers | None = None,
 ) -> LifecycleResult:
     """Run every stage for one federation.
 
@@ -252,21 +254,31 @@ def lifecycle(
 
     ``on_round`` is called after each tuning round with a ``RoundDone`` (``quorum run`` draws its
     progress bar from it); runs started from a deployment have no watcher.
+
+    ``site_workers`` are site worker processes already started (``quorum run`` starts them while it
+    loads); without them a local run starts ``deployment.site_processes`` of its own for the job.
     """
     if reason:
         get_run_logger().info("started because: %s", reason)
     ctx = load_context(config_path, governance_path, job_id)
     site_runner: SiteRunner
+    own_workers: SiteWorkers | None = None
     if runner == "pool":
         from quorum.flows.runners.pool import PoolRunner
 
         site_runner = PoolRunner(ctx, str(ctx.config.source))
     else:
-        site_runner = LocalRunner(ctx.config)
+        if site_workers is None:
+            own_workers = start_site_workers(ctx.config.deployment.site_processes)
+        site_runner = LocalRunner(ctx.config, site_workers or own_workers)
     check = not force and (_started_by_schedule() if only_if_changed is None else only_if_changed)
-    result = run_lifecycle(
-        ctx, site_runner, list(approver_keys or []), resume=resume, only_if_changed=check, on_round=on_round
-    )
+    try:
+        result = run_lifecycle(
+            ctx, site_runner, list(approver_keys or []), resume=resume, only_if_changed=check, on_round=on_round
+        )
+    finally:
+        if own_workers is not None:
+            own_workers.close()
     if result.unchanged_since is not None:
         get_run_logger().info(
             "nothing changed since champion v%s: training skipped (force=True trains anyway)", result.unchanged_since

@@ -367,3 +367,8 @@ def _is_text(series: pd.Series) -> bool:
         or pd.api.types.is_string_dtype(dtype)
         or isinstance(dtype, pd.CategoricalDtype)
     )
+
+
+def warm_up() -> None:
+    """Import Great Expectations and build this process's context now (a site worker does this at start)."""
+    _context(_import_great_expectations())

@@ -82,6 +82,8 @@ def write_federation(
             "min_examples": 50,
         },
         "drift": {"min_rows": 30, "min_sites_to_retrain": 1},
+        # the sites' work stays in the test's own process, which has its imports paid already
+        "deployment": {"site_processes": 0},
     }
     config.update(extra or {})
     path = root / name

@@ -1,9 +1,9 @@
 """Where site work runs: the seam between the round loop and the sites.
 
-``LocalRunner`` (the embedded default) runs the sites' work as Prefect tasks in this process; each site
-still reads only its own folder. A runner returns, per site, either the site's result or the expected
-failure that kept it out, and never decides what happens next: that is the coordinator's call
-(``min_sites``).
+``LocalRunner`` (the embedded default) runs the sites' work as Prefect tasks of this process, in it or
+in its site worker processes; each site still reads only its own folder. A runner returns, per site,
+either the site's result or the expected failure that kept it out, and never decides what happens
+next: that is the coordinator's call (``min_sites``).
 """
 
 from __future__ import annotations
@@ -17,32 +17,16 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from quorum.configs.errors import QuorumError
 from quorum.configs.schema import FederationConfig
 from quorum.evaluation.report import SiteEvaluation
+from quorum.flows.runners.site_workers import SiteFailure as SiteFailure  # re-exported: the runners speak it
+from quorum.flows.runners.site_workers import SiteWorkers, guarded
 from quorum.tasks import site as site_work
 from quorum.tasks import site_secagg
 from quorum.tasks.site_secagg import MaskedUpdate
 from quorum.tasks.weights import Weights
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class SiteFailure:
-    """An expected failure at one site (bad data, missing file): the site is left out, the job decides."""
-
-    site_id: str
-    headline: str
-    message: str
-    fix: str
-
-    @classmethod
-    def of(cls, site_id: str, error: QuorumError) -> SiteFailure:
-        return cls(site_id, error.headline, error.message, error.fix)
-
-    def describe(self) -> str:
-        return f"{self.site_id}: {self.message}" + (f" (fix: {self.fix})" if self.fix else "")
 
 
 @dataclass(frozen=True)
@@ -108,13 +92,6 @@ class SiteRunner(ABC):
     def monitor(self, site_ids: Sequence[str], champion: Weights | None) -> dict[str, Any]: ...
 
 
-def _guarded(work: Callable[..., T], site_id: str, *args: Any) -> T | SiteFailure:
-    try:
-        return work(*args)
-    except QuorumError as error:
-        return SiteFailure.of(site_id, error)
-
-
 def _at_each_site(
     work: Callable[..., T], config: FederationConfig, site_ids: Sequence[str], *args: Any
 ) -> dict[str, T | SiteFailure]:
@@ -126,7 +103,20 @@ def _at_each_site(
     from quorum.tasks.training import torch_threads  # torch loads when the first round trains
 
     with torch_threads(1):
-        return {site_id: _guarded(work, site_id, config, site_id, *args) for site_id in site_ids}
+        return {site_id: guarded(work, site_id, config, site_id, *args) for site_id in site_ids}
+
+
+def _on_workers(
+    workers: SiteWorkers | None,
+    work: Callable[..., T],
+    config: FederationConfig,
+    site_ids: Sequence[str],
+    *args: Any,
+) -> dict[str, T | SiteFailure]:
+    """``_at_each_site``, or the same calls side by side in the site worker processes when there are some."""
+    if workers is None:
+        return _at_each_site(work, config, site_ids, *args)
+    return workers.run_each(work, site_ids, lambda site_id: (config, site_id, *args))
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-round-{server_round}")
@@ -136,12 +126,13 @@ def train_at_sites(
     weights: Weights,
     server_round: int,
     secagg: SecAggRound | None = None,
+    workers: SiteWorkers | None = None,
 ) -> dict[str, Any]:
     if secagg is not None:
         masked = site_secagg.train_site_masked
-        job_id, peers, unshared = secagg.job_id, secagg.peers, secagg.unshared
-        return _at_each_site(masked, config, site_ids, weights, server_round, job_id, peers, unshared)
-    return _at_each_site(site_work.train_site, config, site_ids, weights, server_round)
+        job_id, peers, unshared = secagg.job_id, dict(secagg.peers), secagg.unshared
+        return _on_workers(workers, masked, config, site_ids, weights, server_round, job_id, peers, unshared)
+    return _on_workers(workers, site_work.train_site, config, site_ids, weights, server_round)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="secagg-keys-round-{server_round}")
@@ -175,18 +166,28 @@ def reveal_at_sites(
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate_at_sites(config: FederationConfig, site_ids: Sequence[str], weights: Weights) -> dict[str, Any]:
-    return _at_each_site(site_work.evaluate_site, config, site_ids, weights)
+def evaluate_at_sites(
+    config: FederationConfig, site_ids: Sequence[str], weights: Weights, workers: SiteWorkers | None = None
+) -> dict[str, Any]:
+    return _on_workers(workers, site_work.evaluate_site, config, site_ids, weights)
+
+
+def _at_site(workers: SiteWorkers | None, work: Callable[..., T], site_id: str, *args: Any) -> T | SiteFailure:
+    return guarded(work, site_id, *args) if workers is None else workers.run_one(work, site_id, *args)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="preprocess-{site_id}")
-def site_preprocess(config: FederationConfig, site_id: str) -> site_work.DataFingerprint | SiteFailure:
-    return _guarded(site_work.preprocess_site, site_id, config, site_id)
+def site_preprocess(
+    config: FederationConfig, site_id: str, workers: SiteWorkers | None = None
+) -> site_work.DataFingerprint | SiteFailure:
+    return _at_site(workers, site_work.preprocess_site, site_id, config, site_id)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="monitor-{site_id}")
-def site_monitor(config: FederationConfig, site_id: str, champion: Weights | None) -> Any:
-    return _guarded(site_work.monitor_site, site_id, config, site_id, champion)
+def site_monitor(
+    config: FederationConfig, site_id: str, champion: Weights | None, workers: SiteWorkers | None = None
+) -> Any:
+    return _at_site(workers, site_work.monitor_site, site_id, config, site_id, champion)
 
 
 class LocalRunner(SiteRunner):
@@ -199,10 +200,18 @@ class LocalRunner(SiteRunner):
     Preprocessing and monitoring read raw files and write reports, and a site mostly waits on its files:
     there each site is a task of its own, all running side by side. A site's own training time is in
     its reply (``SiteUpdate.train_s``).
+
+    With ``workers`` (``SiteWorkers``), preprocessing, training, evaluation and monitoring run in those
+    processes instead, side by side on the machine's cores; the tasks and their results are the same.
+    The secure-aggregation key steps are light and stay here.
     """
 
-    def __init__(self, config: FederationConfig) -> None:
+    def __init__(self, config: FederationConfig, workers: SiteWorkers | None = None) -> None:
         self.config = config
+        self.workers = workers
+
+    def _quoted_workers(self) -> quote | None:
+        return None if self.workers is None else quote(self.workers)
 
     def _quoted_config(self) -> quote:
         """The config as a task argument Prefect passes on untouched: it would otherwise walk every field
@@ -217,12 +226,12 @@ class LocalRunner(SiteRunner):
         return {site_id: future.result() for site_id, future in futures.items()}
 
     def preprocess(self, site_ids: Sequence[str]) -> dict[str, Any]:
-        return self._side_by_side(site_preprocess, site_ids)
+        return self._side_by_side(site_preprocess, site_ids, self._quoted_workers())
 
     def train(
         self, site_ids: Sequence[str], weights: Weights, server_round: int, secagg: SecAggRound | None = None
     ) -> dict[str, Any]:
-        return self._in_turn(train_at_sites, site_ids, weights, server_round, secagg)
+        return self._in_turn(train_at_sites, site_ids, weights, server_round, secagg, self._quoted_workers())
 
     def keys(self, site_ids: Sequence[str], job_id: str, server_round: int) -> dict[str, Any]:
         return self._in_turn(keys_at_sites, site_ids, job_id, server_round)
@@ -236,7 +245,7 @@ class LocalRunner(SiteRunner):
         return self._in_turn(reveal_at_sites, site_ids, secagg, server_round, tuple(sorted(dropped)))
 
     def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, Any]:
-        return self._in_turn(evaluate_at_sites, site_ids, weights)
+        return self._in_turn(evaluate_at_sites, site_ids, weights, self._quoted_workers())
 
     def monitor(self, site_ids: Sequence[str], champion: Weights | None) -> dict[str, Any]:
-        return self._side_by_side(site_monitor, site_ids, champion)
+        return self._side_by_side(site_monitor, site_ids, champion, self._quoted_workers())
