@@ -18,7 +18,7 @@ Each repeat runs (a) then (b), so their ratio is taken under the same machine lo
 of a new federation also creates its Prefect database; it is timed apart ("first run") and every
 repeat after it runs on the same state folder.
 
-    .venv/bin/python bench/lifecycle.py [--repeats 2] [--runner local|pool] [--keep DIR]
+    .venv/bin/python bench/lifecycle.py [--repeats 2] [--runner local|pool] [--site-processes auto|0|N] [--keep DIR]
 
 Prints figures only; timings are never asserted.
 """
@@ -49,7 +49,7 @@ APPROVERS = ("alice", "bob")
 STAGES = ("start-up", "preprocess", "tune", "evaluate", "promote", "monitor")
 
 
-def write_federation(root: Path) -> tuple[Path, Path, list[Path]]:
+def write_federation(root: Path, site_processes: int | str = "auto") -> tuple[Path, Path, list[Path]]:
     """The workload as site CSVs, a federation config, a governance file and two approvers' keys."""
     from quorum.lineage.keys import generate_key_pair, public_key_fingerprint
 
@@ -83,7 +83,7 @@ def write_federation(root: Path) -> tuple[Path, Path, list[Path]]:
         "gates": {"min_accuracy": 0.8, "min_auc": 0.8, "max_selection_rate_gap": None},
         "drift": {"html_report": False},
         # free loopback ports for `--runner pool` (`quorum up`), so no other server's port is taken
-        "deployment": {"prefect_port": _free_port(), "mlflow_port": _free_port()},
+        "deployment": {"prefect_port": _free_port(), "mlflow_port": _free_port(), "site_processes": site_processes},
     }
     for name in (*APPROVERS, "coordinator"):
         generate_key_pair(root / "keys" / f"{name}.key", root / "keys" / f"{name}.pub")
@@ -220,16 +220,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed pairs after the first run")
     parser.add_argument("--runner", choices=("local", "pool"), default="local")
     parser.add_argument("--keep", type=Path, help="write the federation here and keep it (default: a temp folder)")
+    parser.add_argument(
+        "--site-processes",
+        type=lambda text: text if text == "auto" else int(text),
+        default="auto",
+        help="deployment.site_processes of the generated federation: auto (default), 0 (in the job's process) or N",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     root = args.keep or Path(tempfile.mkdtemp(prefix="quorum-bench-lifecycle-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        config, governance, keys = write_federation(root)
+        config, governance, keys = write_federation(root, args.site_processes)
         print(
             f"workload: {tuning.SITES} sites x {tuning.ROWS} rows x {tuning.FEATURES} features as CSV, MLP "
             f"{tuning.FEATURES}-{'-'.join(map(str, tuning.HIDDEN))}-1, {tuning.ROUNDS} rounds, {tuning.EPOCHS} "
-            f"local epoch; runner {args.runner}; federation in {root}"
+            f"local epoch; runner {args.runner}, site_processes {args.site_processes}; federation in {root}"
         )
         if args.runner == "pool":
             print("pool runner: starting the stack (`quorum up`, not timed) ...")
@@ -245,7 +251,7 @@ def main() -> None:
             pairs.append((wall, plain))
             print(
                 f"  quorum run {wall:6.2f} s, plain loop {plain:6.2f} s (accuracy {accuracy:.4f}): "
-                f"{wall / plain:5.2f}x  {_stages(stages)}"
+                f"{wall / plain:5.2f}x  {_stages(stages)}  (load average {os.getloadavg()[0]:.1f})"
             )
         ratios = [w / p for w, p in pairs]
         if ratios:

@@ -411,8 +411,8 @@ class DeploymentConfig(BaseModel):
     mlflow_workers: int = Field(default=1, ge=1, le=16)  # MLflow server processes; each imports MLflow on `quorum up`
     # the embedded runner's site worker processes (`quorum run`, and lifecycle runs with runner "local"):
     # they load the site code while the job starts and work side by side; 0 keeps the sites' work in the
-    # flow's own process
-    site_processes: int = Field(default=2, ge=0, le=64)
+    # flow's own process; "auto" uses the machine's cores (at most 4) when it is mostly idle at launch, else 0
+    site_processes: Annotated[int, Field(ge=0, le=64, strict=True)] | Literal["auto"] = "auto"
 
 
 class RoutingPolicy(BaseModel):

@@ -6,6 +6,9 @@ adapter in ``lineage``. MLflow gets a parent run for the job with a child run pe
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -271,6 +274,8 @@ def lifecycle(
         if site_workers is None:
             own_workers = start_site_workers(ctx.config.deployment.site_processes)
         site_runner = LocalRunner(ctx.config, site_workers or own_workers)
+        if site_workers or own_workers:
+            _load_in_background(LATER_STAGE_MODULES)
     check = not force and (_started_by_schedule() if only_if_changed is None else only_if_changed)
     try:
         result = run_lifecycle(
@@ -284,6 +289,30 @@ def lifecycle(
             "nothing changed since champion v%s: training skipped (force=True trains anyway)", result.unchanged_since
         )
     return result
+
+
+# What this process needs once the sites have trained: torch for the first weights and the logged model,
+# MLflow's torch flavour and the ONNX tools at promotion, matplotlib for the verdict page.
+LATER_STAGE_MODULES = (
+    "torch",
+    "mlflow.pytorch",
+    "onnx",
+    "onnxruntime.quantization",
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
+)
+
+
+def _load_in_background(modules: tuple[str, ...]) -> None:
+    """Import ``modules`` on a daemon thread: while site worker processes preprocess, this process only
+    waits, so its later stages' imports cost no wall time (a stage that needs one first waits for it)."""
+
+    def load() -> None:
+        for name in modules:
+            with contextlib.suppress(ImportError):  # a missing tool is reported by the stage that uses it
+                importlib.import_module(name)
+
+    threading.Thread(target=load, name="quorum-preload", daemon=True).start()
 
 
 def _started_by_schedule() -> bool:

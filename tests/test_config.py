@@ -220,6 +220,10 @@ BAD_FIELDS = {
     "row-bounds": ({"contract.min_rows": 10, "contract.max_rows": 5}, "min_rows (10) must not exceed max_rows (5)"),
     # a model without hidden layers
     "no-hidden-layers": ({"model.hidden_sizes": []}, "model.hidden_sizes"),
+    # a count of worker processes below zero, or YAML's `yes` read as one
+    "site-processes-negative": ({"deployment.site_processes": -1}, "deployment.site_processes"),
+    "site-processes-bool": ({"deployment.site_processes": True}, "deployment.site_processes"),
+    "site-processes-word": ({"deployment.site_processes": "many"}, "deployment.site_processes"),
 }
 
 

@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 
 from quorum.configs.schema import load_federation
-from quorum.flows.runners.site_workers import SiteFailure, SiteWorkers, start_site_workers
+from quorum.flows.runners.site_workers import SiteFailure, SiteWorkers, start_site_workers, worker_count
 from quorum.tasks import site as site_work
 from tests import site_worker_probes as probes
 from tests.federation import write_federation
-
-pytestmark = pytest.mark.integration  # starts worker processes that load torch and Great Expectations
 
 SITES = ("alpha", "beta", "gamma")
 
@@ -31,6 +29,22 @@ def test_no_processes_means_work_stays_here() -> None:
     assert start_site_workers(0) is None
 
 
+@pytest.mark.parametrize(
+    ("setting", "cores", "load_1m", "expected"),
+    [
+        (3, 2, 9.0, 3),  # a number is taken as it is, whatever the load
+        (0, 8, 0.0, 0),
+        ("auto", 2, 0.3, 2),  # idle: one per core
+        ("auto", 16, 0.5, 4),  # capped
+        ("auto", 2, 1.0, 0),  # half the cores busy: the job's own process does the work
+        ("auto", 1, 0.0, 0),  # one core has nothing to spare
+    ],
+)
+def test_how_many_workers_a_setting_starts(setting: int | str, cores: int, load_1m: float, expected: int) -> None:
+    assert worker_count(setting, cores, load_1m) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.integration  # starts worker processes that load torch and Great Expectations
 def test_each_site_gets_its_own_result_and_its_own_failure(workers: SiteWorkers) -> None:
     echoed = workers.run_each(probes.echo, SITES, lambda site_id: (site_id,))
     refused = workers.run_one(probes.refuse, "beta", "beta")
@@ -42,6 +56,7 @@ def test_each_site_gets_its_own_result_and_its_own_failure(workers: SiteWorkers)
     assert (refused.site_id, refused.message, refused.fix) == ("beta", "site beta: no rows", "add rows")
 
 
+@pytest.mark.integration  # starts worker processes that load torch and Great Expectations
 def test_a_dead_worker_fails_its_site_and_the_next_call_has_workers_again(workers: SiteWorkers) -> None:
     died = workers.run_one(probes.die, "gamma", "gamma")
     after = workers.run_each(probes.echo, SITES, lambda site_id: (site_id,))
@@ -51,12 +66,14 @@ def test_a_dead_worker_fails_its_site_and_the_next_call_has_workers_again(worker
     assert not any(isinstance(result, SiteFailure) for result in after.values())
 
 
+@pytest.mark.integration  # starts worker processes that load torch and Great Expectations
 def test_a_worker_loads_site_code_but_no_orchestrator_or_tracker(workers: SiteWorkers) -> None:
     loaded = workers.run_one(probes.loaded_frameworks, "alpha", "alpha")
 
     assert loaded == {"prefect": False, "mlflow": False, "great_expectations": True, "torch": True}
 
 
+@pytest.mark.integration  # starts worker processes that load torch and Great Expectations
 def test_sites_work_in_workers_with_the_results_they_have_here(tmp_path: Path, workers: SiteWorkers) -> None:
     from quorum.flows.tuning import start_weights
 

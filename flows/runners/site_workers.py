@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from quorum.configs.errors import QuorumError
 
@@ -132,6 +132,25 @@ def _worker_died(site_id: str) -> SiteFailure:
     )
 
 
-def start_site_workers(processes: int) -> SiteWorkers | None:
-    """``processes`` workers, or ``None`` (the sites' work stays in this process) when there are none."""
+AUTO_MAX_PROCESSES = 4
+
+
+def worker_count(setting: int | Literal["auto"], cores: int, load_1m: float) -> int:
+    """How many site worker processes to start for ``deployment.site_processes``.
+
+    "auto" starts one per core (at most ``AUTO_MAX_PROCESSES``) only while the machine is mostly idle (its
+    one-minute load average under half its cores). Workers pay off by using idle cores; on a busy machine
+    there are none, and their own imports (torch and Great Expectations again, in each worker) only add
+    work, so the sites' work stays in the job's process there.
+    """
+    if setting != "auto":
+        return setting
+    if cores < 2 or load_1m >= cores / 2:
+        return 0
+    return min(cores, AUTO_MAX_PROCESSES)
+
+
+def start_site_workers(setting: int | Literal["auto"]) -> SiteWorkers | None:
+    """The workers ``deployment.site_processes`` asks for on this machine now, or ``None`` (work stays here)."""
+    processes = worker_count(setting, os.cpu_count() or 1, os.getloadavg()[0])
     return SiteWorkers(processes) if processes > 0 else None
