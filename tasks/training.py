@@ -13,7 +13,8 @@ from numpy.typing import NDArray
 from quorum.configs.errors import ConfigError
 from quorum.evaluation.metrics import BinaryCounts, counts_from_scores
 from quorum.evaluation.report import SiteEvaluation
-from quorum.tasks.model import Weights, build_model, get_weights, set_weights
+from quorum.tasks.model import build_model, get_weights, set_weights
+from quorum.tasks.weights import Weights
 
 
 @dataclass(frozen=True)
