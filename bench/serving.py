@@ -99,12 +99,13 @@ class Client:
 
 def build_federation() -> tuple[Path, Path]:
     from quorum.flows.lifecycle import lifecycle
-    from tests.federation import write_federation, write_governance
+    from tests.federation import pin_governance_root, write_federation, write_governance
 
     root = WORK / "federation"
     root.mkdir()
     config_path = write_federation(root, rounds=2, extra={"model": {"hidden_sizes": [32, 16]}})
     governance_path, keys = write_governance(root)
+    pin_governance_root(config_path, governance_path)
     result = lifecycle(str(config_path), str(governance_path), keys[:2])
     assert result.promotion is not None and result.promotion.champion, "the bench federation promoted nothing"
     return config_path, governance_path

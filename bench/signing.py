@@ -114,12 +114,13 @@ def bench_rollback() -> None:
     from quorum.lineage.keys import approver_for_private_key
     from quorum.lineage.signing import today_utc
     from quorum.lineage.tracking import CHAMPION, alias_version
-    from tests.federation import write_federation, write_governance
+    from tests.federation import pin_governance_root, write_federation, write_governance
 
     root = WORK / "federation"
     root.mkdir()
     config_path = write_federation(root, rounds=2)
     governance_path, keys = write_governance(root)
+    pin_governance_root(config_path, governance_path)
     config, governance = str(config_path), str(governance_path)
     lifecycle(config, governance, keys[:2])
     lifecycle(config, governance, keys[:2])
@@ -134,7 +135,7 @@ def bench_rollback() -> None:
             sign_candidate(again, "2", signers, today_utc())
             promote_approved(again, "2")
         started = time.perf_counter()
-        rollback_flow(load_context(config, governance), Path(keys[2]), None, "bench")
+        rollback_flow(load_context(config, governance), [Path(keys[2]), Path(keys[0])], None, "bench")
         rollback_times.append(time.perf_counter() - started)
         deployment = deploy_flow(config, governance, "alpha")
         times.append(time.perf_counter() - started)

@@ -476,11 +476,13 @@ def keys_generate(name: str, out: Path, config_path: Path | None = None) -> int:
     return 0
 
 
-def _approver_command(config_path: Path, governance_path: Path, model: str, key: Path, usage: str) -> StateLayout:
-    """What `approve` and `rollback` check before anything runs: the configs, the key file and the model name."""
+def _approver_command(
+    config_path: Path, governance_path: Path, model: str, keys: list[Path], usage: str
+) -> StateLayout:
+    """What `approve` and `rollback` check before anything runs: the configs, the key files and the model name."""
     config, state = _prepare(config_path)
     load_governance(governance_path)
-    _require_key_files([key], "--key")
+    _require_key_files(keys, "--key")
     if model != config.model_name:
         raise ConfigError(
             f"this federation registers {config.model_name!r}, not {model!r}",
@@ -492,7 +494,7 @@ def _approver_command(config_path: Path, governance_path: Path, model: str, key:
 def approve(config_path: Path, governance_path: Path, model: str, version: str, key: Path) -> int:
     """Sign a version on the approver's own machine; the promotion flow promotes once the quorum is met."""
     state = _approver_command(
-        config_path, governance_path, model, key, f"quorum approve {{model}} --version {version} --key ..."
+        config_path, governance_path, model, [key], f"quorum approve {{model}} --version {version} --key ..."
     )
     from quorum.lineage.keys import load_private_key
 
@@ -514,22 +516,30 @@ def rollback(
     config_path: Path,
     governance_path: Path,
     model: str,
-    key: Path,
+    keys: list[Path],
     to_version: str | None,
     reason: str,
     verbose: bool = False,
 ) -> int:
-    state = _approver_command(config_path, governance_path, model, key, "quorum rollback {model} --key ...")
+    """Roll the champion back with one --key per approver: the statement needs the governance quorum."""
+    state = _approver_command(
+        config_path, governance_path, model, keys, "quorum rollback {model} --key A.key --key B.key ..."
+    )
+    from quorum.lineage.keys import rollback_signers
+    from quorum.lineage.signing import today_utc
+
+    rollback_signers(load_governance(governance_path), keys, today_utc())  # too few keys: refused before any flow
     api = _local_api(state)
     from quorum.flows.context import load_context
     from quorum.flows.governance import rollback_flow
 
     _quiet_console(verbose)
     _wait_for_api(api)
-    result = rollback_flow(load_context(str(config_path), str(governance_path)), key, to_version, reason)
+    result = rollback_flow(load_context(str(config_path), str(governance_path)), keys, to_version, reason)
     print(
         f"{model} v{result.to_version} is the champion again, v{result.from_version} is rolled back "
-        f"(signed by {', '.join(result.quorum.valid_approvers)}; provenance sha256:{result.provenance_sha256})\n"
+        f"(rollback statement signed by {', '.join(result.signers)}; v{result.to_version} signed by "
+        f"{', '.join(result.quorum.valid_approvers)}; provenance sha256:{result.provenance_sha256})\n"
         "sites load it with `quorum deploy --site ID`"
     )
     return 0
@@ -669,20 +679,30 @@ def governance_adopt(governance_path: Path, new_path: Path) -> int:
 def governance_verify(governance_path: Path, config_path: Path | None) -> int:
     """Verify the governance chain from version 1, and from each site's accepted version when a config is given."""
     from quorum.lineage.champion import read_trust
-    from quorum.lineage.governance_chain import verify_chain
+    from quorum.lineage.governance_chain import root_digest, verify_chain
 
     governance = verify_chain(governance_path.resolve())
     print(f"{governance_path}: governance version {governance.version}, chain verified from version 1")
+    print(f"  root (sha256 of version 1): {root_digest(governance_path.resolve())}")
     if config_path is not None:
         from quorum.flows.deploy import trust_record
 
-        for site in load_federation(config_path).sites:
+        config = load_federation(config_path)
+        if config.governance_root is None:
+            raise ConfigError(
+                f"{config_path} pins no governance_root; sites refuse to deploy without one",
+                fix=f"check the root above against governance version 1 in git, then add "
+                f"`governance_root: {root_digest(governance_path.resolve())}` to {config_path}",
+            )
+        verify_chain(governance_path.resolve(), root=config.governance_root)
+        print(f"  pinned by {config_path}: the chain starts at its governance_root")
+        for site in config.sites:
             seen = read_trust(trust_record(site)).get("governance")
             if isinstance(seen, dict):
                 verify_chain(governance_path.resolve(), (int(seen["version"]), str(seen["sha256"])))
                 print(f"  site {site.id}: accepted version {seen['version']}, chains to the current file")
             else:
-                print(f"  site {site.id}: no governance accepted yet (first deploy trusts it)")
+                print(f"  site {site.id}: no governance accepted yet (its first deploy walks the chain from the root)")
     return 0
 
 

@@ -175,7 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = commands.add_parser("rollback", help="make the previous signed champion current again")
     rollback.add_argument("model", help="registered model name")
     rollback.add_argument("--to", dest="to_version", metavar="VERSION", help="an earlier champion (default: the last)")
-    rollback.add_argument("--key", required=True, help="private key of an approver allowed to roll back")
+    rollback.add_argument(
+        "--key",
+        required=True,
+        action="append",
+        help="an approver's private key; once per approver, the governance quorum in all, at least one of them "
+        "allowed to roll back",
+    )
     rollback.add_argument("--reason", default="", help="why, for the audit log")
     _add_config(rollback, governance=True)
     rollback.set_defaults(handler=_cmd_rollback)
@@ -421,7 +427,13 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     from quorum.cli import commands
 
     return commands.rollback(
-        Path(args.config), Path(args.governance), args.model, Path(args.key), args.to_version, args.reason, args.verbose
+        Path(args.config),
+        Path(args.governance),
+        args.model,
+        [Path(key) for key in args.key],
+        args.to_version,
+        args.reason,
+        args.verbose,
     )
 
 

@@ -455,6 +455,10 @@ class ServingConfig(BaseModel):
         return self.routing.get(site_id, RoutingPolicy())
 
 
+# a sha256 in lowercase hex: key fingerprints, pinned file digests
+Fingerprint = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class FederationConfig(BaseModel):
     """The whole federation: its sites, shared schema and every knob of the lifecycle."""
 
@@ -476,6 +480,9 @@ class FederationConfig(BaseModel):
     storage: StorageConfig = StorageConfig()
     placement: PlacementConfig = PlacementConfig()
     serving: ServingConfig = ServingConfig()
+    # the sha256 of governance version 1 (the file's bytes): the root a site walks the signed
+    # governance chain from; kept here, in git, so no file in the state folder can choose it
+    governance_root: Fingerprint | None = None
     source: Path | None = None
 
     @field_validator("sites", mode="before")
@@ -622,9 +629,6 @@ class FederationConfig(BaseModel):
         """A stable digest of every knob, recorded in lineage to tell runs apart."""
         payload = self.model_dump(mode="json", exclude={"source"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-Fingerprint = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 class Approver(BaseModel):

@@ -82,7 +82,7 @@ def deploy_site(ctx: JobContext, site_id: str) -> Deployment:
     name = ctx.config.model_name
     trust = trust_record(site)
     assert ctx.governance.source is not None
-    governance = trusted_governance(ctx.governance.source, trust)
+    governance = trusted_governance(ctx.governance.source, trust, ctx.config.governance_root)
     entries = ctx.audit.entries()
     check_anchors(entries, witnessed(trust, governance, f"site {site_id}"), ctx.audit.path)
     actor = f"site:{site_id}"

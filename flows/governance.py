@@ -7,8 +7,9 @@ Quorum, and guessing which of the two to trust is exactly what a rollback must n
 
 A rollback re-verifies the target (quorum with today's keys, provenance, file digests) before it
 moves anything. It then writes a new champion statement with a higher sequence (``action:
-rollback``), signed by the rolling-back approver's key, naming a version an earlier statement made
-champion; sites follow it exactly like a promotion. Publishing the statement, moving the alias,
+rollback``), signed by the governance quorum (one key per approver, at least one of them allowed to
+roll back), naming a version an earlier statement made champion; sites follow it exactly like a
+promotion and refuse a rollback statement below the quorum. Publishing the statement, moving the alias,
 tagging the versions and appending the audit entry form one Prefect transaction, like a promotion:
 if any step fails the statement and the alias are put back.
 """
@@ -17,21 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import transaction
 
-from quorum.configs.errors import ChampionError, NotPermitted
-from quorum.configs.schema import GovernanceConfig
+from quorum.configs.errors import ChampionError
 from quorum.flows.context import JobContext
 from quorum.flows.promote import move_champion_alias, publish_statement
 from quorum.lineage import champion
 from quorum.lineage.anchor import sign_checkpoint
 from quorum.lineage.audit import AuditEntry
-from quorum.lineage.keys import approver_for_private_key
+from quorum.lineage.envelope import sign
+from quorum.lineage.keys import rollback_signers
 from quorum.lineage.provenance import provenance_digest
 from quorum.lineage.registry import model_key, verify_version
 from quorum.lineage.signing import QuorumResult, today_utc
@@ -45,7 +45,8 @@ class RollbackResult:
     model_name: str
     from_version: str
     to_version: str
-    approver: str
+    approver: str  # the first signer governance allows to roll back: the audit entry's actor
+    signers: tuple[str, ...]  # every approver who signed the rollback statement
     quorum: QuorumResult
     provenance_sha256: str
 
@@ -95,24 +96,13 @@ def rollback_target(history: Sequence[str], current: str | None, to_version: str
     return to_version
 
 
-def require_rollback_right(governance: GovernanceConfig, approver: str, today: date) -> None:
-    """Raise unless ``approver`` may roll back: listed under ``rollback`` and holding a usable key."""
-    if approver not in governance.rollback_approvers:
-        allowed = ", ".join(governance.rollback_approvers) or "nobody"
-        raise NotPermitted(
-            f"approver {approver} may not roll back the champion (allowed: {allowed})",
-            fix="ask an approver listed under `rollback` in governance.yaml",
-        )
-    problem = governance.approver(approver).key_problem(today)
-    if problem:
-        raise NotPermitted(f"{problem}; it cannot authorise a rollback", fix="use a current, unrevoked key")
-
-
 @task(cache_policy=NO_CACHE)
 def record_rollback(ctx: JobContext, result: RollbackResult, reason: str, sequence: int) -> None:
     name = result.model_name
     set_version_tags(ctx.tracker, name, result.to_version, {"stage": CHAMPION, "rolled_back_from": result.from_version})
-    set_version_tags(ctx.tracker, name, result.from_version, {"stage": ROLLED_BACK, "rolled_back_by": result.approver})
+    set_version_tags(
+        ctx.tracker, name, result.from_version, {"stage": ROLLED_BACK, "rolled_back_by": ",".join(result.signers)}
+    )
     ctx.audit.append(
         "rollback",
         result.approver,
@@ -123,29 +113,32 @@ def record_rollback(ctx: JobContext, result: RollbackResult, reason: str, sequen
             "signers": list(result.quorum.valid_approvers),
             "provenance_sha256": result.provenance_sha256,
             "reason": reason,
+            "statement_signers": list(result.signers),
             "statement_sequence": sequence,
         },
     )
 
 
 @flow(name="rollback", validate_parameters=False)
-def rollback_flow(ctx: JobContext, key: Path, to_version: str | None = None, reason: str = "") -> RollbackResult:
-    """Make an earlier signed champion current again, authorised by an approver's private key."""
+def rollback_flow(
+    ctx: JobContext, keys: Sequence[Path], to_version: str | None = None, reason: str = ""
+) -> RollbackResult:
+    """Make an earlier signed champion current again, signed with a quorum of approvers' private keys."""
     name = ctx.config.model_name
     today = today_utc()
-    approver = approver_for_private_key(key, ctx.governance)
-    require_rollback_right(ctx.governance, approver, today)
+    signing = rollback_signers(ctx.governance, list(keys), today)
+    signers = tuple(signer for signer, _ in signing)
     current = alias_version(ctx.tracker, name, CHAMPION)
     target = rollback_target(champion_history(ctx.audit.entries(), name), current, to_version)
     assert current is not None  # rollback_target refuses a missing champion
     _require_registered(ctx, target)
     quorum = verify_version(ctx.store, ctx.governance, name, target, today)
     digest = provenance_digest(ctx.store.checkout(model_key(name, target)))
-    result = RollbackResult(name, current, target, approver, quorum, digest)
+    result = RollbackResult(name, current, target, signers[0], signers, quorum, digest)
     payload = champion.new_payload(
         champion.chain_head(ctx.store, name), name, target, digest, champion.ROLLBACK, reason
     )
-    signatures = (champion.sign(champion.KIND, payload, key, approver),)
+    signatures = tuple(sign(champion.KIND, payload, key, signer) for signer, key in signing)
     champion.verify_statement(ctx.store, ctx.governance, payload, signatures, today)
     with transaction() as txn:
         txn.set("ctx", ctx)
@@ -153,7 +146,7 @@ def rollback_flow(ctx: JobContext, key: Path, to_version: str | None = None, rea
         move_champion_alias(ctx, target)
         record_rollback(ctx, result, reason, int(payload["sequence"]))
     sign_checkpoint(ctx.audit, ctx.governance)
-    get_run_logger().info("%s rolled %s back from v%s to v%s", approver, name, current, target)
+    get_run_logger().info("%s rolled %s back from v%s to v%s", ", ".join(signers), name, current, target)
     return result
 
 

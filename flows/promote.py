@@ -31,6 +31,7 @@ from quorum.evaluation.gates import Verdict
 from quorum.flows.context import JobContext
 from quorum.lineage import champion
 from quorum.lineage.anchor import sign_checkpoint
+from quorum.lineage.envelope import Signed
 from quorum.lineage.keys import approver_for_private_key
 from quorum.lineage.provenance import (
     BuildFacts,
@@ -82,7 +83,7 @@ def _restore_champion_alias(txn: Transaction) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def publish_statement(ctx: JobContext, payload: dict[str, object], signatures: tuple[champion.Signed, ...]) -> None:
+def publish_statement(ctx: JobContext, payload: dict[str, object], signatures: tuple[Signed, ...]) -> None:
     """Make the signed statement current: from here on, sites deploy what it names."""
     previous = champion.publish(ctx.store, payload, signatures)
     txn = get_transaction()
@@ -133,7 +134,7 @@ class _Promotion:
     version: str
     quorum: QuorumResult
     payload: dict[str, object]
-    signatures: tuple[champion.Signed, ...]
+    signatures: tuple[Signed, ...]
     sequence: int
 
 

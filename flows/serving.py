@@ -110,7 +110,9 @@ class ModelService:
     def _governance(self) -> GovernanceConfig:
         """Governance as this site accepts it: chained by signatures from the version it accepted before."""
         source = self.ctx.governance.source
-        return self.ctx.governance if source is None else trusted_governance(source, trust_record(self.site))
+        if source is None:
+            return self.ctx.governance
+        return trusted_governance(source, trust_record(self.site), self.ctx.config.governance_root)
 
     def _champion_version(self, name: str) -> str | None:
         """The version the signed champion statement names, never the registry alias; ``None`` (keep

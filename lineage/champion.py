@@ -1,9 +1,9 @@
 """The signed champion statement: which version the sites run, in an order nobody can turn back.
 
 A statement says ``{model, version, provenance digest, sequence, time, previous statement digest,
-action, reason}``. A promotion statement counts only with the signatures of a quorum of approvers;
-a rollback statement needs one approver governance allows to roll back, and may only name a version
-that an earlier statement in the same chain made champion (the chain is walked by digest, so its
+action, reason}``. Every statement counts only with the signatures of a quorum of distinct approvers;
+a rollback statement's quorum must also include an approver governance allows to roll back, and it
+may only name a version that an earlier statement in the same chain made champion (the chain is walked by digest, so its
 earlier links need no signatures of their own: the signed head commits to them).
 
 Sites deploy from the statement, never from the MLflow alias, and remember the highest sequence they
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -112,10 +112,18 @@ def verify_statement(
                 fix=_FIX,
             )
     else:
-        result = tally(KIND, payload, signatures, governance, today, governance.rollback_approvers)
-        if not result.valid:
+        result = tally(KIND, payload, signatures, governance, today)
+        if len(result.valid) < governance.quorum:
+            raise QuorumNotMet(
+                f"{where} is a rollback and needs {governance.quorum} approver signatures, "
+                f"{len(result.valid)} valid; {result.describe()}",
+                fix=_FIX,
+            )
+        if not set(result.valid) & set(governance.rollback_approvers):
             raise SignatureError(
-                f"{where} is a rollback no approver allowed to roll back signed; {result.describe()}", fix=_FIX
+                f"{where} is a rollback that no approver allowed to roll back signed "
+                f"(allowed: {', '.join(governance.rollback_approvers)}); {result.describe()}",
+                fix=_FIX,
             )
         _require_earlier_champion(store, payload)
     return _statement(payload, result)
@@ -199,7 +207,7 @@ def signed_chain(
 
 
 def unsigned_champion_events(
-    entries: list[tuple[int, str, Mapping[str, Any]]], chain: Mapping[int, Mapping[str, Any]], model: str
+    entries: Sequence[tuple[int, str, Mapping[str, Any]]], chain: Mapping[int, Mapping[str, Any]], model: str
 ) -> list[str]:
     """Audit entries claiming a promotion or rollback that no signed statement backs (a forged line).
 
@@ -222,7 +230,7 @@ def unsigned_champion_events(
 
 
 def require_backed_champion_events(
-    entries: list[tuple[int, str, Mapping[str, Any]]],
+    entries: Sequence[tuple[int, str, Mapping[str, Any]]],
     store: ArtifactStore,
     governance: GovernanceConfig,
     model: str,

@@ -5,13 +5,17 @@ approvers signed it (``quorum governance sign NEW --key K`` on each approver's m
 ``quorum governance adopt NEW``). Adopting keeps every version ever trusted, with its signatures, in
 ``<name>.history/`` beside the governance file, so any verifier can replay the chain:
 
-    governance.history/v1.yaml                   the first version (trusted on first use, from git)
+    governance.history/v1.yaml                   the first version: the root
     governance.history/v2.yaml, v2.sigs.json     version 2 and version 1's quorum signing it
     ...
 
-A site remembers the newest version it accepted (version and sha256, in its own folder) and accepts a
-different file only by walking the chain forward from there: an older file (a governance rollback,
-e.g. to bring back a revoked approver) or a file nobody signed is refused.
+The root is never taken on first use: the federation config (in git) pins version 1's sha256 as
+``governance_root``, and a site walks the chain from that file only, as TUF ships its first root with
+the client. A governance chain someone wrote elsewhere (in the state folder, say), however well its
+own keys signed it, starts at another root and is refused, on the first deploy as on every later one.
+A site also remembers the newest version it accepted (version and sha256, in its own folder) and
+accepts a different file only by walking the chain forward from there: an older file (a governance
+rollback, e.g. to bring back a revoked approver) or a file nobody signed is refused.
 
 What a signature covers: ``{version, sha256 of the new file's bytes, sha256 of the previous file}``.
 """
@@ -90,13 +94,16 @@ def adopt(governance_path: Path, new_path: Path, today: date | None = None) -> G
 
 
 def verify_chain(
-    governance_path: Path, since: tuple[int, str] | None = None, today: date | None = None
+    governance_path: Path, since: tuple[int, str] | None = None, today: date | None = None, root: str | None = None
 ) -> GovernanceConfig:
     """The governance file, if its history chains to it from ``since`` (version, sha256) or from version 1.
 
     Each step must carry a quorum of the previous version's approvers; an older version than ``since``
-    or a different file with the same version is refused.
+    or a different file with the same version is refused. With ``root`` (the pinned sha256 of version
+    1), a chain whose version 1 is another file is refused.
     """
+    if root is not None:
+        _require_root(governance_path, root)
     current_bytes, current = _load(governance_path)
     start_version = since[0] if since else 1
     if current.version < start_version:
@@ -129,15 +136,58 @@ def verify_chain(
     return current
 
 
-def trusted_governance(governance_path: Path, trust_file: Path) -> GovernanceConfig:
-    """What a site calls before using governance: verify the chain from what it accepted, then record it."""
+def trusted_governance(governance_path: Path, trust_file: Path, root: str | None) -> GovernanceConfig:
+    """What a site calls before using governance: verify the chain from the pinned root and from what it
+    accepted before, then record it. ``root`` is the federation config's ``governance_root``."""
+    if root is None:
+        raise ConfigError(
+            "the federation config pins no governance root, so a site cannot tell the governance in git from "
+            "one written anywhere else",
+            fix=f"add `governance_root: SHA256` to the federation config (in git): the sha256 of governance "
+            f"version 1, printed by `quorum governance verify --governance {governance_path}` from your checkout",
+        )
     record = read_trust(trust_file)
     seen = record.get("governance")
+    if isinstance(seen, dict) and seen.get("root", root) != root:
+        raise SignatureError(
+            f"this site accepted governance rooted at sha256 {str(seen['root'])[:16]}..., but the federation config "
+            f"pins governance_root {root[:16]}...",
+            fix="a new governance root takes a deliberate reset at each site: check the config in git with its "
+            "approvers, then remove the `governance` entry of the site's deployed/trust.json",
+        )
     since = (int(seen["version"]), str(seen["sha256"])) if isinstance(seen, dict) else None
-    governance = verify_chain(governance_path, since)
+    governance = verify_chain(governance_path, root=root)
+    if since is not None:
+        verify_chain(governance_path, since)
     digest = hashlib.sha256(read_input(governance_path, "governance file", _FIX)).hexdigest()
-    write_trust(trust_file, {**record, "governance": {"version": governance.version, "sha256": digest}})
+    accepted = {"version": governance.version, "sha256": digest, "root": root}
+    write_trust(trust_file, {**record, "governance": accepted})
     return governance
+
+
+def root_digest(governance_path: Path) -> str:
+    """The sha256 of version 1 of this governance chain: what ``governance_root`` pins."""
+    return hashlib.sha256(_version_one(governance_path)).hexdigest()
+
+
+def _version_one(governance_path: Path) -> bytes:
+    """Version 1's bytes: the file itself while it is version 1, else its copy in the history."""
+    current_bytes, current = _load(governance_path)
+    if current.version == 1:
+        return current_bytes
+    return read_input(history_dir(governance_path) / "v1.yaml", "governance history file", _FIX)
+
+
+def _require_root(governance_path: Path, root: str) -> None:
+    found = hashlib.sha256(_version_one(governance_path)).hexdigest()
+    if found != root:
+        raise SignatureError(
+            f"the governance chain of {governance_path} starts at a version 1 with sha256 {found[:16]}..., but the "
+            f"federation config pins governance_root {root[:16]}...: it is not the governance this federation "
+            "was founded on",
+            fix="deploy with the governance file from git (`--governance configs/governance.yaml`); a chain written "
+            "elsewhere is never trusted",
+        )
 
 
 def _check_step(

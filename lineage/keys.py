@@ -16,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from quorum.configs.errors import ConfigError, NotPermitted
+from quorum.configs.errors import ConfigError, NotPermitted, QuorumNotMet
 from quorum.configs.schema import Approver, GovernanceConfig, read_input
 
 _PRIVATE_MODE = 0o600
@@ -148,6 +150,52 @@ def approver_for_private_key(private_path: Path, governance: GovernanceConfig) -
         f"the key {private_path} belongs to no approver in governance (fingerprint {fingerprint})",
         fix="add this fingerprint to configs/governance.yaml (signed by the current quorum) or use an approver's key",
     )
+
+
+def require_rollback_right(governance: GovernanceConfig, approver: str, today: date) -> None:
+    """Raise unless ``approver`` may roll back: listed under ``rollback`` and holding a usable key."""
+    if approver not in governance.rollback_approvers:
+        allowed = ", ".join(governance.rollback_approvers) or "nobody"
+        raise NotPermitted(
+            f"approver {approver} may not roll back the champion (allowed: {allowed})",
+            fix="ask an approver listed under `rollback` in governance.yaml",
+        )
+    problem = governance.approver(approver).key_problem(today)
+    if problem:
+        raise NotPermitted(f"{problem}; it cannot authorise a rollback", fix="use a current, unrevoked key")
+
+
+def rollback_signers(governance: GovernanceConfig, keys: Sequence[Path], today: date) -> tuple[tuple[str, Path], ...]:
+    """Who signs a rollback with which key: the initiator (the first key allowed to roll back) first.
+
+    Raises unless every key is a current approver's, the approvers are distinct, one of them may roll
+    back, and together they reach the governance quorum: a rollback statement needs the quorum, like
+    a promotion.
+    """
+    signers: dict[str, Path] = {}
+    for key in keys:
+        approver = approver_for_private_key(key, governance)
+        if approver in signers:
+            raise ConfigError(
+                f"--key {key} is approver {approver}'s key again; one approver signs once",
+                fix="pass one --key per approver",
+            )
+        problem = governance.approver(approver).key_problem(today)
+        if problem:
+            raise NotPermitted(f"{problem}; it cannot sign a rollback", fix="use a current, unrevoked key")
+        signers[approver] = key
+    allowed = [name for name in signers if name in governance.rollback_approvers]
+    if signers and not allowed:
+        require_rollback_right(governance, next(iter(signers)), today)  # refuses, naming who may
+    if len(signers) < governance.quorum:
+        raise QuorumNotMet(
+            f"a rollback needs the signatures of {governance.quorum} approvers (the governance quorum); "
+            f"{len(signers)} key(s) given ({', '.join(signers)})",
+            fix="pass one --key per approver, e.g. `quorum rollback MODEL --key ann.key --key ben.key`; "
+            "nothing was changed",
+        )
+    initiator = allowed[0]
+    return ((initiator, signers[initiator]), *((n, k) for n, k in signers.items() if n != initiator))
 
 
 def approver_key_problem(approver: Approver) -> str | None:

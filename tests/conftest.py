@@ -89,11 +89,12 @@ def governed_history(tmp_path_factory: pytest.TempPathFactory, prefect_harness: 
     """
     from quorum.flows.lifecycle import lifecycle
     from quorum.lineage.keys import generate_key_pair
-    from tests.federation import write_federation, write_governance
+    from tests.federation import pin_governance_root, write_federation, write_governance
 
     root = tmp_path_factory.mktemp("governed")
     config_path = write_federation(root, rounds=2)
     governance_path, keys = write_governance(root)
+    pin_governance_root(config_path, governance_path)
     generate_key_pair(root / "keys" / "mallory.key", root / "keys" / "mallory.pub")
     first = lifecycle(str(config_path), str(governance_path), keys[:2])
     second = lifecycle(str(config_path), str(governance_path), keys[:1])

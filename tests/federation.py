@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -120,3 +121,10 @@ def write_governance(
     path = root / "governance.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path, private
+
+
+def pin_governance_root(config_path: Path, governance_path: Path) -> None:
+    """Pin ``governance_path`` (version 1) as the federation's governance root, as a repository does in git."""
+    config = yaml.safe_load(config_path.read_text())
+    config["governance_root"] = hashlib.sha256(governance_path.read_bytes()).hexdigest()
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -320,17 +320,24 @@ def test_a_tampered_audit_log_fails_verification_naming_the_line(
     code = main(["audit", "verify", "--config", str(approved.config_path)])
     assert code == 7 and f"line {promotion + 1}" in capsys.readouterr().err
     with pytest.raises(AuditLogError):  # nothing acts on a log that was tampered with
-        rollback(approved, "cyd")
+        rollback(approved)
     assert approved.champion() == "2"
 
 
 # --- rollback and deployment ------------------------------------------------------------
 
 
-def rollback(world: World, approver: str, to_version: str | None = None, governance_path: Path | None = None) -> object:
+def rollback(
+    world: World,
+    approvers: tuple[str, ...] = ("cyd", "ann"),
+    to_version: str | None = None,
+    governance_path: Path | None = None,
+) -> object:
+    """What `quorum rollback --key ... --key ...` runs: the statement is signed by every approver named."""
     from quorum.flows.governance import rollback_flow
 
-    return rollback_flow(world.context(governance_path), world.keys[approver], to_version, "test")
+    keys = [world.keys[name] for name in approvers]
+    return rollback_flow(world.context(governance_path), keys, to_version, "test")
 
 
 def deploy(world: World, site_id: str = "alpha") -> object:
@@ -351,7 +358,8 @@ def test_rollback_returns_to_the_previous_champion_and_the_next_deploy_loads_it(
     assert main(["deploy", "--site", "alpha", *config]) == 0
     running_v2 = read_deployment(site)
 
-    code = main(["rollback", MODEL, "--key", str(world.keys["cyd"]), "--reason", "bad outcomes at beta", *config])
+    keys = ["--key", str(world.keys["cyd"]), "--key", str(world.keys["ann"])]
+    code = main(["rollback", MODEL, *keys, "--reason", "bad outcomes at beta", *config])
     assert code == 0, capsys.readouterr().err
     assert main(["deploy", "--site", "alpha", *config]) == 0
 
@@ -361,12 +369,14 @@ def test_rollback_returns_to_the_previous_champion_and_the_next_deploy_loads_it(
     assert running_v2 is not None and running_v2.version == "2"
     assert world.champion() == "1"
     assert entry.actor == "cyd" and entry.details["from"] == "2" and entry.details["to"] == "1"
+    assert entry.details["statement_signers"] == ["cyd", "ann"]
     assert entry.details["reason"] == "bad outcomes at beta"
     assert running_v1 is not None and running_v1.version == "1" and running_v1.signers == ("ann", "ben")
     assert running_v1.provenance_sha256 == version_tags(ctx.tracker, MODEL, "1")["provenance.sha256"]
     assert (site.root / running_v1.files / PROVENANCE_FILE).is_file()
     assert version_tags(ctx.tracker, MODEL, "1")["rolled_back_from"] == "2"
     assert version_tags(ctx.tracker, MODEL, "2")["stage"] == "rolled_back"
+    assert version_tags(ctx.tracker, MODEL, "2")["rolled_back_by"] == "cyd,ann"
     assert world.events()[-3:] == ["deployment", "rollback", "deployment"]
 
 
@@ -397,7 +407,7 @@ def test_rollback_refuses_a_tampered_earlier_champion(approved: World) -> None:
     flip_byte(approved.files("1") / "MLmodel")
 
     with pytest.raises(SignatureError, match="MLmodel"):
-        rollback(approved, "cyd")
+        rollback(approved)
 
     assert approved.champion() == "2"
     assert "rollback" not in approved.events()
@@ -413,11 +423,11 @@ def test_rollback_needs_an_approver_governance_allows(approved: World) -> None:
     revoked_ann = approved.governance_with("ann", revoked=True)
 
     with pytest.raises(NotPermitted, match=r"approver cyd may not roll back the champion \(allowed: ann\)"):
-        rollback(approved, "cyd", governance_path=only_ann)
+        rollback(approved, ("cyd", "ben"), governance_path=only_ann)
     with pytest.raises(NotPermitted, match="key of approver ann is revoked"):
-        rollback(approved, "ann", governance_path=revoked_ann)
+        rollback(approved, ("ann", "cyd"), governance_path=revoked_ann)
     with pytest.raises(Exception, match="belongs to no approver"):
-        rollback(approved, "mallory")
+        rollback(approved, ("mallory", "ann"))
 
     assert approved.champion() == "2"
 
@@ -426,10 +436,10 @@ def test_rollback_refuses_without_an_earlier_champion_or_to_a_version_never_cham
     from quorum.flows.promote import promote_approved
 
     with pytest.raises(ChampionError, match="v1 is the first champion"):
-        rollback(approved, "ann")
+        rollback(approved)
     promote_approved(approved.context(), "2")
     with pytest.raises(ChampionError, match="v7 is not an earlier champion"):
-        rollback(approved, "ann", to_version="7")
+        rollback(approved, to_version="7")
 
     assert approved.champion() == "2"
 
@@ -438,11 +448,11 @@ def test_rollback_refuses_when_the_alias_was_moved_outside_quorum(approved: Worl
     from quorum.flows.promote import promote_approved
 
     promote_approved(approved.context(), "2")
-    rollback(approved, "ann")
+    rollback(approved)
     approved.context().tracker.client.set_registered_model_alias(MODEL, CHAMPION, "2")  # not through Quorum
 
     with pytest.raises(ChampionError, match="alias points at v2 but the audit log records v1"):
-        rollback(approved, "ann")
+        rollback(approved)
 
     assert approved.champion() == "2"
 
@@ -458,7 +468,7 @@ def test_a_failed_rollback_step_puts_the_champion_back(approved: World, monkeypa
 
     monkeypatch.setattr(AuditLog, "append", broken)
     with pytest.raises(OSError, match="disk full"):
-        rollback(approved, "ann")
+        rollback(approved)
 
     assert approved.champion() == "2"
 
@@ -485,8 +495,17 @@ def test_cli_refusals_are_reported_without_a_traceback(world: World, capsys: pyt
     config = ["--config", str(world.config_path), "--governance", str(world.governance_path)]
     flip_byte(world.files("1") / "data/model.pt2")
     cases = [
-        (["rollback", MODEL, "--key", str(world.keys["ann"]), *config], 9, "v1 is the first champion"),
+        (
+            ["rollback", MODEL, "--key", str(world.keys["ann"]), "--key", str(world.keys["ben"]), *config],
+            9,
+            "v1 is the first champion",
+        ),
         (["rollback", MODEL, "--key", str(world.keys["mallory"]), *config], 2, "belongs to no approver"),
+        (
+            ["rollback", MODEL, "--key", str(world.keys["ann"]), *config],
+            6,
+            "a rollback needs the signatures of 2 approvers",
+        ),
         (["deploy", "--site", "nowhere", *config], 2, "no site 'nowhere'"),
         (["deploy", "--site", "beta", *config], 6, "Hash mismatch for 'data/model.pt2'"),
     ]

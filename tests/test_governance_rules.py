@@ -10,9 +10,9 @@ import yaml
 
 from quorum.configs.errors import ChampionError, ConfigError, NotPermitted, QuorumNotMet
 from quorum.configs.schema import Approver, GovernanceConfig, load_governance
-from quorum.flows.governance import champion_history, require_rollback_right, rollback_target
+from quorum.flows.governance import champion_history, rollback_target
 from quorum.lineage.audit import AuditEntry
-from quorum.lineage.keys import generate_key_pair, public_key_fingerprint
+from quorum.lineage.keys import generate_key_pair, public_key_fingerprint, require_rollback_right
 from quorum.lineage.signing import check_quorum, require_quorum, sign_model
 
 NAMES = ("ann", "ben", "cyd")

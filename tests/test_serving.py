@@ -239,7 +239,7 @@ def test_a_rollback_is_followed(world: World) -> None:
         world.approve_v2()
         running.service.refresh()
         _, on_v2 = call(f"{running.url}/predict", {"rows": rows})
-        rollback_flow(world.context(), world.keys["cyd"], None, "test")
+        rollback_flow(world.context(), [world.keys["cyd"], world.keys["ann"]], None, "test")
         running.service.refresh()
         _, on_v1 = call(f"{running.url}/predict", {"rows": rows})
 

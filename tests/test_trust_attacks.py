@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import date
 from pathlib import Path
 
 import pytest
 import yaml
 
 from quorum.configs.errors import AuditLogError, ConfigError, QuorumError, SignatureError
+from quorum.configs.schema import load_governance
 from quorum.lineage import champion
 from quorum.lineage.envelope import sign
 from quorum.lineage.keys import public_key_fingerprint
 from quorum.lineage.provenance import PROVENANCE_FILE, file_digests, write_provenance
 from quorum.lineage.registry import sign_version
 from quorum.lineage.tracking import CHAMPION, set_version_tags, version_tags
+from tests.federation import pin_governance_root
 from tests.test_governance_attacks import MODEL, World, _restore_cli_logging  # noqa: F401 (autouse fixture)
 
 SITES = ("alpha", "beta", "gamma")
@@ -159,6 +162,70 @@ def test_a_signed_governance_rotation_is_followed_and_a_governance_rollback_refu
     assert snapshot(world)[0] == before[0]
 
 
+def _attacker_chain(world: World, versions: int) -> Path:
+    """A governance chain written into the state folder: mallory alone, quorum 1, each step signed by
+    mallory, so it verifies under its own keys; with a champion statement mallory signed."""
+    from quorum.lineage.governance_chain import adopt, sign_rotation
+
+    folder = world.root / "state" / f"governance-{versions}"
+    folder.mkdir()
+    pub = world.keys["mallory"].with_suffix(".pub")
+    shutil.copy(pub, folder / "mallory.pub")
+    entry = {"name": "mallory", "public_key": "mallory.pub", "fingerprint": public_key_fingerprint(pub)}
+    governance = folder / "governance.yaml"
+    governance.write_text(yaml.safe_dump({"version": 1, "quorum": 1, "approvers": [entry]}))
+    for version in range(2, versions + 1):
+        proposed = folder / f"proposed-v{version}.yaml"
+        proposed.write_text(yaml.safe_dump({"version": version, "quorum": 1, "approvers": [entry]}))
+        sign_rotation(governance, proposed, world.keys["mallory"])
+        adopt(governance, proposed)
+    return governance
+
+
+@pytest.mark.parametrize("versions", [1, 2], ids=["forged-root", "forged-root-and-rotation"])
+def test_a_fresh_site_refuses_a_governance_chain_written_in_the_state_folder(
+    deployed: World, versions: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from quorum.cli.main import main
+    from quorum.flows.deploy import trust_record
+    from quorum.lineage.governance_chain import verify_chain
+
+    world = deployed
+    before = snapshot(world)
+    forged = _attacker_chain(world, versions)
+    assert verify_chain(forged).version == versions  # without a pinned root, the chain itself holds together
+    ctx = world.context(forged)
+    v1 = version_tags(ctx.tracker, MODEL, "1")["provenance.sha256"]
+    payload = champion.new_payload(champion.chain_head(ctx.store, MODEL), MODEL, "1", v1, champion.PROMOTION)
+    champion.publish(ctx.store, payload, (sign(champion.KIND, payload, world.keys["mallory"], "mallory"),))
+    gamma = ctx.config.site("gamma")  # never deployed: no record of any governance yet
+
+    with pytest.raises(SignatureError, match="not the governance this federation was founded on"):
+        deploy(world, "gamma", governance_path=forged)
+    code = main(["deploy", "--site", "gamma", "--config", str(world.config_path), "--governance", str(forged)])
+    err = capsys.readouterr().err
+    assert code == 6 and "pins governance_root" in err and "fix:" in err and "Traceback" not in err
+
+    assert snapshot(world) == before
+    assert "governance" not in champion.read_trust(trust_record(gamma))
+
+
+def test_a_site_without_a_pinned_governance_root_refuses_to_guess(world: World) -> None:
+    from quorum.flows.deploy import trust_record
+
+    config = yaml.safe_load(world.config_path.read_text())
+    del config["governance_root"]
+    world.config_path.write_text(yaml.safe_dump(config))
+    before = snapshot(world)
+
+    with pytest.raises(ConfigError, match="pins no governance root") as info:
+        deploy(world, "gamma")
+
+    assert "governance_root:" in info.value.fix
+    assert snapshot(world) == before
+    assert not trust_record(world.context().config.site("gamma")).exists()
+
+
 # --- 2. the signed champion statement ------------------------------------------------------------
 
 
@@ -214,12 +281,46 @@ def test_a_rollback_statement_may_only_name_an_earlier_champion(deployed: World)
     world = deployed
     before = snapshot(world)
     ctx = world.context()
-    # cyd may roll back, but v2 -> "v2 again with other provenance" was never champion
+    # a quorum signed it, but v2 -> "v2 again with other provenance" was never champion
     payload = champion.new_payload(champion.chain_head(ctx.store, MODEL), MODEL, "2", "0" * 64, champion.ROLLBACK)
-    champion.publish(ctx.store, payload, (sign(champion.KIND, payload, world.keys["cyd"], "cyd"),))
+    signatures = tuple(sign(champion.KIND, payload, world.keys[name], name) for name in ("cyd", "ann"))
+    champion.publish(ctx.store, payload, signatures)
 
     with pytest.raises(SignatureError, match="which no earlier statement in its chain made champion"):
         deploy(world, "alpha")
+
+    assert snapshot(world) == before
+
+
+def test_a_rollback_statement_below_the_quorum_is_refused(deployed: World, capsys: pytest.CaptureFixture[str]) -> None:
+    from quorum.cli.main import main
+
+    world = deployed
+    before = snapshot(world)
+    ctx = world.context()
+    events = world.events()
+    head = champion.read_current(ctx.store, MODEL)
+    # one approver allowed to roll back, alone, via the command: refused before anything is written
+    code = main(cli(world, "rollback", MODEL, "--key", str(world.keys["cyd"])))
+    err = capsys.readouterr().err
+    assert code == 6 and "a rollback needs the signatures of 2 approvers" in err and "fix:" in err
+    assert "Traceback" not in err
+    assert champion.read_current(ctx.store, MODEL) == head and world.events() == events
+
+    # the attacker writes the statement itself: v1 really was champion, but only cyd signed the rollback
+    v1 = version_tags(ctx.tracker, MODEL, "1")["provenance.sha256"]
+    payload = champion.new_payload(champion.chain_head(ctx.store, MODEL), MODEL, "1", v1, champion.ROLLBACK)
+    champion.publish(ctx.store, payload, (sign(champion.KIND, payload, world.keys["cyd"], "cyd"),))
+    for site_id in ("alpha", "beta"):  # alpha ran v2; beta never deployed
+        with pytest.raises(SignatureError, match="is a rollback and needs 2 approver signatures, 1 valid"):
+            deploy(world, site_id)
+
+    # the quorum signed, but governance lets neither of them roll back
+    only_ann = world.root / "governance-rollback.yaml"
+    only_ann.write_text(yaml.safe_dump({**yaml.safe_load(world.governance_path.read_text()), "rollback": ["ann"]}))
+    signatures = tuple(sign(champion.KIND, payload, world.keys[name], name) for name in ("ben", "cyd"))
+    with pytest.raises(SignatureError, match=r"no approver allowed to roll back signed \(allowed: ann\)"):
+        champion.verify_statement(ctx.store, load_governance(only_ann), payload, signatures, date.today())
 
     assert snapshot(world) == before
 
@@ -229,7 +330,7 @@ def test_rollback_writes_a_newer_statement_that_sites_follow(deployed: World) ->
     from quorum.flows.governance import rollback_flow
 
     world = deployed
-    rollback_flow(world.context(), world.keys["cyd"], None, "test")
+    rollback_flow(world.context(), [world.keys["cyd"], world.keys["ann"]], None, "test")
     deploy(world, "alpha")
 
     site = world.context().config.site("alpha")
@@ -317,6 +418,39 @@ def test_audit_verify_detects_an_unanchored_rewrite(
     assert snapshot(world) == before
 
 
+def test_an_older_checkpoint_put_back_hides_a_cut_tail_until_a_site_record_is_read(
+    deployed: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's row for a replayed checkpoint, both halves: not caught by the checkpoint, caught by
+    the record of a site that witnessed a later head."""
+    from quorum.cli.main import main
+    from quorum.flows.deploy import trust_record
+    from quorum.flows.governance import rollback_flow
+    from quorum.lineage.anchor import checkpoint_path
+
+    world = deployed  # the checkpoint anchors v2's promotion; alpha witnessed its later deployment entry
+    ctx = world.context()
+    older = checkpoint_path(ctx.audit).read_bytes()
+    anchored = json.loads(older)["payload"]["index"]
+    rollback_flow(ctx, [world.keys["cyd"], world.keys["ann"]], None, "test")  # signs a newer checkpoint
+    # the attacker cuts the log back to the older checkpoint's entry and puts that checkpoint back
+    log = ctx.audit.path
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[: anchored + 1]))
+    checkpoint_path(ctx.audit).write_bytes(older)
+    record = trust_record(ctx.config.site("alpha"))
+    kept = record.read_bytes()
+    record.unlink()  # audit verify on a host that cannot read alpha's folder
+
+    unseen = main(cli(world, "audit", "verify"))
+    capsys.readouterr()
+    record.write_bytes(kept)
+    seen = main(cli(world, "audit", "verify"))
+    err = capsys.readouterr().err
+
+    assert unseen == 0
+    assert seen == 7 and "site alpha (head seen at deploy) vouches for entry" in err and "fix:" in err
+
+
 # --- 4. lineage from the signed provenance ---------------------------------------------------------
 
 
@@ -364,6 +498,7 @@ def test_path_arguments_that_are_folders_get_an_error_and_a_fix(
     governance["approvers"][0]["public_key"] = "keys"  # a folder where a key file should be
     path = world.root / "governance-folder.yaml"
     path.write_text(yaml.safe_dump(governance))
+    pin_governance_root(world.config_path, path)  # as if git held this file: the key path itself is the fault
     with pytest.raises(QuorumError, match="is a directory, not a file"):
         deploy(world, "alpha", path)
     assert snapshot(world) == before

@@ -1,0 +1,166 @@
+"""A scheduled-style lifecycle run holds no key: a real process worker runs it from its deployment, its
+promote subflow run pauses awaiting approval, and `quorum approve` (the quorum of keys, one command
+each) resumes it, after which the lifecycle run completes.
+
+Real servers on free loopback ports in a temp folder (the Prefect and MLflow servers `quorum up`
+starts) and one process worker on the coordinator's pool. The run's sites work in-process
+(``runner: local``) so no site worker is needed: what is under test is the pause and the resume.
+Every process started here is stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from quorum.configs.schema import load_federation, load_governance
+from quorum.infra.deployments import COORDINATOR_POOL, render, write
+from quorum.infra.stack import Stack
+from quorum.lineage import champion
+from quorum.lineage.artifacts import federation_store
+from quorum.lineage.audit import AuditLog
+from quorum.lineage.state import StateLayout
+from tests.federation import POOL_GATES, pin_governance_root, write_federation, write_governance
+
+pytestmark = pytest.mark.integration
+QUORUM = str(Path(sys.executable).with_name("quorum"))
+MODEL = "test-model"
+WAIT_S = 900  # a bound on waiting for a state, not a timing assertion: a busy 2-core machine is slow
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """Servers, the coordinator's pool and worker, and the rendered lifecycle deployment (no schedule)."""
+    root = tmp_path
+    deployment = {"prefect_port": _free_port(), "mlflow_port": _free_port()}
+    config_path = write_federation(
+        root, ("alpha", "beta"), rounds=2, min_sites=1, gates=POOL_GATES, extra={"deployment": deployment}
+    )
+    governance_path, keys = write_governance(root)
+    pin_governance_root(config_path, governance_path)
+    config = load_federation(config_path)
+    running = Stack(config, StateLayout(config.state_dir).ensure())
+    saved = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = running.prefect_url
+    scope = ExitStack()
+    scope.enter_context(temporary_settings(updates={PREFECT_API_URL: running.prefect_url}))
+    try:
+        running.start_servers()
+        running.ensure_pools()
+        document = render(config, governance_path, root)
+        # only the lifecycle, and no schedule: the one run of this test is the one it starts
+        lifecycle = [{**d, "schedules": []} for d in document["deployments"] if d["name"] == "lifecycle"]
+        prefect_file = root / "prefect.yaml"
+        write({**document, "deployments": lifecycle}, prefect_file)
+        running.deploy(prefect_file, root)
+        running.start_workers(root, site_workers=False)
+        running.wait_for_workers([COORDINATOR_POOL], timeout_s=WAIT_S)
+        yield {"root": root, "config": config_path, "governance": governance_path, "keys": keys, "stack": running}
+    finally:
+        running.stop()
+        scope.close()
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
+
+
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _state(client: Any, run_id: Any) -> str:
+    run = client.read_flow_run(run_id)
+    return run.state.type.value if run.state is not None else "NONE"
+
+
+def _paused_promotion(stack: Stack, lifecycle_id: Any, audit: AuditLog) -> str | None:
+    """Wait until the run that ``awaiting_approval`` names is Paused; its id, or None if the lifecycle ended."""
+    deadline = time.monotonic() + WAIT_S
+    with stack.client() as client:
+        while time.monotonic() < deadline and _state(client, lifecycle_id) not in FINAL:
+            waiting = [e for e in audit.entries() if e.event == "awaiting_approval"] if audit.path.exists() else []
+            if waiting and _state(client, waiting[-1].details["flow_run_id"]) == "PAUSED":
+                return str(waiting[-1].details["flow_run_id"])
+            time.sleep(2)
+    return None
+
+
+def _final_state(stack: Stack, run_id: Any) -> str:
+    deadline = time.monotonic() + WAIT_S
+    with stack.client() as client:
+        while (state := _state(client, run_id)) not in FINAL and time.monotonic() < deadline:
+            time.sleep(2)
+    return state
+
+
+def _approve(env: dict[str, Any], version: str, key: str) -> subprocess.CompletedProcess[str]:
+    """`quorum approve` as an approver types it, on the same host, pointed at the server."""
+    command = [QUORUM, "approve", MODEL, "--version", version, "--key", key]
+    command += ["--config", str(env["config"]), "--governance", str(env["governance"])]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    clean["PREFECT_API_URL"] = env["stack"].prefect_url
+    return subprocess.run(command, cwd=env["root"], env=clean, text=True, capture_output=True, timeout=WAIT_S)
+
+
+def test_a_keyless_deployment_run_pauses_for_approval_and_quorum_approve_resumes_it(stack: dict[str, Any]) -> None:
+    running: Stack = stack["stack"]
+    config = load_federation(stack["config"])
+    audit = AuditLog(StateLayout(config.state_dir).audit_log)
+    store = federation_store(config)
+    with running.client() as client:
+        deployment = client.read_deployment_by_name("lifecycle/lifecycle")
+        assert "approver_keys" not in (deployment.parameters or {})  # the rendered deployment names no key
+        lifecycle = client.create_flow_run_from_deployment(deployment.id, parameters={"runner": "local"})
+
+    paused_id = _paused_promotion(running, lifecycle.id, audit)
+    with running.client() as client:
+        paused = client.read_flow_run(paused_id) if paused_id else None
+        parent = client.read_task_run(paused.parent_task_run_id) if paused and paused.parent_task_run_id else None
+        flow_name = client.read_flow(paused.flow_id).name if paused else None
+        lifecycle_state = _state(client, lifecycle.id)
+    waiting = [e for e in audit.entries() if e.event == "awaiting_approval"]
+
+    # the lifecycle's promote subflow run is Paused, awaiting approval; the lifecycle run waits on it
+    assert paused is not None and paused.state is not None and paused.state.type.value == "PAUSED"
+    assert flow_name == "promote"
+    assert parent is not None and str(parent.flow_run_id) == str(lifecycle.id)
+    assert lifecycle_state == "RUNNING"
+    assert champion.read_current(store, MODEL) is None  # nothing promoted without the approvers
+    version = str(waiting[-1].details["version"])
+
+    first = _approve(stack, version, stack["keys"][0])
+    with running.client() as client:
+        after_one = _state(client, paused_id)
+    second = _approve(stack, version, stack["keys"][1])
+    promote_state = _final_state(running, paused_id)
+    lifecycle_state = _final_state(running, lifecycle.id)
+    current = champion.read_current(store, MODEL)
+
+    assert first.returncode == 0, first.stderr + first.stdout
+    assert "1 of 2 approvals" in first.stdout and after_one == "PAUSED"
+    assert second.returncode == 0, second.stderr + second.stdout
+    assert f"{MODEL} v{version} is now the champion" in second.stdout
+    assert (promote_state, lifecycle_state) == ("COMPLETED", "COMPLETED")
+    assert current is not None
+    statement = champion.verify_statement(store, load_governance(stack["governance"]), *current, date.today())
+    assert (statement.version, statement.sequence, statement.action) == (version, 1, champion.PROMOTION)
+    assert sorted(statement.signers) == ["ann", "ben"]
+    events = [e.event for e in audit.entries()]
+    assert events.count("approval") == 2 and events.count("promotion") == 1
