@@ -1,15 +1,13 @@
 """A verdict as one self-contained HTML page a reviewer can open from MLflow: every gate, every site.
 
-The page carries its per-site chart as a base64 PNG, so it is a single artifact that renders
-offline and cannot lose its picture. Rendering is pure (numbers in, text out); logging it is the
-evaluate flow's job. matplotlib is imported only here, and only when a page is rendered.
+The page carries its per-site chart as inline SVG, so it is a single artifact that renders offline
+and cannot lose its picture. Rendering is pure (numbers in, text out); logging it is the evaluate
+flow's job.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 
 from quorum.configs.schema import GatePolicy
@@ -26,38 +24,70 @@ tr.fail td { background: #fde2e2; }
 """
 
 
-def site_chart_png(candidate: EvaluationReport, policy: GatePolicy, champion: EvaluationReport | None = None) -> bytes:
-    """Per-site accuracy and AUC as bars, the champion's as outlines, the configured floors as lines."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+_BAR_COLOURS = {"accuracy": "#4878d0", "auc": "#ee854a"}
+_FLOOR_COLOURS = {"site accuracy floor": "#1f3d7a", "AUC floor": "#a4501c"}
+_OUTLINE = "fill='none' stroke='#333' stroke-dasharray='4 3'"
+_PLOT_H = 240.0  # pixels from 0 to 1 on the value axis
+_TOP, _LEFT, _SLOT, _BAR = 20.0, 50.0, 90.0, 30.0
 
+
+def site_chart_svg(candidate: EvaluationReport, policy: GatePolicy, champion: EvaluationReport | None = None) -> str:
+    """Per-site accuracy and AUC as bars, the champion's as dashed outlines, the configured floors as lines.
+
+    Plain SVG text: it renders in any browser, offline, inside the one HTML file, and costs no plotting
+    library (matplotlib took seconds to import and draw on every evaluation).
+    """
     sites = candidate.site_metrics()
-    names = list(sites)
     before = champion.site_metrics() if champion is not None else {}
-    figure = Figure(figsize=(max(6.0, 1.4 * len(names) + 4.0), 3.6), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    width = 0.38
-    for offset, metric, colour in ((-width / 2, "accuracy", "#4878d0"), (width / 2, "auc", "#ee854a")):
-        xs = [i + offset for i in range(len(names))]
-        values = [_plottable(sites[name][metric]) for name in names]
-        axes.bar(xs, values, width, label=f"{metric} (candidate)", color=colour)
-        if before:
-            previous = [_plottable(before.get(name, {}).get(metric, math.nan)) for name in names]
-            label = "champion (outline)" if metric == "accuracy" else None
-            axes.bar(xs, previous, width, fill=False, edgecolor="#333", linestyle="--", label=label)
-    floors = [("site accuracy floor", policy.min_site_accuracy, "#1f3d7a"), ("AUC floor", policy.min_auc, "#a4501c")]
-    for label, floor, colour in floors:
+    width = _LEFT + _SLOT * max(len(sites), 1) + 220.0
+    height = _TOP + _PLOT_H + 40.0
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width:.0f}' height='{height:.0f}' "
+        "role='img' aria-label='per-site accuracy and AUC against the floors' font-size='12'>",
+        f"<line x1='{_LEFT}' y1='{_TOP}' x2='{_LEFT}' y2='{_y(0.0)}' stroke='#333'/>",
+        f"<line x1='{_LEFT}' y1='{_y(0.0)}' x2='{width - 220.0:.1f}' y2='{_y(0.0)}' stroke='#333'/>",
+    ]
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f"<text x='{_LEFT - 6}' y='{_y(tick) + 4:.1f}' text-anchor='end'>{tick:.2f}</text>")
+    for index, (site_id, metrics) in enumerate(sites.items()):
+        centre = _LEFT + _SLOT * (index + 0.5)
+        for offset, metric in ((-_BAR / 2, "accuracy"), (_BAR / 2, "auc")):
+            value = _plottable(metrics[metric])
+            parts.append(_bar(centre + offset, value, f"class='{metric}' fill='{_BAR_COLOURS[metric]}'"))
+            if before:
+                old = _plottable(before.get(site_id, {}).get(metric, math.nan))
+                parts.append(_bar(centre + offset, old, f"class='champion' {_OUTLINE}"))
+        parts.append(
+            f"<text x='{centre:.1f}' y='{_y(0.0) + 16:.1f}' text-anchor='middle'>{html.escape(site_id)}</text>"
+        )
+    legend = [(f"{metric} (candidate)", f"fill='{colour}'") for metric, colour in _BAR_COLOURS.items()]
+    if before:
+        legend.append(("champion (outline)", _OUTLINE))
+    for label, floor in (("site accuracy floor", policy.min_site_accuracy), ("AUC floor", policy.min_auc)):
         if floor is not None:
-            axes.axhline(floor, color=colour, linestyle=":", linewidth=1.5, label=f"{label} {floor:.2f}")
-    axes.set_xticks(range(len(names)), names)
-    axes.set_ylim(0.0, 1.05)
-    axes.set_ylabel("metric on the site's test split")
-    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+            colour = _FLOOR_COLOURS[label]
+            parts.append(
+                f"<line class='floor' x1='{_LEFT}' y1='{_y(floor):.1f}' x2='{width - 220.0:.1f}' y2='{_y(floor):.1f}' "
+                f"stroke='{colour}' stroke-width='1.5' stroke-dasharray='2 3'/>"
+            )
+            legend.append((f"{label} {floor:.2f}", f"fill='{colour}'"))
+    for row, (label, style) in enumerate(legend):
+        y = _TOP + 18.0 * row
+        parts.append(f"<rect x='{width - 210.0:.1f}' y='{y:.1f}' width='12' height='12' {style}/>")
+        parts.append(f"<text x='{width - 192.0:.1f}' y='{y + 10:.1f}'>{html.escape(label)}</text>")
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _y(value: float) -> float:
+    return _TOP + _PLOT_H * (1.0 - value)
+
+
+def _bar(centre: float, value: float, style: str) -> str:
+    return (
+        f"<rect x='{centre - _BAR / 2:.1f}' y='{_y(value):.1f}' width='{_BAR:.1f}' "
+        f"height='{_PLOT_H * value:.1f}' {style}/>"
+    )
 
 
 def _plottable(value: float) -> float:
@@ -74,7 +104,6 @@ def verdict_html(
 ) -> str:
     """The verdict page: outcome, the gates table, per-site metrics and the per-site chart."""
     outcome = "PASSED" if verdict.passed else "FAILED"
-    chart = base64.b64encode(site_chart_png(candidate, policy, champion)).decode("ascii")
     parts = [
         "<!DOCTYPE html>",
         f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
@@ -84,7 +113,7 @@ def verdict_html(
         _gates_table(verdict),
         "<h2>Sites</h2>",
         _sites_table(candidate, champion),
-        f"<img alt='per-site accuracy and AUC against the floors' src='data:image/png;base64,{chart}'>",
+        site_chart_svg(candidate, policy, champion),
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"

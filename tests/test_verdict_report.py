@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import re
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -12,16 +12,27 @@ from quorum.cli.main import main
 from quorum.configs.schema import GatePolicy, load_federation
 from quorum.evaluation.gates import decide
 from quorum.evaluation.report import EvaluationReport, SiteEvaluation
-from quorum.evaluation.verdict_report import site_chart_png, verdict_html
+from quorum.evaluation.verdict_report import site_chart_svg, verdict_html
 from quorum.lineage.state import StateLayout
 from tests.federation import write_federation, write_governance
 from tests.test_metrics_gates import BETTER_CHAMPION, GOOD, POLICY, counts
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+def test_chart_draws_each_site_metric_the_champion_and_the_floors() -> None:
+    chart = ElementTree.fromstring(site_chart_svg(GOOD, POLICY, BETTER_CHAMPION))
+    shapes = [*chart.iter("{http://www.w3.org/2000/svg}rect"), *chart.iter("{http://www.w3.org/2000/svg}line")]
+    labels = [text.text for text in chart.iter("{http://www.w3.org/2000/svg}text")]
 
-def test_chart_is_a_png() -> None:
-    assert site_chart_png(GOOD, POLICY, BETTER_CHAMPION).startswith(PNG_MAGIC)
+    def heights(kind: str) -> list[float]:
+        return sorted(float(shape.get("height", "nan")) for shape in shapes if shape.get("class") == kind)
+
+    sites, champion = GOOD.site_metrics(), BETTER_CHAMPION.site_metrics()
+    assert heights("accuracy") == sorted(round(240 * sites[s]["accuracy"], 1) for s in sites)
+    assert heights("auc") == sorted(round(240 * sites[s]["auc"], 1) for s in sites)
+    assert heights("champion") == sorted(round(240 * champion[s][m], 1) for s in sites for m in ("accuracy", "auc"))
+    assert len([shape for shape in shapes if shape.get("class") == "floor"]) == 2
+    assert set(sites) <= set(labels)
+    assert f"AUC floor {POLICY.min_auc:.2f}" in labels
 
 
 def test_page_lists_every_gate_and_site_and_embeds_the_chart() -> None:
@@ -36,8 +47,7 @@ def test_page_lists_every_gate_and_site_and_embeds_the_chart() -> None:
         assert f"<td>{gate.name}</td>" in page
     assert page.count("<tr class='fail'>") == len(verdict.failed)
     assert "<td>a</td>" in page and "<td>b</td>" in page and "champion auc" in page
-    [encoded] = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
-    assert base64.b64decode(encoded).startswith(PNG_MAGIC)
+    assert page.count("<svg ") == 1 and "per-site accuracy and AUC against the floors" in page
 
 
 def test_page_renders_a_site_without_auc() -> None:
@@ -67,7 +77,7 @@ def test_failing_gates_stop_the_run_and_the_cli_names_each_with_value_and_bound(
     assert {name for name, *_ in failed} == {"accuracy", "auc", "calibration_error"}
     assert ("accuracy", "<", "0.9900") in {(name, rel, bound) for name, _, rel, bound in failed}
     html = _evaluate_artifact(config_path, "verdict.html")
-    assert "FAILED" in html and "data:image/png;base64," in html
+    assert "FAILED" in html and "<svg " in html
 
 
 def _evaluate_artifact(config_path: Path, name: str) -> str:
