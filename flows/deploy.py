@@ -15,6 +15,9 @@ What it runs is recorded at the site (``deployed/champion.json``), the statement
 newest audit head in ``deployed/trust.json``, and the deployment in the audit log. A refusal is audited
 too, with its reason, and leaves the previous deployment in place. After ``quorum rollback`` the next
 deploy loads the earlier champion, because the rollback wrote a newer statement naming it.
+
+A deployment runs on the site's own worker and imports only site code: the model files come from the
+artifact store (promotion put them there before anyone signed), never from MLflow.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from quorum.configs.errors import SignatureError
-from quorum.configs.schema import SiteConfig
-from quorum.flows.context import JobContext, load_context
+from quorum.configs.schema import FederationConfig, GovernanceConfig, SiteConfig, load_federation, load_governance
 from quorum.lineage.anchor import check_anchors, witness, witnessed
+from quorum.lineage.artifacts import ArtifactStore, federation_store
+from quorum.lineage.audit import AuditLog
 from quorum.lineage.champion import (
     remember_champion,
     require_backed_champion_events,
@@ -37,11 +41,30 @@ from quorum.lineage.champion import (
     write_json_atomically,
 )
 from quorum.lineage.governance_chain import trusted_governance
-from quorum.lineage.registry import fetch_files, install_champion, load_weights
+from quorum.lineage.model_files import install_champion, load_weights
+from quorum.lineage.state import StateLayout, configure_environment
 
 DEPLOYED_DIR = "deployed"
 RECORD_FILE = "champion.json"
 TRUST_FILE = "trust.json"
+
+
+@dataclass(frozen=True)
+class SiteContext:
+    """What a site's deployment reads: no tracking store, since a site never talks to MLflow."""
+
+    config: FederationConfig
+    governance: GovernanceConfig
+    store: ArtifactStore
+    audit: AuditLog
+
+
+def load_site_context(config_path: str, governance_path: str, site_id: str) -> SiteContext:
+    config = load_federation(config_path)
+    state = StateLayout(config.state_dir)
+    configure_environment(state)
+    store = federation_store(config, site_id)  # as this site opens it: its own cache, its own credentials
+    return SiteContext(config, load_governance(governance_path), store, AuditLog(state.audit_log))
 
 
 @dataclass(frozen=True)
@@ -76,7 +99,7 @@ def read_deployment(site: SiteConfig) -> Deployment | None:
     return Deployment(**{**data, "signers": tuple(data["signers"])})
 
 
-def deploy_site(ctx: JobContext, site_id: str) -> Deployment:
+def deploy_site(ctx: SiteContext, site_id: str) -> Deployment:
     """Verify governance, the audit log and the signed statement, then install, load and record the champion."""
     site = ctx.config.site(site_id)
     name = ctx.config.model_name
@@ -90,7 +113,7 @@ def deploy_site(ctx: JobContext, site_id: str) -> Deployment:
         statement = verified_champion(ctx.store, governance, name, trust)
         events = [(e.index, e.event, e.details) for e in entries]
         require_backed_champion_events(events, ctx.store, governance, name, ctx.audit.path)
-        fetch_files(ctx.tracker, ctx.store, name, statement.version)
+        # the files are in the artifact store since promotion signed them: nothing is fetched from MLflow
         statement, quorum, target = install_champion(
             ctx.store, governance, name, trust, site.root / DEPLOYED_DIR / name
         )
@@ -128,8 +151,7 @@ def deploy_site(ctx: JobContext, site_id: str) -> Deployment:
 @flow(name="deploy", flow_run_name="deploy-{site_id}")
 def deploy_flow(config_path: str, governance_path: str, site_id: str) -> Deployment:
     """One site's deployment; plain parameters so it can run on the site's own work pool."""
-    ctx = load_context(config_path, governance_path)
-    deployment = deploy_site(ctx, site_id)
+    deployment = deploy_site(load_site_context(config_path, governance_path, site_id), site_id)
     get_run_logger().info(
         "verified %s v%s at %s and loaded %d tensors",
         deployment.model,

@@ -2,7 +2,9 @@
 
 Both are deployments per site (``infra/prefect.yaml``): a user triggers them from the Prefect UI or
 they run on their schedule. They read only the site's own folder; what they report upward is the
-same summary the lifecycle gets (a fingerprint, a drift summary).
+same summary the lifecycle gets (a fingerprint, a drift summary). Like the site session, they import
+only site code: no MLflow and no registry (``tests/test_site_flow_imports.py``); the champion comes
+from the signed champion statement and the files it names in the artifact store.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from quorum.configs.errors import ContractFailed
 from quorum.configs.schema import load_federation, load_governance
 from quorum.flows.runners.site_session import check_site_root
 from quorum.lineage.artifacts import federation_store
-from quorum.lineage.state import StateLayout
 from quorum.tasks import site as site_work
 from quorum.tasks.wire import encode_drift, encode_fingerprint
 
@@ -45,18 +46,16 @@ def preprocess_site_flow(config_path: str, site_id: str) -> dict[str, Any]:
 @flow(name="site-monitor")
 def monitor_site_flow(config_path: str, governance_path: str, site_id: str) -> dict[str, Any]:
     """Drift of this site's current window against its training snapshot, scored by the verified champion."""
-    from quorum.lineage.registry import load_verified_weights
-    from quorum.lineage.tracking import CHAMPION, alias_version, open_tracker
+    from quorum.flows.deploy import trust_record
+    from quorum.lineage.model_files import load_champion
 
     config = load_federation(config_path)
     check_site_root(config, site_id)
-    state = StateLayout(config.state_dir)
     store = federation_store(config, site_id)
-    tracker = open_tracker(state, config.name)
-    version = alias_version(tracker, config.model_name, CHAMPION)
-    champion = None
-    if version is not None:
-        champion = load_verified_weights(tracker, store, load_governance(governance_path), config.model_name, version)
+    governance = load_governance(governance_path)
+    # the champion as the site trusts it: the signed statement and the files it names, never MLflow's alias
+    loaded = load_champion(store, governance, config.model_name, trust_record(config.site(site_id)))
+    version, champion = (loaded[0].version, loaded[1]) if loaded is not None else (None, None)
     summary = site_work.monitor_site(config, site_id, champion)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     store.put_json(f"monitoring/{site_id}/{stamp}.json", {"champion_version": version, **encode_drift(summary)})

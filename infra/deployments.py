@@ -6,9 +6,10 @@ the lifecycle with the retraining schedule and the drift check that retrains on 
 written as ``{{ $QUORUM_PROJECT }}`` placeholders that Prefect fills from the environment at deploy
 time, so the file is the same on every machine.
 
-``apply`` creates (or updates) every deployment of the file through the Prefect API in one pass.
-Flow names and parameter schemas are read from the flows' source, so nothing is imported: the
-``prefect deploy`` command imports every flow module, torch and MLflow among them, before it starts.
+``prepare`` reads each flow's name and parameter schema from its source (no flow is called; Prefect
+only evaluates the module's imports to resolve annotations), and ``apply`` then creates (or updates)
+every deployment of the file through the Prefect API in one pass. The ``prefect deploy`` command
+imports every flow module, MLflow among them, and only then starts talking to the server.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,34 +186,89 @@ def _schedules(entries: list[dict[str, Any]]) -> list[DeploymentScheduleCreate]:
     return schedules
 
 
-def apply(document: dict[str, Any], project: Path, client: SyncPrefectClient) -> list[str]:
-    """Create or update every deployment of a prefect.yaml document; returns their ``flow/deployment`` names."""
+@dataclass(frozen=True)
+class PreparedDeployment:
+    """One deployment of a prefect.yaml document, with its flow's name and parameter schema read from source."""
+
+    flow_name: str
+    name: str
+    entrypoint: str
+    description: str | None
+    work_pool: str | None
+    job_variables: dict[str, Any]
+    parameters: dict[str, Any]
+    parameter_schema: dict[str, Any]
+    schedules: tuple[dict[str, Any], ...]
+    pull_steps: tuple[dict[str, Any], ...]
+    tags: tuple[str, ...]
+
+
+def prepare(document: dict[str, Any], project: Path) -> list[PreparedDeployment]:
+    """Everything ``apply`` sends, computed without a server (it reads each flow's source once).
+
+    Prefect evaluates a flow module's imports to resolve its annotations, which for the site session
+    means torch: ``quorum up`` does this while the servers start, off the path to a ready stack.
+    """
     from prefect.flows import load_flow_arguments_from_entrypoint
     from prefect.utilities.callables import parameter_schema_from_entrypoint
 
-    flows: dict[str, tuple[str, Any, dict[str, Any]]] = {}  # entrypoint -> (flow name, flow id, parameter schema)
-    names = []
-    for deployment in _fill(document.get("deployments", []), project):
+    flows: dict[str, tuple[str, dict[str, Any]]] = {}  # entrypoint -> (flow name, parameter schema)
+    prepared = []
+    for deployment in _fill(document.get("deployments") or [], project):
+        if not isinstance(deployment, dict) or not deployment.get("name") or not deployment.get("entrypoint"):
+            raise ToolError(
+                f"a deployment in the prefect file lacks its name or entrypoint: {deployment!r}",
+                fix="give every deployment a `name` and an `entrypoint` (module:flow), or run `quorum infra render`",
+            )
         entrypoint = str(deployment["entrypoint"])
         if entrypoint not in flows:
             source = _source_entrypoint(entrypoint)
-            flow_name = str(load_flow_arguments_from_entrypoint(source, {"name"}).get("name") or entrypoint)
-            schema = parameter_schema_from_entrypoint(source).model_dump_for_openapi()
-            flows[entrypoint] = (flow_name, client.create_flow_from_name(flow_name), schema)
-        flow_name, flow_id, schema = flows[entrypoint]
+            try:
+                flow_name = str(load_flow_arguments_from_entrypoint(source, {"name"}).get("name") or entrypoint)
+                schema = parameter_schema_from_entrypoint(source).model_dump_for_openapi()
+            except (ValueError, SyntaxError) as exc:
+                fix = "fix the entrypoint in the prefect file"
+                raise ToolError(f"entrypoint {entrypoint}: {exc}", fix=fix) from None
+            flows[entrypoint] = (flow_name, schema)
+        flow_name, schema = flows[entrypoint]
         pool = deployment.get("work_pool") or {}
-        client.create_deployment(
-            flow_id=flow_id,
-            name=str(deployment["name"]),
-            description=deployment.get("description"),
-            entrypoint=entrypoint,
-            work_pool_name=pool.get("name"),
-            job_variables=pool.get("job_variables") or {},
-            parameters=deployment.get("parameters") or {},
-            parameter_openapi_schema=schema,
-            schedules=_schedules(deployment.get("schedules") or []),
-            pull_steps=document.get("pull") or [],
-            tags=deployment.get("tags") or [],
+        prepared.append(
+            PreparedDeployment(
+                flow_name=flow_name,
+                name=str(deployment["name"]),
+                entrypoint=entrypoint,
+                description=deployment.get("description"),
+                work_pool=pool.get("name"),
+                job_variables=pool.get("job_variables") or {},
+                parameters=deployment.get("parameters") or {},
+                parameter_schema=schema,
+                schedules=tuple(deployment.get("schedules") or ()),
+                pull_steps=tuple(document.get("pull") or ()),
+                tags=tuple(deployment.get("tags") or ()),
+            )
         )
-        names.append(f"{flow_name}/{deployment['name']}")
+    return prepared
+
+
+def apply(prepared: list[PreparedDeployment], client: SyncPrefectClient) -> list[str]:
+    """Create or update every prepared deployment; returns their ``flow/deployment`` names."""
+    flow_ids: dict[str, Any] = {}
+    names = []
+    for deployment in prepared:
+        if deployment.flow_name not in flow_ids:
+            flow_ids[deployment.flow_name] = client.create_flow_from_name(deployment.flow_name)
+        client.create_deployment(
+            flow_id=flow_ids[deployment.flow_name],
+            name=deployment.name,
+            description=deployment.description,
+            entrypoint=deployment.entrypoint,
+            work_pool_name=deployment.work_pool,
+            job_variables=dict(deployment.job_variables),
+            parameters=dict(deployment.parameters),
+            parameter_openapi_schema=deployment.parameter_schema,
+            schedules=_schedules(list(deployment.schedules)),
+            pull_steps=list(deployment.pull_steps),
+            tags=list(deployment.tags),
+        )
+        names.append(f"{deployment.flow_name}/{deployment.name}")
     return names

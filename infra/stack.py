@@ -4,9 +4,10 @@ Every process started here is recorded by pid (and its log) under ``STATE/servic
 stops exactly those process groups and nothing else. Each site worker runs in its own process
 group, in the site's own folder, with an environment that names only that site's data root.
 
-``up`` overlaps what can overlap: the workers start as soon as the Prefect API answers, the
-deployments are applied through the API in this process while they import, and readiness is one
-API call per poll. ``down`` signals every group at once and waits for them together.
+``up`` overlaps what can overlap: one worker host (``worker_host.py``) imports Prefect once while
+the servers start and forks every worker as soon as the Prefect API answers; the pools and
+deployments are applied through the API in this process meanwhile, and readiness is one API call per
+poll. ``down`` signals every group at once and waits for them together.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import yaml
 from quorum.configs.errors import QuorumError, ToolError
 from quorum.configs.schema import FederationConfig, expand_secrets
 from quorum.infra.capacity import apply_site_concurrency
-from quorum.infra.deployments import COORDINATOR_POOL, apply, site_pool
+from quorum.infra.deployments import COORDINATOR_POOL, PreparedDeployment, apply, prepare, site_pool
 from quorum.lineage.state import SITE_ROOT_ENV, StateLayout
 
 if TYPE_CHECKING:
@@ -243,14 +244,16 @@ class Stack:
             return max(1.0, READY_TIMEOUT_S - (time.monotonic() - started))
 
         self.launch_servers()
+        host = self.launch_workers()  # imports Prefect's worker while the servers start
         if render is not None and not prefect_file.exists():
             render()
+        prepared = self.prepare_deployments(prefect_file, project)  # reads the flows' source meanwhile too
         self.wait_prefect(left())
         mark("prefect_api")
         pools = self.ensure_pools()
-        self.deploy(prefect_file, project)  # before the workers' first writes compete for the database
+        self.apply_deployments(prepared)  # before the workers' first writes compete for SQLite's lock
         mark("deployed")
-        self.start_workers(project, site_workers)
+        self.release_workers(host, project, site_workers, left())
         mark("workers_started")
         self.prepare_storage()
         self.wait_mlflow(left())
@@ -261,20 +264,27 @@ class Stack:
 
     def deploy(self, prefect_file: Path, project: Path) -> list[str]:
         """Every deployment of ``prefect_file``, created or updated through the API in one pass."""
+        return self.apply_deployments(self.prepare_deployments(prefect_file, project))
+
+    def prepare_deployments(self, prefect_file: Path, project: Path) -> list[PreparedDeployment]:
+        """The deployments of ``prefect_file`` with their flows' schemas: no server needed."""
         try:
             document = yaml.safe_load(prefect_file.read_text())
         except (OSError, yaml.YAMLError) as exc:
             raise ToolError(f"cannot read {prefect_file}: {exc}", fix="run `quorum infra render`") from exc
         if not isinstance(document, dict):
             raise ToolError(f"{prefect_file} is not a prefect.yaml document", fix="run `quorum infra render`")
+        return prepare(document, project.resolve())
+
+    def apply_deployments(self, prepared: list[PreparedDeployment]) -> list[str]:
         import httpx
 
         try:
             with self.client() as client:
-                return apply(document, project.resolve(), client)
+                return apply(prepared, client)
         except httpx.HTTPError as exc:  # Prefect's status errors derive from it
             raise ToolError(
-                f"the Prefect server refused the deployments of {prefect_file}: {exc}",
+                f"the Prefect server refused the deployments: {exc}",
                 fix=f"see {self.service('prefect-server').log_file}, then run `quorum up` again",
             ) from None
 
@@ -294,23 +304,70 @@ class Stack:
         store.ensure_bucket()
 
     def start_workers(self, project: Path, site_workers: bool = True) -> None:
-        prefect = str(Path(sys.executable).parent / "prefect")
-        env = {**self.coordinator_env(), "QUORUM_PROJECT": str(project)}
-        self._start(
-            f"worker-{COORDINATOR_POOL}",
-            [prefect, "worker", "start", "--pool", COORDINATOR_POOL, "--type", "process"],
-            env,
-            project,
-        )
-        for site in self.config.sites if site_workers else ():
-            site_env = self.site_env(site.id)
-            site.root.mkdir(parents=True, exist_ok=True)
-            self._start(
-                f"worker-{site.id}",
-                [prefect, "worker", "start", "--pool", site_pool(site.id), "--type", "process"],
-                site_env,
-                site.root,
+        """Start the workers (the Prefect API must be up or coming) and return once each has a pid."""
+        self.release_workers(self.launch_workers(), project, site_workers, READY_TIMEOUT_S)
+
+    def launch_workers(self) -> subprocess.Popen[bytes]:
+        """Start the worker host (``quorum.infra.worker_host``): it imports Prefect's process worker once,
+        then waits for ``release_workers`` to name the workers it forks."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        header = {"health_url": f"{self.prefect_url}/health", "timeout_s": READY_TIMEOUT_S}
+        with open(self.service("worker-host").log_file, "ab") as log:
+            host = subprocess.Popen(
+                [sys.executable, "-m", "quorum.infra.worker_host"],
+                cwd=self.state.root,
+                env=self.base_env(),  # what every worker shares: no site's data root, no credentials
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
+        assert host.stdin is not None
+        host.stdin.write(json.dumps(header).encode() + b"\n")
+        host.stdin.flush()
+        return host
+
+    def release_workers(
+        self, host: subprocess.Popen[bytes], project: Path, site_workers: bool, timeout_s: float
+    ) -> None:
+        """Have the host fork every worker not already running, and wait until it has (it exits then).
+
+        Each worker is a process group of its own, in its own folder, with the host's environment plus
+        its own: a site's data root and credentials file, or the coordinator's credentials. Site
+        workers are sent first and the coordinator last, so no site worker ever holds its credentials.
+        """
+        base = self.base_env()
+        workers: list[tuple[str, str, dict[str, str], Path]] = []
+        for site in self.config.sites if site_workers else ():
+            site.root.mkdir(parents=True, exist_ok=True)
+            workers.append((f"worker-{site.id}", site_pool(site.id), self.site_env(site.id), site.root))
+        coordinator = {**self.coordinator_env(), "QUORUM_PROJECT": str(project)}
+        workers.append((f"worker-{COORDINATOR_POOL}", COORDINATOR_POOL, coordinator, project))
+        lines = [
+            {
+                "pool": pool,
+                "cwd": str(cwd),
+                "env": {key: value for key, value in env.items() if base.get(key) != value},
+                "log": str(self.service(name).log_file),
+                "pid_file": str(self.service(name).pid_file),
+                "heartbeat_s": WORKER_HEARTBEAT_S,
+            }
+            for name, pool, env, cwd in workers
+            if not self.service(name).alive()
+        ]
+        assert host.stdin is not None
+        log = self.service("worker-host").log_file
+        with contextlib.suppress(BrokenPipeError):  # a host that already failed says why in its log
+            host.stdin.write("".join(json.dumps(line) + "\n" for line in lines).encode())
+            host.stdin.close()
+        try:
+            code = host.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            host.kill()
+            host.wait()
+            raise ToolError(f"the workers did not start within {timeout_s:.0f}s", fix=f"see {log}") from None
+        if code != 0:
+            raise ToolError(f"the worker host exited with code {code} before starting every worker", fix=f"see {log}")
 
     def stop(self) -> list[str]:
         """Signal every recorded process group at once, then wait for all of them together."""

@@ -90,11 +90,10 @@ def load_scorer(files: Path, runtime: str, hidden_sizes: Sequence[int]) -> Score
         manifest = json.loads((files / VARIANTS_DIR / MANIFEST_FILE).read_text(encoding="utf-8"))
         mean = tuple(float(v) for v in manifest["feature_mean"])
         return OnnxScorer(chosen, mean, onnx_session(files / VARIANTS_DIR / RUNTIME_FILES[chosen]))
-    import mlflow.pytorch
-
     from quorum.tasks.model import get_weights, model_from_weights
+    from quorum.tasks.model_files import load_model_folder
 
-    # MLflow loads an exported program; rebuilt as the plain module it came from, it runs in eval mode
-    weights = get_weights(mlflow.pytorch.load_model(str(files)))
+    # the folder holds an exported program; rebuilt as the plain module it came from, it runs in eval mode
+    weights = get_weights(load_model_folder(files))
     mean = tuple(float(v) for v in weights[0])
     return TorchScorer("torch", mean, model_from_weights(weights, hidden_sizes))

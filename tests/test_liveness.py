@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from quorum.flows.runners.liveness import Allowances, Signals, judge, worker_is_live
+from quorum.flows.runners.liveness import Allowances, Signals, judge, restart_session, worker_is_live
 
 ALLOW = Allowances(startup_s=180, reply_s=120, gone_after_s=10)
 
@@ -84,3 +84,52 @@ def test_a_worker_is_live_for_three_heartbeats_and_a_minute(age_s: float, interv
 
 def test_a_worker_that_never_beat_is_not_live() -> None:
     assert worker_is_live(None, 30, datetime(2026, 1, 1, tzinfo=UTC)) is False
+
+
+CRASH = "Process exited with status code: 1."
+
+
+def test_a_crash_before_serving_is_reported_with_prefects_own_message() -> None:
+    give_up = judge(Signals("CRASHED", None, True, CRASH), 5, 5, ALLOW)
+
+    assert give_up is not None and give_up.reason == f"its session ended (CRASHED: {CRASH}) before it started serving"
+
+
+@pytest.mark.parametrize(
+    ("signals", "restarts_done", "since_start_s", "restart"),
+    [
+        # crashed on the way up, first time, early in the job, its worker alive: a new session
+        (Signals("CRASHED", None, True, CRASH), 0, 5, True),
+        # the same, Prefect not yet sure about the worker: the new run waits in its pool like the first
+        (Signals("FAILED", None, None), 0, 170, True),
+        # already restarted once in this job: give it up
+        (Signals("CRASHED", None, True, CRASH), 1, 5, False),
+        # the start-up allowance is spent: give it up
+        (Signals("CRASHED", None, True, CRASH), 0, 181, False),
+        # its pool has no live worker left to run a new session: give it up
+        (Signals("CRASHED", None, False, CRASH), 0, 5, False),
+        # it had served (it beat): a restart would not bring back what it held; give it up
+        (Signals("CRASHED", 3.0, True, CRASH), 0, 5, False),
+    ],
+)
+def test_a_session_that_ended_before_it_served_is_started_again_once(
+    signals: Signals, restarts_done: int, since_start_s: float, restart: bool
+) -> None:
+    give_up = judge(signals, since_start_s, 1, ALLOW)
+
+    assert give_up is not None and give_up.cause == "session ended"
+    assert restart_session(give_up, signals, restarts_done, since_start_s, ALLOW) is restart
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [
+        Signals("SCHEDULED", None, False),  # absent
+        Signals("RUNNING", None, True),  # slow start
+        Signals("RUNNING", 0.5, True),  # slow reply
+    ],
+)
+def test_only_a_session_that_ended_is_ever_restarted(signals: Signals) -> None:
+    give_up = judge(signals, 200, 200, ALLOW)
+
+    assert give_up is not None and restart_session(give_up, signals, 0, 1, ALLOW) is False

@@ -3,8 +3,11 @@
 Three signals per site: the Prefect state of its session's flow run (has its worker picked it up?),
 the session's own heartbeat in the artifact store (is it alive and working?), and whether the site's
 pool has a live worker (can it ever be picked up?). ``judge`` turns them into "keep waiting" or the
-true reason to stop waiting; it is pure, so every case is a unit test. ``PrefectWatch`` reads the
-first and last signal from the Prefect API, at most once per ``REFRESH_S``.
+true reason to stop waiting; it is pure, so every case is a unit test. ``restart_session`` decides,
+as purely, whether a session that ended before it ever served gets one more flow run: under load
+its process can die on the way up (its engine's calls to an overloaded SQLite server refused, the
+process killed) while the site itself is fine. ``PrefectWatch`` reads the first and last signal from
+the Prefect API, at most once per ``REFRESH_S``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ DEFAULT_WORKER_BEAT_S = 30.0
 # a loaded Prefect server on SQLite can fail to record a few heartbeats in a row: never call a worker
 # gone sooner than this
 MIN_WORKER_SILENCE_S = 60.0
+SESSION_RESTARTS = 1  # new flow runs for a site whose session ended before it served, per job
 PICKED_UP = frozenset({"PENDING", "RUNNING"})
 ENDED = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED", "CANCELLING"})
 
@@ -35,6 +39,7 @@ class Signals:
     run_state: str | None  # Prefect state type of the session's flow run, e.g. SCHEDULED, RUNNING, CRASHED
     silent_s: float | None  # seconds since the session last beat; None if it never did
     live_worker: bool | None  # whether the site's pool has a worker that beats
+    run_message: str | None = None  # the message of that state (why a session crashed), if Prefect gave one
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,8 @@ def judge(signals: Signals, since_start_s: float, since_request_s: float, allow:
             )
         return None
     if state in ENDED:
-        return GiveUp("session ended", f"its session ended ({state}) before it started serving")
+        detail = f"{state}: {signals.run_message}" if signals.run_message else state
+        return GiveUp("session ended", f"its session ended ({detail}) before it started serving")
     if state in PICKED_UP:
         if overdue:
             return GiveUp(
@@ -91,6 +97,24 @@ def judge(signals: Signals, since_start_s: float, since_request_s: float, allow:
     if overdue:
         return GiveUp("not picked up", f"no worker picked up its session within {allow.startup_s:.0f}s")
     return None
+
+
+def restart_session(
+    give_up: GiveUp, signals: Signals, restarts_done: int, since_start_s: float, allow: Allowances
+) -> bool:
+    """Whether to start a new session for a site rather than give it up for ``give_up``.
+
+    Only a session that ended before it ever beat (it never served, so nothing of the job is lost
+    or repeated), only ``SESSION_RESTARTS`` times per site and job, only while the start-up allowance
+    lasts, and only when the site's pool still has a live worker to run the new one.
+    """
+    return (
+        give_up.cause == "session ended"
+        and signals.silent_s is None
+        and restarts_done < SESSION_RESTARTS
+        and since_start_s <= allow.startup_s
+        and signals.live_worker is not False
+    )
 
 
 def worker_is_live(last_heartbeat: datetime | None, interval_s: float | None, now: datetime) -> bool:
@@ -108,6 +132,7 @@ class PrefectWatch:
         self.flow_runs = flow_runs  # site -> flow run id
         self.pool_of = pool_of  # site -> work pool name
         self._states: dict[str, str] = {}
+        self._messages: dict[str, str] = {}
         self._live: dict[str, bool] = {}
         self._read_at = float("-inf")
 
@@ -140,6 +165,8 @@ class PrefectWatch:
                 run = by_id.get(self.flow_runs.get(site_id, ""))
                 if run is not None and run.state_type is not None:
                     self._states[site_id] = str(run.state_type.value)
+                    message = run.state.message if run.state is not None else None
+                    self._messages[site_id] = " ".join(str(message or "").split())[:300]
             now = datetime.now(UTC)
             for site_id in site_ids:
                 try:
@@ -152,6 +179,15 @@ class PrefectWatch:
 
     def state(self, site_id: str) -> str | None:
         return self._states.get(site_id)
+
+    def message(self, site_id: str) -> str | None:
+        return self._messages.get(site_id) or None
+
+    def forget(self, site_id: str) -> None:
+        """Drop what was read about the site's session (it has a new flow run); its pool's worker stays known."""
+        self._states.pop(site_id, None)
+        self._messages.pop(site_id, None)
+        self._read_at = float("-inf")
 
     def live_worker(self, site_id: str) -> bool | None:
         return self._live.get(site_id)

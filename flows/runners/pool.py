@@ -5,12 +5,16 @@ deployment); from then on every preprocess/train/evaluate/monitor call is a requ
 store that the sessions answer, so each site starts one process per job. While waiting, the runner
 tells a slow site from an absent one (``liveness.judge``): a session its worker picked up, or that
 beats, is waited for up to the start-up allowance; a site whose pool has no live worker is given up
-at once. A site given up on is reported as a failure with that true reason; whether the job can go
-on without it is the round loop's decision (``min_sites``).
+at once. A session that ended before it ever served (its process died on the way up, e.g. on an
+overloaded machine) is started again once, as a new flow run, while the start-up allowance lasts
+(``liveness.restart_session``); the site's start-up clock starts again with it. A site given up on is
+reported as a failure with that true reason (a restart and the first attempt's end included);
+whether the job can go on without it is the round loop's decision (``min_sites``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
@@ -19,7 +23,7 @@ from quorum.configs.errors import QuorumError, ReplyRejected
 from quorum.evaluation.report import SiteEvaluation
 from quorum.flows.context import JobContext
 from quorum.flows.runners.exchange import JobExchange
-from quorum.flows.runners.liveness import Allowances, PrefectWatch, Signals, judge
+from quorum.flows.runners.liveness import Allowances, PrefectWatch, Signals, judge, restart_session
 from quorum.flows.runners.local import Reply, SecAggRound, SiteFailure, SiteRunner
 from quorum.flows.site_queue import wait_for_capacity
 from quorum.tasks import wire
@@ -50,6 +54,8 @@ class PoolRunner(SiteRunner):
         self.flow_runs: dict[str, str] = {}
         self.watch = PrefectWatch(self.flow_runs, {s: site_pool(s) for s in ctx.config.site_ids})
         self._started_at = time.monotonic()  # start() sets it again when it starts the sessions
+        self._site_started_at: dict[str, float] = {}  # a restarted session's start-up clock
+        self.restarts: dict[str, str] = {}  # site -> how its first session ended (sites restarted once)
         deployment = ctx.config.deployment
         self.allowances = Allowances(deployment.session_start_timeout_s, deployment.round_deadline_s, GONE_AFTER_S)
 
@@ -93,6 +99,21 @@ class PoolRunner(SiteRunner):
             fix="the server is overloaded or down: see its log (quorum status), then run the job again",
         )
 
+    def _restart(self, site_id: str, reason: str) -> None:
+        """A new session for a site whose first one ended before it served; the reason is kept for the log."""
+        from prefect.exceptions import MissingContextError
+        from prefect.logging import get_run_logger
+
+        self.restarts[site_id] = reason
+        try:
+            logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = get_run_logger()
+        except MissingContextError:  # driven outside a flow run (tests, tools): the module's own logger
+            logger = logging.getLogger(__name__)
+        logger.warning("site %s: %s; starting its session again (once)", site_id, reason)
+        self.flow_runs[site_id] = self._start_session(site_id)
+        self._site_started_at[site_id] = time.monotonic()
+        self.watch.forget(site_id)
+
     def close(self) -> None:
         seq = self.exchange.next_seq()
         self.exchange.post(Request(self.ctx.job_id, seq, "stop", ()))
@@ -129,10 +150,19 @@ class PoolRunner(SiteRunner):
             self.watch.refresh([s for s, silent_s in silent.items() if silent_s is None or silent_s > GONE_AFTER_S])
             now = time.monotonic()
             for site_id, silent_s in silent.items():
-                signals = Signals(self.watch.state(site_id), silent_s, self.watch.live_worker(site_id))
-                give_up = judge(signals, now - self._started_at, now - posted, self.allowances)
-                if give_up is not None:
-                    replies[site_id] = _silent(site_id, give_up.reason)
+                signals = Signals(
+                    self.watch.state(site_id), silent_s, self.watch.live_worker(site_id), self.watch.message(site_id)
+                )
+                since_start = now - self._site_started_at.get(site_id, self._started_at)
+                give_up = judge(signals, since_start, now - posted, self.allowances)
+                if give_up is None:
+                    continue
+                if restart_session(give_up, signals, int(site_id in self.restarts), since_start, self.allowances):
+                    self._restart(site_id, give_up.reason)
+                    continue
+                first = self.restarts.get(site_id)
+                reason = give_up.reason if first is None else f"{give_up.reason}, after one restart (first: {first})"
+                replies[site_id] = _silent(site_id, reason)
             if len(replies) < len(site_ids):
                 time.sleep(max(POLL_S, self.exchange.store.poll_s))
         return replies
