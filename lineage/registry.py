@@ -63,5 +63,3 @@ def load_verified_weights(
     files = fetch_files(tracker, store, name, version)
     verify_version(store, governance, name, version)
     return load_weights(files)
-
-
