@@ -19,6 +19,7 @@ from prefect.utilities.annotations import quote
 
 from quorum.configs.errors import QuorumError
 from quorum.configs.schema import FederationConfig
+from quorum.evaluation.metrics import BinaryCounts
 from quorum.evaluation.report import SiteEvaluation
 from quorum.tasks import site as site_work
 from quorum.tasks import site_secagg
@@ -105,6 +106,13 @@ class SiteRunner(ABC):
     def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, SiteEvaluation | SiteFailure]: ...
 
     @abstractmethod
+    def compare_variants(
+        self, site_ids: Sequence[str], weights: Weights, variants: Mapping[str, bytes]
+    ) -> dict[str, dict[str, BinaryCounts] | SiteFailure]:
+        """Each site's test-split counts under torch (``weights``) and under each ONNX variant (runtime -> the
+        graph's bytes); the bytes are those a promotion signs, so the comparison is about the files served."""
+
+    @abstractmethod
     def monitor(self, site_ids: Sequence[str], champion: Weights | None) -> dict[str, Any]: ...
 
 
@@ -179,6 +187,15 @@ def evaluate_at_sites(config: FederationConfig, site_ids: Sequence[str], weights
     return _at_each_site(site_work.evaluate_site, config, site_ids, weights)
 
 
+@task(cache_policy=NO_CACHE)
+def compare_variants_at_sites(
+    config: FederationConfig, site_ids: Sequence[str], weights: Weights, variants: Mapping[str, bytes]
+) -> dict[str, Any]:
+    from quorum.tasks.variants import compare_site  # ONNX Runtime loads only when a promotion compares
+
+    return _at_each_site(compare_site, config, site_ids, weights, variants)
+
+
 @task(cache_policy=NO_CACHE, task_run_name="preprocess-{site_id}")
 def site_preprocess(config: FederationConfig, site_id: str) -> site_work.DataFingerprint | SiteFailure:
     return _guarded(site_work.preprocess_site, site_id, config, site_id)
@@ -237,6 +254,11 @@ class LocalRunner(SiteRunner):
 
     def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, Any]:
         return self._in_turn(evaluate_at_sites, site_ids, weights)
+
+    def compare_variants(
+        self, site_ids: Sequence[str], weights: Weights, variants: Mapping[str, bytes]
+    ) -> dict[str, Any]:
+        return self._in_turn(compare_variants_at_sites, site_ids, weights, quote(dict(variants)))
 
     def monitor(self, site_ids: Sequence[str], champion: Weights | None) -> dict[str, Any]:
         return self._side_by_side(site_monitor, site_ids, champion)
