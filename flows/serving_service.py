@@ -51,7 +51,11 @@ class ModelService(ServedModels):
         started = time.perf_counter()
         champion = self.champion
         if champion is None:
-            return self._finish("error", started, 503, {"error": "no verified champion is loaded"})
+            payload = {
+                "error": "no verified champion is loaded",
+                "fix": "retry once a champion is promoted and verifies at this site (GET /health says when)",
+            }
+            return self._finish("error", started, 503, payload)
         try:
             batch = parse_body(body, self.serving.max_rows)
             matrix = batch_matrix(batch, champion.schema)

@@ -20,6 +20,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -216,14 +217,19 @@ def columns_to_matrix(columns: Mapping[str, Sequence[Any]], size: int, schema: R
         matrix[:, j] = _numbers(columns[column], size, schema.fill[j])
     offset = len(schema.numeric)
     for column, domain in schema.categorical:
-        lookup = {value: k for k, value in enumerate(domain)}
-        codes = np.fromiter(
-            (lookup.get(v if type(v) is str else _text(v), -1) for v in columns[column]), dtype=np.int64, count=size
-        )
-        hit = codes >= 0
-        matrix[np.flatnonzero(hit), offset + codes[hit]] = 1.0
+        _one_hot(matrix[:, offset : offset + len(domain)], columns[column], domain)
         offset += len(domain)
     return matrix
+
+
+def _one_hot(block: NDArray[np.float32], values: Sequence[Any], domain: Sequence[str]) -> None:
+    """Set ``block[i, k]`` where row i's value, as text, is ``domain[k]``; the lookups run in C (``map``),
+    and only a column holding something other than strings (nulls, numbers) is turned into text first."""
+    lookup = {option: k for k, option in enumerate(domain)}
+    texts = values if set(map(type, values)) == {str} else [_text(value) for value in values]
+    codes = np.fromiter(map(lookup.get, texts, repeat(-1)), dtype=np.int64, count=len(texts))
+    hit = codes >= 0
+    block[np.flatnonzero(hit), codes[hit]] = 1.0
 
 
 def _numbers(values: Sequence[Any], size: int, fill: float) -> NDArray[np.float64]:
