@@ -272,6 +272,12 @@ def up(
     )
     pools = stack.pool_names()
     print(f"pools ready: {', '.join(pools)}" + ("" if site_workers else " (site workers: `quorum worker --site ID`)"))
+    from quorum.infra.serving_stack import start_serving
+
+    for service in start_serving(stack, config):
+        print(
+            f"serving {service.site_id}: {service.url} (flow run {service.flow_run_id}; 503 until a champion verifies)"
+        )
     print(f"up in {timings['workers_ready']:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + ")")
     print(
         f"Prefect UI: http://127.0.0.1:{config.deployment.prefect_port}   "
@@ -302,6 +308,10 @@ def status(config_path: Path, governance_path: Path | None = None) -> int:
     print_site_queues(stack, [site_pool(s) for s in config.site_ids])
     for name, pool, state_name, started in runs:
         print(f"run  {name:<24} {pool:<16} {state_name:<10} {started}")
+    from quorum.infra.serving_stack import serving_status
+
+    for line in serving_status(stack):
+        print(line)
     return 0
 
 
@@ -374,9 +384,12 @@ def print_champion_status(config: FederationConfig, state: StateLayout, governan
 
 def down(config_path: Path) -> int:
     config, state = _prepare(config_path)
+    from quorum.infra.serving_stack import stop_serving
     from quorum.infra.stack import Stack
 
-    stopped = Stack(config, state).stop()
+    stack = Stack(config, state)
+    os.environ["PREFECT_API_URL"] = stack.prefect_url
+    stopped = stop_serving(stack, stack.service("prefect-server").alive()) + stack.stop()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
 
@@ -458,9 +471,7 @@ def keys_generate(name: str, out: Path, config_path: Path | None = None) -> int:
     return 0
 
 
-def _approver_command(
-    config_path: Path, governance_path: Path, model: str, key: Path, usage: str
-) -> StateLayout:
+def _approver_command(config_path: Path, governance_path: Path, model: str, key: Path, usage: str) -> StateLayout:
     """What `approve` and `rollback` check before anything runs: the configs, the key file and the model name."""
     config, state = _prepare(config_path)
     load_governance(governance_path)
