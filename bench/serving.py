@@ -226,7 +226,7 @@ def run(single: int, batched: int, with_mlflow: bool, federation: Path | None) -
         for size, requests in ((1, single), (BATCH, batched)):
             x, r = np.ascontiguousarray(matrix[:size]), rows[:size]
             print(f"\n{size}-row requests, {requests} sequential requests each, one client")
-            print(f"    {'contender':<24} {'p50 ms':>9} {'p99 ms':>9} {'rows/s':>11} {'vs bare ORT':>12}")
+            print(f"    {'contender':<26} {'p50 ms':>9} {'p99 ms':>9} {'rows/s':>11} {'vs bare ORT':>12}")
             baseline = 0.0
             for name, make in contenders.items():
                 times = measure(make(x, r), requests)
@@ -252,7 +252,7 @@ def columns_body(rows: list[dict[str, object]]) -> bytes:
 def report(name: str, size: int, times: list[float], baseline: float) -> None:
     rate = size / statistics.median(times)
     p50, p99 = percentile(times, 0.50) * 1e3, percentile(times, 0.99) * 1e3
-    print(f"    {name:<24} {p50:>9.3f} {p99:>9.3f} {rate:>11.0f} {rate / baseline:>11.2f}x", flush=True)
+    print(f"    {name:<26} {p50:>9.3f} {p99:>9.3f} {rate:>11.0f} {rate / baseline:>11.2f}x", flush=True)
 
 
 if __name__ == "__main__":
