@@ -80,9 +80,6 @@ def start_serving(stack: Stack, config: FederationConfig) -> list[SiteService]:
     """Start each site's serve flow run (``serving.start_with_up``); a recorded run still active is kept."""
     if not config.serving.start_with_up:
         return []
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     recorded = {s.site_id: s for s in read_services(stack)}
     services: list[SiteService] = []
     with stack.client() as client:
@@ -97,17 +94,32 @@ def start_serving(stack: Stack, config: FederationConfig) -> list[SiteService]:
             continue
         port = config.serving_port(site.id)
         require_free_port(site.id, port)
+        services.append(SiteService(site.id, port, _start_run(stack, site.id, port)))
+        _write_services(stack, services)
+    _write_services(stack, services)
+    return services
+
+
+def _start_run(stack: Stack, site_id: str, port: int) -> str:
+    """The flow run id of the site's new serve run, waiting for a champion on ``port``."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
         with temporary_settings({PREFECT_API_URL: stack.prefect_url}):
             run = run_deployment(
-                serve_deployment(site.id),
+                serve_deployment(site_id),
                 parameters={"port": port, "wait_for_champion": True},
                 timeout=0,
                 tags=["quorum-up", "serving"],
             )
-        services.append(SiteService(site.id, port, str(run.id)))  # type: ignore[union-attr]  # a FlowRun
-        _write_services(stack, services)
-    _write_services(stack, services)
-    return services
+    except ObjectNotFound:
+        raise QuorumError(
+            f"site {site_id} has no serve deployment ({serve_deployment(site_id)})",
+            fix="render the deployments again (`quorum infra render`), then run `quorum up` again",
+        ) from None
+    return str(run.id)  # type: ignore[union-attr]  # the sync call returns a FlowRun
 
 
 def _run_state(client: Any, flow_run_id: str) -> str:
