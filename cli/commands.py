@@ -290,6 +290,12 @@ def up(
     )
     pools = stack.pool_names()
     print(f"pools ready: {', '.join(pools)}" + ("" if site_workers else " (site workers: `quorum worker --site ID`)"))
+    from quorum.infra.serving_stack import start_serving
+
+    for service in start_serving(stack, config):
+        print(
+            f"serving {service.site_id}: {service.url} (flow run {service.flow_run_id}; 503 until a champion verifies)"
+        )
     print(f"up in {timings['workers_ready']:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + ")")
     print(
         f"Prefect UI: http://127.0.0.1:{config.deployment.prefect_port}   "
@@ -320,6 +326,10 @@ def status(config_path: Path, governance_path: Path | None = None) -> int:
     print_site_queues(stack, [site_pool(s) for s in config.site_ids])
     for name, pool, state_name, started in runs:
         print(f"run  {name:<24} {pool:<16} {state_name:<10} {started}")
+    from quorum.infra.serving_stack import serving_status
+
+    for line in serving_status(stack):
+        print(line)
     return 0
 
 
@@ -392,9 +402,12 @@ def print_champion_status(config: FederationConfig, state: StateLayout, governan
 
 def down(config_path: Path) -> int:
     config, state = _prepare(config_path)
+    from quorum.infra.serving_stack import stop_serving
     from quorum.infra.stack import Stack
 
-    stopped = Stack(config, state).stop()
+    stack = Stack(config, state)
+    os.environ["PREFECT_API_URL"] = stack.prefect_url
+    stopped = stop_serving(stack, stack.service("prefect-server").alive()) + stack.stop()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
 

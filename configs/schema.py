@@ -442,7 +442,11 @@ class ServingConfig(BaseModel):
 
     model_config = _FROZEN
 
+    # the first site's port; each next site (in config order) takes the next one, unless ``ports`` names it
     port: int = Field(default=8610, ge=1024, le=65535)
+    ports: dict[str, int] = Field(default_factory=dict)  # per site id: its own loopback port
+    # `quorum up` starts each site's `serve-ID` flow run on its pool (`quorum down` stops it)
+    start_with_up: bool = False
     # auto: the ONNX variant when the version has one and onnxruntime is installed, else torch
     runtime: Literal["auto", "onnx", "onnx-int8", "torch"] = "auto"
     # how often the service asks the registry whether the champion (or candidate) moved
@@ -532,9 +536,38 @@ class FederationConfig(BaseModel):
         unknown = sorted(set(self.serving.routing) - set(ids))
         if unknown:
             problems.append(f"serving.routing names unknown site(s): {', '.join(unknown)} (sites: {', '.join(ids)})")
+        problems.extend(self._serving_ports_fit())
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def serving_port(self, site_id: str) -> int:
+        """The loopback port of a site's service: ``serving.ports.ID``, else ``serving.port`` plus its index."""
+        index = [site.id for site in self.sites].index(site_id)
+        return self.serving.ports.get(site_id, self.serving.port + index)
+
+    def _serving_ports_fit(self) -> list[str]:
+        """Every site's service has its own port in 1024-65535, apart from the Prefect and MLflow servers."""
+        ids = [site.id for site in self.sites]
+        unknown = sorted(set(self.serving.ports) - set(ids))
+        if unknown:
+            return [f"serving.ports names unknown site(s): {', '.join(unknown)} (sites: {', '.join(ids)})"]
+        ports = {site_id: self.serving_port(site_id) for site_id in ids}
+        problems = [
+            f"serving port of site {site_id} is {port}, outside 1024-65535 (set serving.ports.{site_id})"
+            for site_id, port in ports.items()
+            if not 1024 <= port <= 65535
+        ]
+        taken = {
+            self.deployment.prefect_port: "deployment.prefect_port",
+            self.deployment.mlflow_port: "deployment.mlflow_port",
+        }
+        for site_id, port in ports.items():
+            owner = taken.get(port)
+            if owner is not None:
+                problems.append(f"serving port {port} of site {site_id} is also {owner} (set serving.ports.{site_id})")
+            taken[port] = f"the serving port of site {site_id}"
+        return problems
 
     def _contract_fits_the_features(self) -> list[str]:
         """A contract domain may narrow ``features.categorical`` but never contradict it."""

@@ -28,6 +28,7 @@ from quorum.flows.runners.jobs import JobRecord, load_job, save_job
 from quorum.flows.runners.local import LocalRunner, SiteRunner
 from quorum.flows.runners.site_workers import SiteWorkers, start_site_workers
 from quorum.flows.tuning import OnRound, TuningResult, tune_flow
+from quorum.flows.variants import VariantCheck
 from quorum.lineage.keys import approver_for_private_key
 from quorum.lineage.provenance import SiteEvidence
 from quorum.tasks.features import feature_names
@@ -213,6 +214,7 @@ def run_lifecycle(
                 run_id,
                 keys,
                 site_evidence=_site_evidence(prep),
+                variant_check=VariantCheck(runner, tuple(s.site_id for s in evaluation.candidate.sites)),
             )
         with _stage(ctx, result, "monitor") as run_id:
             result.monitor = monitor_flow(ctx, runner, prep.usable_sites, run_id)

@@ -29,6 +29,7 @@ from prefect.transactions import Transaction, get_transaction, transaction
 from quorum.configs.errors import ConfigError, GateFailed, NotPermitted, QuorumNotMet
 from quorum.evaluation.gates import Verdict
 from quorum.flows.context import JobContext
+from quorum.flows.variants import VariantCheck, export_serving_variants
 from quorum.lineage import champion
 from quorum.lineage.anchor import sign_checkpoint
 from quorum.lineage.envelope import Signed
@@ -299,11 +300,14 @@ def promote_flow(
     run_id: str,
     approver_keys: Sequence[tuple[str, Path]] = (),
     site_evidence: Sequence[SiteEvidence] = (),
+    variant_check: VariantCheck | None = None,
 ) -> PromotionResult:
     """Register a passed candidate, write its provenance, sign it, and promote it once the quorum is met.
 
     ``site_evidence`` is each site's data hash and contract outcome for the provenance statement;
     when a caller has none, the data hashes in ``lineage_tags`` (sites that passed) are used.
+    ``variant_check`` names the job's site runner and the sites that compare the ONNX variants with
+    torch on their own test splits; without it every site is named in ``variant.sites_skipped``.
     """
     logger = get_run_logger()
     if not verdict.passed:
@@ -326,7 +330,7 @@ def promote_flow(
     name = ctx.config.model_name
     day = today_utc()
     files = fetch_files(ctx.tracker, ctx.store, name, version)
-    _add_serving_variants(ctx, files, version, weights)
+    _add_serving_variants(ctx, files, version, weights, variant_check)
     facts = _build_facts(ctx, verdict, lineage_tags, run_id, site_evidence)
     provenance = write_provenance(files, build_statement(files, name, version, facts))
     ctx.store.publish(model_key(name, version), files)
@@ -408,11 +412,11 @@ def approval_markdown(ctx: JobContext, pending: PromotionResult, verdict: Verdic
     )
 
 
-def _add_serving_variants(ctx: JobContext, files: Path, version: str, weights: Weights) -> None:
+def _add_serving_variants(
+    ctx: JobContext, files: Path, version: str, weights: Weights, check: VariantCheck | None
+) -> None:
     """The ONNX and int8 variants go into the model folder before provenance and signatures cover it."""
-    from quorum.flows.variants import export_serving_variants
-
-    export_serving_variants(ctx, files, version, weights)
+    export_serving_variants(ctx, files, version, weights, check)
 
 
 def _build_facts(

@@ -1,28 +1,54 @@
 """The site's inference service as a Prefect flow, so each site pool has a ``serve-<site>`` deployment.
 
 The flow verifies and loads the champion, then answers on 127.0.0.1 until its run is cancelled;
-``quorum serve --site ID`` runs the same service without Prefect.
+``quorum serve --site ID`` runs the same service without Prefect. ``quorum up`` starts one run per
+site (``serving.start_with_up``) with ``wait_for_champion``, so a federation with nothing promoted
+yet answers 503 until its first champion verifies. While it serves, the run records its process id,
+port and flow run id in the site's ``deployed/serving/service.json``, which ``quorum down`` reads
+to stop exactly this process should cancelling the flow run not reach it.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
+from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
 
 from quorum.flows.context import load_context
 from quorum.flows.serving import start_service
+from quorum.flows.serving_models import SERVING_DIR
+
+SERVICE_RECORD = "service.json"
+
+
+def service_record(site_root: Path) -> Path:
+    """Where a running serve flow records its pid, port and flow run id at the site."""
+    return site_root / SERVING_DIR / SERVICE_RECORD
 
 
 @flow(name="serve", flow_run_name="serve-{site_id}")
-def serve_flow(config_path: str, governance_path: str, site_id: str, port: int | None = None) -> None:
+def serve_flow(
+    config_path: str, governance_path: str, site_id: str, port: int | None = None, wait_for_champion: bool = False
+) -> None:
     """Serve the verified champion at ``site_id`` until cancelled; hot-swaps when the champion moves."""
     ctx = load_context(config_path, governance_path)
-    running = start_service(ctx, site_id, port)
+    running = start_service(ctx, site_id, port, wait_for_champion=wait_for_champion)
     champion = running.service.champion
-    assert champion is not None  # start_service raises otherwise
-    get_run_logger().info("%s serves %s v%s at %s", site_id, ctx.config.model_name, champion.version, running.url)
+    serving = f"{ctx.config.model_name} v{champion.version}" if champion else "nothing yet (503 until a champion)"
+    get_run_logger().info("%s serves %s at %s", site_id, serving, running.url)
+    record = service_record(ctx.config.site(site_id).root)
+    context = FlowRunContext.get()
+    flow_run = None if context is None or context.flow_run is None else str(context.flow_run.id)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(
+        json.dumps({"pid": os.getpid(), "port": running.server.server_address[1], "flow_run_id": flow_run}) + "\n"
+    )
     try:
         threading.Event().wait()  # until the flow run is cancelled (the process is stopped)
     finally:
+        record.unlink(missing_ok=True)
         running.stop()

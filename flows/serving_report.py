@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from quorum.flows.context import JobContext
-from quorum.flows.serving import routing_key
+from quorum.flows.serving_service import routing_key
 
 _COUNTS = ("champion_requests", "candidate_requests", "shadow_rows", "shadow_agreements", "refused_requests")
 _RATES = ("shadow_agreement_rate", "candidate_share")

@@ -59,15 +59,17 @@ class TorchScorer:
         return torch.sigmoid(logits).double().numpy().reshape(-1)
 
 
-def onnx_session(path: Path, threads: int = 1) -> Any:
-    """An ONNX Runtime CPU session; one intra-op thread: tiny models lose time to thread hand-offs."""
+def onnx_session(model: Path | bytes, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session of a file or of a graph's bytes; one intra-op thread: tiny models lose
+    time to thread hand-offs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def choose_runtime(files: Path, wanted: str) -> str:

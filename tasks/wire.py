@@ -22,7 +22,7 @@ from quorum.tasks.contract import ContractSummary, FailedExpectation
 from quorum.tasks.features import Moments
 from quorum.tasks.site import DataFingerprint
 
-Kind = Literal["preprocess", "train", "evaluate", "monitor", "keys", "share", "reveal", "stop"]
+Kind = Literal["preprocess", "train", "evaluate", "variants", "monitor", "keys", "share", "reveal", "stop"]
 KINDS: tuple[str, ...] = get_args(Kind)
 PUBLIC_KEY_BYTES = 64  # a site's round keys under secure aggregation: two X25519 public keys
 _FIX = "run the same Quorum version at the coordinator and at every site"
@@ -116,6 +116,9 @@ class Request:
     request splits secrets for them, a train request masks against them (except the ``dropped`` ones,
     which shared nothing), a reveal request names the ``dropped`` sites and carries in ``shares`` the
     encrypted shares the sites sent each other (recipient -> sender -> hex).
+
+    A ``variants`` request carries, beside the candidate's weights, the ONNX files a promotion is about
+    to sign: ``files`` maps each runtime to the store key of its bytes and their sha256.
     """
 
     job_id: str
@@ -128,6 +131,7 @@ class Request:
     peers: Mapping[str, str] | None = None
     dropped: tuple[str, ...] = ()
     shares: Mapping[str, Mapping[str, str]] | None = None
+    files: Mapping[str, Mapping[str, str]] | None = None
 
     def shares_for(self, site_id: str) -> dict[str, bytes]:
         """The encrypted shares addressed to ``site_id``; malformed hex is rejected, not guessed at."""
@@ -160,6 +164,7 @@ def encode_request(request: Request) -> dict[str, Any]:
         "peers": None if request.peers is None else dict(request.peers),
         "dropped": list(request.dropped),
         "shares": None if request.shares is None else {k: dict(v) for k, v in request.shares.items()},
+        "files": None if request.files is None else {k: dict(v) for k, v in request.files.items()},
     }
 
 
@@ -168,7 +173,7 @@ def decode_request(data: Any) -> Request:
         kind = _str(data, "kind")
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}")
-        peers, shares = data.get("peers"), data.get("shares")
+        peers, shares, files = data.get("peers"), data.get("shares"), data.get("files")
         return Request(
             job_id=_str(data, "job_id"),
             seq=_int(data, "seq"),
@@ -182,9 +187,18 @@ def decode_request(data: Any) -> Request:
             shares=None
             if shares is None
             else {k: {s: _str(shares[k], s) for s in _object(shares, k)} for k in _object(data, "shares")},
+            files=None if files is None else {k: _file_ref(_object(files, k)) for k in _object(data, "files")},
         )
 
     return _decoding("request", decode)
+
+
+def _file_ref(data: Mapping[str, Any]) -> dict[str, str]:
+    """One shipped file: its store key and sha256, nothing else."""
+    ref = {"key": _str(data, "key"), "sha256": _str(data, "sha256")}
+    if set(data) != set(ref):
+        raise ValueError(f"a file reference holds only key and sha256, not {sorted(set(data) - set(ref))}")
+    return ref
 
 
 # --- site -> coordinator: preprocess ------------------------------------------------------------
@@ -397,6 +411,21 @@ def decode_evaluation(data: Any) -> SiteEvaluation:
         )
 
     return _decoding("evaluation counts", decode)
+
+
+def encode_variant_counts(site_id: str, runtimes: Mapping[str, BinaryCounts]) -> dict[str, Any]:
+    """A site's answer to a variants request: its test split's counts under torch and each ONNX variant."""
+    return {"site_id": site_id, "runtimes": {name: encode_counts(c) for name, c in sorted(runtimes.items())}}
+
+
+def decode_variant_counts(data: Any) -> dict[str, BinaryCounts]:
+    def decode() -> dict[str, BinaryCounts]:
+        runtimes = _object(data, "runtimes")
+        if "torch" not in runtimes:
+            raise KeyError("runtimes.torch")
+        return {str(name): decode_counts(_object(runtimes, name)) for name in runtimes}
+
+    return _decoding("variant counts", decode)
 
 
 def _encode_feature(feature: FeatureDrift) -> dict[str, Any]:

@@ -157,6 +157,25 @@ def test_lifecycle_runs_each_site_on_its_own_pool(stack: dict[str, Any]) -> None
         assert run["state_type"] == "COMPLETED"
         assert any(f"(cwd {site.root})" in line for line in _logs(api, run["id"]))
         assert (site.processed_dir / "train.parquet").is_file()
+    _assert_the_sites_compared_the_signed_variants(stack, config, "pool-job-1")
+
+
+def _assert_the_sites_compared_the_signed_variants(stack: dict[str, Any], config: Any, job_id: str) -> None:
+    """The promotion's variant check went through the sessions: the shipped bytes are the signed files."""
+    from mlflow import MlflowClient
+
+    from quorum.lineage.registry import model_key
+
+    client = MlflowClient(tracking_uri=stack["stack"].mlflow_url)
+    versions = client.search_model_versions(f"name='{config.model_name}'")
+    [version] = [v for v in versions if v.tags.get("quorum.job_id") == job_id]
+    artifacts = StateLayout(config.state_dir).artifacts
+    [shipped] = sorted((artifacts / "jobs" / job_id / "requests").glob("*/onnx.bin"))
+    signed = artifacts / model_key(config.model_name, version.version) / "onnx" / "model.onnx"
+
+    assert version.tags["variant.sites"] == "alpha,beta" and version.tags["variant.sites_skipped"] == "none"
+    assert abs(float(version.tags["variant.onnx.auc_delta"])) < 1e-3
+    assert shipped.read_bytes() == signed.read_bytes()
 
 
 def test_job_finishes_when_a_site_worker_is_killed_mid_job(stack: dict[str, Any]) -> None:

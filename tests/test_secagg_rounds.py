@@ -116,6 +116,9 @@ class FixedUpdates(SiteRunner):
     def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, SiteEvaluation | SiteFailure]:
         raise NotImplementedError
 
+    def compare_variants(self, site_ids: Sequence[str], weights: Weights, variants: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
     def monitor(self, site_ids: Sequence[str], champion: Weights | None) -> dict[str, Any]:
         raise NotImplementedError
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,14 @@ from quorum.configs.errors import ConfigError
 from quorum.configs.schema import FeatureConfig, SiteConfig, load_federation
 from quorum.tasks.features import to_matrix
 from quorum.tasks.routing import RoutingCounts, agreements, route_request
-from quorum.tasks.serving_rows import RowRefused, check_columns, parse_body, row_schema, rows_to_matrix
+from quorum.tasks.serving_rows import (
+    RowRefused,
+    batch_matrix,
+    check_columns,
+    parse_body,
+    row_schema,
+    rows_to_matrix,
+)
 
 FEATURES = FeatureConfig(numeric=("age", "income"), categorical={"channel": ("online", "branch")})
 SITE = SiteConfig(
@@ -34,10 +43,28 @@ def _rows() -> list[dict[str, object]]:
     ]
 
 
-def test_rows_become_the_matrix_training_builds_from_the_same_values() -> None:
+def _clean_rows() -> list[dict[str, object]]:
+    return [
+        {"age": 40, "income": 1200.5, "channel": "online"},
+        {"age": None, "income": "980", "channel": "branch"},  # null, and a number as text: both still numeric
+        {"age": True, "income": 700, "channel": 3},  # a bool counts as 1; a number is no category
+    ]
+
+
+def _body(rows: list[dict[str, object]], shape: str) -> bytes:
+    if shape == "rows":
+        return json.dumps({"rows": rows}).encode()
+    return json.dumps({"columns": {column: [row[column] for row in rows] for column in rows[0]}}).encode()
+
+
+@pytest.mark.parametrize("shape", ["rows", "columns"])
+@pytest.mark.parametrize("make_rows", [_rows, _clean_rows], ids=["unreadable-values", "numeric-values"])
+def test_rows_become_the_matrix_training_builds_from_the_same_values(
+    make_rows: Callable[[], list[dict[str, object]]], shape: str
+) -> None:
     import pandas as pd
 
-    rows = _rows()
+    rows = make_rows()
     frame = pd.DataFrame(
         {
             "age": pd.to_numeric(pd.Series([r["age"] for r in rows], dtype=object), errors="coerce"),
@@ -48,9 +75,10 @@ def test_rows_become_the_matrix_training_builds_from_the_same_values() -> None:
     expected = to_matrix(frame, FEATURES)  # nulls filled by the column median of these rows
     fill = (float(np.nanmedian(frame["age"])), float(np.nanmedian(frame["income"])))
 
-    matrix = rows_to_matrix(rows, row_schema(FEATURES, SITE, fill))
+    matrix = batch_matrix(parse_body(_body(rows, shape), max_rows=10), row_schema(FEATURES, SITE, fill))
 
     np.testing.assert_array_equal(matrix, expected)
+    np.testing.assert_array_equal(rows_to_matrix(rows, row_schema(FEATURES, SITE, fill)), expected)
 
 
 @pytest.mark.parametrize(
@@ -76,6 +104,28 @@ def test_bad_rows_are_refused_naming_the_column_never_the_value(
             assert value not in info.value.render()
 
 
+@pytest.mark.parametrize(
+    ("columns", "named"),
+    [
+        ({"age": [1], "income": [2], "channel": ["online"], "phone": ["555"]}, "phone"),  # declared PII
+        ({"age": [1], "income": [2], "channel": ["online"], "favourite": ["blue"]}, "favourite"),  # unknown
+        ({"age": [1], "channel": ["online"]}, "income"),  # a feature missing
+    ],
+)
+def test_bad_columns_are_refused_naming_the_column_never_the_value(
+    columns: dict[str, list[object]], named: str
+) -> None:
+    schema = row_schema(FEATURES, SITE, (0.0, 0.0))
+    batch = parse_body(json.dumps({"columns": columns}).encode(), max_rows=10)
+
+    with pytest.raises(RowRefused) as info:
+        batch_matrix(batch, schema)
+
+    assert info.value.status == 422
+    assert named in info.value.message and info.value.fix
+    assert "555" not in info.value.render() and "blue" not in info.value.render()
+
+
 def test_id_target_and_protected_columns_are_accepted_but_unused() -> None:
     schema = row_schema(FEATURES, SITE, (0.0, 0.0))
     row = {"age": 1, "income": 2, "channel": "online", "customer_id": 7, "churned": 0, "gender": "f"}
@@ -93,6 +143,12 @@ def test_id_target_and_protected_columns_are_accepted_but_unused() -> None:
         (b'{"rows": []}', 400),  # empty
         (b'{"rows": [1, 2]}', 400),  # rows that are not objects
         (b'{"rows": [{}, {}, {}]}', 413),  # more than max_rows
+        (b'{"columns": {"age": [1, 2, 3]}}', 413),  # more than max_rows, as columns
+        (b'{"columns": {"age": [1, 2], "income": [1]}}', 400),  # columns of different lengths
+        (b'{"columns": {"age": []}}', 400),  # no row at all
+        (b'{"columns": {"age": 1}}', 400),  # a column that is not a list
+        (b'{"columns": []}', 400),  # columns that are not an object
+        (b"\xff\xfe", 400),  # not even text
     ],
 )
 def test_malformed_bodies_are_refused_with_their_status(body: bytes, status: int) -> None:
@@ -167,6 +223,9 @@ def test_serving_config_names_known_sites_and_sane_policies(tmp_path: Path) -> N
     good = _config(tmp_path, {"port": 8700, "routing": {"alpha": {"mode": "canary", "canary_percent": 5}}})
     assert load_federation(good).serving.policy("alpha").canary_percent == 5
     assert load_federation(good).serving.policy("beta").mode == "champion"
+    assert [load_federation(good).serving_port(s) for s in ("alpha", "beta")] == [8700, 8701]  # one port per site
+    declared = load_federation(_config(tmp_path, {"ports": {"alpha": 9100}, "start_with_up": True}))
+    assert [declared.serving_port(s) for s in ("alpha", "beta")] == [9100, 8611] and declared.serving.start_with_up
 
 
 @pytest.mark.parametrize(
@@ -176,6 +235,11 @@ def test_serving_config_names_known_sites_and_sane_policies(tmp_path: Path) -> N
         ({"routing": {"alpha": {"mode": "shadow", "canary_percent": 5}}}, "only to mode canary"),  # stray percent
         ({"routing": {"nowhere": {"mode": "shadow"}}}, "serving.routing names unknown site(s): nowhere"),  # typo
         ({"runtime": "tensorrt"}, "serving.runtime"),  # a runtime Quorum does not have
+        ({"ports": {"nowhere": 9000}}, "serving.ports names unknown site(s): nowhere"),  # typo
+        ({"ports": {"beta": 8610}}, "serving port 8610 of site beta is also the serving port of site alpha"),  # clash
+        ({"ports": {"alpha": 4200}}, "is also deployment.prefect_port"),  # the Prefect server's port
+        ({"port": 65535}, "serving port of site beta is 65536, outside 1024-65535"),  # the next site runs out
+        ({"start_with_up": "sometimes"}, "serving.start_with_up"),  # not a yes or no
     ],
 )
 def test_bad_serving_config_is_refused_naming_the_key(tmp_path: Path, serving: dict[str, object], message: str) -> None:

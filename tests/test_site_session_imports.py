@@ -1,7 +1,7 @@
 """A site session imports only site code: it pays for its imports once per job, on the site's host.
 
-A fresh interpreter does what one session does for a job (preprocess, train, evaluate, monitor
-through the exchange) and reports every module it loaded.
+A fresh interpreter does what one session does for a job (preprocess, train, evaluate, monitor and
+a promotion's variant check through the exchange) and reports every module it loaded.
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ for seq, kind in enumerate(("preprocess", "train", "evaluate", "monitor"), start
     answers[kind] = reply
     if kind == "preprocess":
         answers["preprocess"]["moments_obj"] = wire.decode_fingerprint(reply).moments
+# a promotion's variant check: the coordinator ships the ONNX bytes it signs (written here, in this process)
+from quorum.lineage.onnx_export import export_variants
+folder = export_variants(Path(sys.argv[2]) / "model", weights, feature_names(config.features)).folder
+graphs = {"onnx": (folder / "model.onnx").read_bytes(), "onnx-int8": (folder / "model.int8.onnx").read_bytes()}
+request = exchange.post(wire.Request("job-1", 5, "variants", ("alpha",), 1), weights, graphs)
+site_session.handle(config, "alpha", exchange, request)
+reply = exchange.read_reply(5, "alpha")
+assert reply is not None and "failure" not in reply, reply
 print(json.dumps(sorted(sys.modules)))
 """
 
@@ -63,4 +71,5 @@ def test_a_site_session_imports_no_coordinator_code(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     modules = json.loads(done.stdout.strip().splitlines()[-1])
     assert "quorum.tasks.training" in modules and "quorum.evaluation.drift" in modules  # it did the work
+    assert "quorum.tasks.variants" in modules  # and compared the serving variants
     assert [m for m in modules if m.split(".")[0] in FORBIDDEN or m in FORBIDDEN] == []

@@ -25,6 +25,9 @@ from quorum.tasks.site import DataFingerprint
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "wire"
 
 COUNTS = BinaryCounts(tp=40, fp=7, tn=45, fn=8, loss_sum=31.5, positive_hist=(1, 2, 45), negative_hist=(44, 6, 2))
+VARIANT_COUNTS = BinaryCounts(
+    tp=39, fp=7, tn=45, fn=9, loss_sum=31.75, positive_hist=(2, 2, 44), negative_hist=(44, 6, 2)
+)
 FAILED_CONTRACT = ContractSummary(
     passed=False,
     evaluated=12,
@@ -60,6 +63,23 @@ CASES: list[tuple[str, Any, Callable[[Any], Any], Callable[[Any], Any]]] = [
         wire.decode_request,
     ),
     (
+        "request_variants.json",
+        wire.Request(
+            "job-7",
+            12,
+            "variants",
+            ("alpha", "beta"),
+            weights_key="jobs/job-7/requests/000012.npz",
+            weights_sha256="ab" * 32,
+            files={
+                "onnx": {"key": "jobs/job-7/requests/000012/onnx.bin", "sha256": "01" * 32},
+                "onnx-int8": {"key": "jobs/job-7/requests/000012/onnx-int8.bin", "sha256": "02" * 32},
+            },
+        ),
+        wire.encode_request,
+        wire.decode_request,
+    ),
+    (
         "fingerprint.json",
         DataFingerprint(
             "alpha",
@@ -85,6 +105,12 @@ CASES: list[tuple[str, Any, Callable[[Any], Any], Callable[[Any], Any]]] = [
         SiteEvaluation("beta", COUNTS, {"F": COUNTS, "M": COUNTS}),
         wire.encode_evaluation,
         wire.decode_evaluation,
+    ),
+    (
+        "variant_counts.json",
+        ("beta", {"torch": COUNTS, "onnx": COUNTS, "onnx-int8": VARIANT_COUNTS}),
+        lambda value: wire.encode_variant_counts(*value),
+        lambda data: ("beta", wire.decode_variant_counts(data)),
     ),
     (
         "drift_summary.json",
@@ -175,6 +201,26 @@ def _without(data: dict[str, Any], key: str) -> dict[str, Any]:
         ("drift_summary.json", wire.decode_drift, lambda d: {**d, "drift_share": "high"}),
         # a feature entry that is not an object
         ("drift_summary.json", wire.decode_drift, lambda d: {**d, "features": ["tenure"]}),
+        # a shipped file without its digest: the site could not check what it loads
+        (
+            "request_variants.json",
+            wire.decode_request,
+            lambda d: {**d, "files": {"onnx": {"key": d["files"]["onnx"]["key"]}}},
+        ),
+        # a shipped file reference with an extra field
+        (
+            "request_variants.json",
+            wire.decode_request,
+            lambda d: {**d, "files": {"onnx": {**d["files"]["onnx"], "path": "/etc/passwd"}}},
+        ),
+        # variant counts without the torch baseline they are compared with
+        (
+            "variant_counts.json",
+            wire.decode_variant_counts,
+            lambda d: {**d, "runtimes": {"onnx": d["runtimes"]["onnx"]}},
+        ),
+        # variant counts that are a list
+        ("variant_counts.json", wire.decode_variant_counts, lambda d: {**d, "runtimes": []}),
         # a failure without its message
         ("failure.json", wire.decode_failure, lambda d: {"failure": _without(d["failure"], "message")}),
     ],
@@ -206,4 +252,14 @@ def test_every_request_kind_decodes_and_nothing_else() -> None:
     decoded = [wire.decode_request({**base, "kind": kind}).kind for kind in wire.KINDS]
 
     assert decoded == list(wire.KINDS)
-    assert set(wire.KINDS) == {"preprocess", "train", "evaluate", "monitor", "keys", "share", "reveal", "stop"}
+    assert set(wire.KINDS) == {
+        "preprocess",
+        "train",
+        "evaluate",
+        "variants",
+        "monitor",
+        "keys",
+        "share",
+        "reveal",
+        "stop",
+    }

@@ -1,7 +1,8 @@
 """The request/reply exchange of one job, laid out in the artifact store.
 
 ``jobs/JOB/requests/NNNNNN.json`` holds request NNNNNN and ``requests/latest.json`` the newest one;
-``jobs/JOB/replies/NNNNNN/SITE.json`` (plus ``SITE.npz`` for weights) holds a site's reply. Objects
+``jobs/JOB/replies/NNNNNN/SITE.json`` (plus ``SITE.npz`` for weights) holds a site's reply; files a
+request ships (the ONNX variants a promotion compares) sit under ``requests/NNNNNN/``. Objects
 are written atomically and weights are named with their sha256, so the two sides only ever need to
 poll one small file and can verify everything they read.
 """
@@ -9,7 +10,7 @@ poll one small file and can verify everything they read.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,12 +27,20 @@ class JobExchange:
     def _key(self, *parts: str) -> str:
         return "/".join(("jobs", self.job_id, *parts))
 
-    def post(self, request: Request, weights: Sequence[Any] | None = None) -> Request:
-        """Write the request's weights (if any) and then the request, newest pointer last."""
+    def post(
+        self, request: Request, weights: Sequence[Any] | None = None, files: Mapping[str, bytes] | None = None
+    ) -> Request:
+        """Write the request's weights and files (if any) and then the request, newest pointer last."""
         if weights is not None:
             key = self._key("requests", f"{request.seq:06d}.npz")
             digest = self.store.put_weights(key, weights)
             request = replace(request, weights_key=key, weights_sha256=digest)
+        if files is not None:
+            refs = {}
+            for name, data in sorted(files.items()):
+                key = self._key("requests", f"{request.seq:06d}", f"{name}.bin")
+                refs[name] = {"key": key, "sha256": self.store.put_bytes(key, data)}
+            request = replace(request, files=refs)
         payload = encode_request(request)
         self.store.put_json(self._key("requests", f"{request.seq:06d}.json"), payload)
         self.store.put_json(self._key("requests", "latest.json"), payload)
@@ -52,6 +61,12 @@ class JobExchange:
         if request.weights_key is None:
             raise ArtifactCorrupt(f"request {request.seq} carries no weights", fix="re-run the job")
         return self.store.get_weights(request.weights_key, request.weights_sha256)
+
+    def request_files(self, request: Request) -> dict[str, bytes]:
+        """The files a request ships, each checked against the sha256 the request names."""
+        if not request.files:
+            raise ArtifactCorrupt(f"request {request.seq} carries no files", fix="re-run the job")
+        return {name: self.store.get_bytes(ref["key"], ref["sha256"]) for name, ref in request.files.items()}
 
     def reply(self, seq: int, site_id: str, payload: dict[str, Any], weights: Sequence[Any] | None = None) -> None:
         if weights is not None:

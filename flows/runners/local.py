@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from quorum.configs.schema import FederationConfig
+from quorum.evaluation.metrics import BinaryCounts
 from quorum.evaluation.report import SiteEvaluation
 from quorum.flows.runners.site_workers import SiteFailure as SiteFailure  # re-exported: the runners speak it
 from quorum.flows.runners.site_workers import SiteWorkers, guarded
@@ -87,6 +88,13 @@ class SiteRunner(ABC):
 
     @abstractmethod
     def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, SiteEvaluation | SiteFailure]: ...
+
+    @abstractmethod
+    def compare_variants(
+        self, site_ids: Sequence[str], weights: Weights, variants: Mapping[str, bytes]
+    ) -> dict[str, dict[str, BinaryCounts] | SiteFailure]:
+        """Each site's test-split counts under torch (``weights``) and under each ONNX variant (runtime -> the
+        graph's bytes); the bytes are those a promotion signs, so the comparison is about the files served."""
 
     @abstractmethod
     def monitor(self, site_ids: Sequence[str], champion: Weights | None) -> dict[str, Any]: ...
@@ -176,6 +184,19 @@ def _at_site(workers: SiteWorkers | None, work: Callable[..., T], site_id: str, 
     return guarded(work, site_id, *args) if workers is None else workers.run_one(work, site_id, *args)
 
 
+@task(cache_policy=NO_CACHE)
+def compare_variants_at_sites(
+    config: FederationConfig,
+    site_ids: Sequence[str],
+    weights: Weights,
+    variants: Mapping[str, bytes],
+    workers: SiteWorkers | None = None,
+) -> dict[str, Any]:
+    from quorum.tasks.variants import compare_site  # ONNX Runtime loads only when a promotion compares
+
+    return _on_workers(workers, compare_site, config, site_ids, weights, dict(variants))
+
+
 @task(cache_policy=NO_CACHE, task_run_name="preprocess-{site_id}")
 def site_preprocess(
     config: FederationConfig, site_id: str, workers: SiteWorkers | None = None
@@ -246,6 +267,12 @@ class LocalRunner(SiteRunner):
 
     def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, Any]:
         return self._in_turn(evaluate_at_sites, site_ids, weights, self._quoted_workers())
+
+    def compare_variants(
+        self, site_ids: Sequence[str], weights: Weights, variants: Mapping[str, bytes]
+    ) -> dict[str, Any]:
+        files = quote(dict(variants))
+        return self._in_turn(compare_variants_at_sites, site_ids, weights, files, self._quoted_workers())
 
     def monitor(self, site_ids: Sequence[str], champion: Weights | None) -> dict[str, Any]:
         return self._side_by_side(site_monitor, site_ids, champion, self._quoted_workers())

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from quorum.configs.errors import QuorumError, ReplyRejected
+from quorum.evaluation.metrics import BinaryCounts
 from quorum.evaluation.report import SiteEvaluation
 from quorum.flows.context import JobContext
 from quorum.flows.runners.exchange import JobExchange
@@ -126,6 +127,7 @@ class PoolRunner(SiteRunner):
         server_round: int = 0,
         secagg: SecAggRound | None = None,
         dropped: Collection[str] = (),
+        files: Mapping[str, bytes] | None = None,
     ) -> dict[str, dict[str, Any] | SiteFailure]:
         request = Request(
             self.ctx.job_id,
@@ -137,7 +139,7 @@ class PoolRunner(SiteRunner):
             dropped=tuple(sorted(dropped)),
             shares=secagg.wire_shares() if secagg is not None and kind == "reveal" else None,
         )
-        request = self.exchange.post(request, weights)
+        request = self.exchange.post(request, weights, files)
         posted = time.monotonic()
         replies: dict[str, dict[str, Any] | SiteFailure] = {}
         while len(replies) < len(site_ids):
@@ -221,6 +223,20 @@ class PoolRunner(SiteRunner):
 
     def evaluate(self, site_ids: Sequence[str], weights: Weights) -> dict[str, SiteEvaluation | SiteFailure]:
         return self._decode(self._dispatch("evaluate", site_ids, weights), lambda _, r: wire.decode_evaluation(r))
+
+    def compare_variants(
+        self, site_ids: Sequence[str], weights: Weights, variants: Mapping[str, bytes]
+    ) -> dict[str, dict[str, BinaryCounts] | SiteFailure]:
+        """The variants go through the store with their sha256, which each site checks before loading them."""
+        wanted = {"torch", *variants}
+
+        def decode(site_id: str, data: dict[str, Any]) -> dict[str, BinaryCounts]:
+            counts = wire.decode_variant_counts(data)
+            if set(counts) != wanted:
+                raise ReplyRejected(f"counts for {sorted(counts)}, asked for {sorted(wanted)}")
+            return counts
+
+        return self._decode(self._dispatch("variants", site_ids, weights, files=variants), decode)
 
     def monitor(self, site_ids: Sequence[str], champion: Weights | None) -> dict[str, Any]:
         return self._decode(self._dispatch("monitor", site_ids, champion), lambda _, r: wire.decode_drift(r))

@@ -64,12 +64,23 @@ def handle(config: FederationConfig, site_id: str, exchange: JobExchange, reques
         elif request.kind == "evaluate":
             result = site_work.evaluate_site(config, site_id, exchange.request_weights(request))
             exchange.reply(request.seq, site_id, wire.encode_evaluation(result))
+        elif request.kind == "variants":
+            _compare_variants(config, site_id, exchange, request)
         elif request.kind == "monitor":
             champion = exchange.request_weights(request) if request.weights_key else None
             summary = site_work.monitor_site(config, site_id, champion)
             exchange.reply(request.seq, site_id, wire.encode_drift(summary))
     except QuorumError as error:
         exchange.fail(request.seq, site_id, error)
+
+
+def _compare_variants(config: FederationConfig, site_id: str, exchange: JobExchange, request: Request) -> None:
+    """Score the test split with the candidate in torch and with each shipped ONNX variant; counts only."""
+    from quorum.tasks.variants import compare_site  # ONNX Runtime loads only when a promotion compares
+
+    weights, variants = exchange.request_weights(request), exchange.request_files(request)
+    counts = compare_site(config, site_id, weights, variants)
+    exchange.reply(request.seq, site_id, wire.encode_variant_counts(site_id, counts))
 
 
 def _secagg_step(config: FederationConfig, site_id: str, exchange: JobExchange, request: Request) -> None:
