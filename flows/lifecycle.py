@@ -18,6 +18,7 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 
+from quorum.flows.approval import await_approval
 from quorum.flows.context import JobContext, git_commit, load_context
 from quorum.flows.evaluate import EvaluationResult, evaluate_flow, site_coverage
 from quorum.flows.monitor import MonitorResult, monitor_flow
@@ -201,11 +202,11 @@ def run_lifecycle(
             ctx.tracker.log_data_versions(run_id, versions)
             usable = {s: prep.fingerprints[s] for s in prep.usable_sites}
             result.tuning = tuning = tune_flow(ctx, runner, usable, run_id, resume, on_round)
-        with _stage(ctx, result, "evaluate") as run_id:
+        with _stage(ctx, result, "evaluate") as verdict_run:
             coverage = site_coverage(ctx.config.site_ids, prep.excluded, [(r.sites, r.rejected) for r in tuning.rounds])
-            result.evaluation = evaluation = evaluate_flow(ctx, runner, tuning.weights, usable, run_id, coverage)
+            result.evaluation = evaluation = evaluate_flow(ctx, runner, tuning.weights, usable, verdict_run, coverage)
         with _stage(ctx, result, "promote") as run_id:
-            result.promotion = promote_flow(
+            result.promotion = promotion = promote_flow(
                 ctx,
                 tuning.weights,
                 tuning.feature_mean,
@@ -216,6 +217,8 @@ def run_lifecycle(
                 site_evidence=_site_evidence(prep),
                 variant_check=VariantCheck(runner, tuple(s.site_id for s in evaluation.candidate.sites)),
             )
+            if promotion.awaiting_run is not None:  # started from a deployment: this run pauses for the approvers
+                result.promotion = await_approval(ctx, promotion, evaluation.verdict, verdict_run)
         with _stage(ctx, result, "monitor") as run_id:
             result.monitor = monitor_flow(ctx, runner, prep.usable_sites, run_id)
     except BaseException:

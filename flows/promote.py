@@ -9,8 +9,9 @@ the statement and the alias are put back, so no model is ever half-promoted.
 
 ``quorum approve`` runs the same steps (``approve_flow``): it adds one approver's signatures and, when
 that completes the quorum, promotes inside the same transaction. A lifecycle started by a schedule or
-from the Prefect UI holds no private key: it registers and verifies the candidate, then pauses,
-awaiting approval, with the verdict linked in a Markdown artifact; ``quorum approve`` resumes it.
+from the Prefect UI holds no private key: its ``promote`` subflow registers and verifies the candidate
+and returns it awaiting approval; the lifecycle run itself then pauses (``quorum.flows.approval``), with the
+verdict linked in a Markdown artifact, and ``quorum approve`` resumes it once the quorum promoted.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class PromotionResult:
     champion: bool
     quorum: QuorumResult
     previous_champion: str | None
+    awaiting_run: str | None = None  # the deployment run that pauses for the approvers (``approval.await_approval``)
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,13 @@ def pending_quorum(ctx: JobContext, version: str, day: date) -> tuple[QuorumResu
     return quorum, len(set(quorum.valid_approvers) & set(statement.valid))
 
 
+def files_quorum(ctx: JobContext, version: str, day: date) -> QuorumResult:
+    """Which approvers validly signed the version's files (model-signing); it writes nothing."""
+    name = ctx.config.model_name
+    files = ctx.store.checkout(model_key(name, version))
+    return check_quorum(files, ctx.store.checkout(signatures_key(name, version)), ctx.governance, day)
+
+
 @flow(name="approve", validate_parameters=False)
 def approve_flow(ctx: JobContext, version: str, key: Path) -> ApprovalResult:
     """One approver's ``quorum approve``: sign the version and, when that completes the quorum, promote it.
@@ -225,7 +234,7 @@ def approve_flow(ctx: JobContext, version: str, key: Path) -> ApprovalResult:
             ready = _check_promotion(ctx, version, day)
             promotion = PromotionResult(version, True, ready.quorum, _apply_promotion(ctx, ready))
     sign_checkpoint(ctx.audit, ctx.governance)
-    if promotion is not None:
+    if approvals >= ctx.governance.quorum:  # promoted now or before: a run paused for this version goes on
         resume_waiting_run(ctx, version)
     return ApprovalResult(approver, version, approvals, ctx.governance.quorum, promotion)
 
@@ -239,7 +248,11 @@ def record_approval(ctx: JobContext, version: str, approver: str, key: Path, day
 
 
 def resume_waiting_run(ctx: JobContext, version: str) -> str | None:
-    """Resume the lifecycle run paused for this version's approval, if one is paused on a reachable server."""
+    """Resume the lifecycle run paused for this version's approval, if one is paused on a reachable server.
+
+    ``awaiting_approval`` names the run started from the deployment (the lifecycle run, which pauses
+    itself in ``approval.await_approval``); a run that is not paused (it ended, or never paused) is left alone.
+    """
     import os
     from uuid import UUID
 
@@ -253,10 +266,15 @@ def resume_waiting_run(ctx: JobContext, version: str) -> str | None:
     ]
     if not run_ids or not os.environ.get("PREFECT_API_URL"):
         return None
+    from prefect import get_client
     from prefect.exceptions import PrefectException
     from prefect.flow_runs import resume_flow_run
 
     try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(run_ids[-1])).state
+        if state is None or not state.is_paused():
+            return None
         resume_flow_run(UUID(run_ids[-1]))
     except (PrefectException, RuntimeError, ValueError, OSError) as exc:
         get_run_logger().warning("could not resume the paused run %s: %s", run_ids[-1], exc)
@@ -340,7 +358,7 @@ def promote_flow(
     quorum, approvals = pending_quorum(ctx, version, day)
     if approvals >= ctx.governance.quorum:
         return make_champion(ctx, version, day)
-    flow_run = _deployment_run()
+    waiting_run = _deployment_run()
     ctx.audit.append(
         "awaiting_approval",
         "coordinator",
@@ -348,68 +366,35 @@ def promote_flow(
             "model": name,
             "version": version,
             "valid": list(quorum.valid_approvers),
-            "flow_run_id": flow_run,
+            "flow_run_id": waiting_run,
             "provenance_sha256": provenance,
         },
     )
     sign_checkpoint(ctx.audit, ctx.governance)
     logger.warning("%s v%s awaits approvals: %d of %d", name, version, approvals, quorum.required)
-    pending = PromotionResult(version, False, quorum, alias_version(ctx.tracker, name, CHAMPION))
-    if flow_run is not None:
-        return _await_approval(ctx, pending, verdict, run_id)
-    return pending
+    return PromotionResult(version, False, quorum, alias_version(ctx.tracker, name, CHAMPION), waiting_run)
 
 
 def _deployment_run() -> str | None:
-    """This flow run's id when it (or its parent) was started from a deployment: schedule or UI."""
+    """The id of the flow run started from a deployment (schedule or UI): this run, or the parent run of
+    this subflow (the lifecycle run, which pauses for the approvers); None for an in-process run."""
     from prefect.context import FlowRunContext
 
     context = FlowRunContext.get()
     run = None if context is None else context.flow_run
     if run is None:
         return None
-    if run.deployment_id is None:
-        if run.parent_task_run_id is None:
+    if run.deployment_id is not None:
+        return str(run.id)
+    if run.parent_task_run_id is None:
+        return None
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        parent = client.read_task_run(run.parent_task_run_id).flow_run_id
+        if parent is None or client.read_flow_run(parent).deployment_id is None:
             return None
-        from prefect import get_client
-
-        with get_client(sync_client=True) as client:
-            parent = client.read_task_run(run.parent_task_run_id).flow_run_id
-            if parent is None or client.read_flow_run(parent).deployment_id is None:
-                return None
-    return str(run.id)
-
-
-def _await_approval(ctx: JobContext, pending: PromotionResult, verdict: Verdict, run_id: str) -> PromotionResult:
-    """Pause this run, awaiting approval, with the verdict linked; ``quorum approve`` resumes it."""
-    from prefect.artifacts import create_markdown_artifact
-    from prefect.flow_runs import pause_flow_run
-
-    name = ctx.config.model_name
-    create_markdown_artifact(
-        key=f"approval-{name.lower().replace('_', '-').replace('.', '-')}-v{pending.version}",
-        markdown=approval_markdown(ctx, pending, verdict, run_id),
-        description=f"{name} v{pending.version} awaits approval",
-    )
-    pause_flow_run(timeout=APPROVAL_TIMEOUT_S, key=f"approval-v{pending.version}")
-    promoted = alias_version(ctx.tracker, name, CHAMPION) == pending.version
-    quorum, _ = pending_quorum(ctx, pending.version, today_utc())
-    return PromotionResult(pending.version, promoted, quorum, pending.previous_champion)
-
-
-def approval_markdown(ctx: JobContext, pending: PromotionResult, verdict: Verdict, run_id: str) -> str:
-    """What an approver reads in the Prefect UI before signing: the verdict, where it is, what to run."""
-    name = ctx.config.model_name
-    gates = "\n".join(f"| {g.name} | {'pass' if g.passed else 'FAIL'} | {g.reason} |" for g in verdict.gates)
-    return (
-        f"# {name} v{pending.version} awaits approval\n\n"
-        f"Verdict: **{'passed' if verdict.passed else 'failed'}**. Full report: MLflow run `{run_id}` "
-        f"(artifact `verdict.html`, tracking store `{ctx.tracker.uri}`).\n\n"
-        f"| gate | outcome | detail |\n|---|---|---|\n{gates}\n\n"
-        f"Approvers ({ctx.governance.quorum} needed) sign on their own machines:\n\n"
-        f"```\nquorum approve {name} --version {pending.version} --key YOUR.key\n```\n\n"
-        "The run resumes by itself once the quorum promoted the version.\n"
-    )
+    return str(parent)
 
 
 def _add_serving_variants(

@@ -1,6 +1,7 @@
-"""A scheduled-style lifecycle run holds no key: a real process worker runs it from its deployment, its
-promote subflow run pauses awaiting approval, and `quorum approve` (the quorum of keys, one command
-each) resumes it, after which the lifecycle run completes.
+"""A scheduled-style lifecycle run holds no key: a real process worker runs it from its deployment, the
+lifecycle run itself pauses awaiting approval (its promote subflow registered and verified the
+candidate and completed), and `quorum approve` (the quorum of keys, one command each) resumes it, after
+which the lifecycle run monitors and completes.
 
 Real servers on free loopback ports in a temp folder (the Prefect and MLflow servers `quorum up`
 starts) and one process worker on the coordinator's pool. The run's sites work in-process
@@ -25,6 +26,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from quorum.configs.schema import load_federation, load_governance
+from quorum.flows.approval import approval_key
 from quorum.infra.deployments import COORDINATOR_POOL, render, write
 from quorum.infra.stack import Stack
 from quorum.lineage import champion
@@ -90,16 +92,38 @@ def _state(client: Any, run_id: Any) -> str:
     return run.state.type.value if run.state is not None else "NONE"
 
 
-def _paused_promotion(stack: Stack, lifecycle_id: Any, audit: AuditLog) -> str | None:
-    """Wait until the run that ``awaiting_approval`` names is Paused; its id, or None if the lifecycle ended."""
+def _paused_lifecycle(stack: Stack, lifecycle_id: Any, audit: AuditLog) -> Any:
+    """Wait until the lifecycle run is Paused after an ``awaiting_approval`` entry; the run, as read then."""
     deadline = time.monotonic() + WAIT_S
     with stack.client() as client:
-        while time.monotonic() < deadline and _state(client, lifecycle_id) not in FINAL:
-            waiting = [e for e in audit.entries() if e.event == "awaiting_approval"] if audit.path.exists() else []
-            if waiting and _state(client, waiting[-1].details["flow_run_id"]) == "PAUSED":
-                return str(waiting[-1].details["flow_run_id"])
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(lifecycle_id)
+            state = run.state.type.value if run.state is not None else "NONE"
+            waiting = audit.path.exists() and any(e.event == "awaiting_approval" for e in audit.entries())
+            if state in FINAL or (state == "PAUSED" and waiting):
+                return run
             time.sleep(2)
     return None
+
+
+def _subflow_states(stack: Stack, parent_id: Any) -> dict[str, list[str]]:
+    """The states of the parent run's subflow runs, by flow name."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    runs_filter = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id]))
+    states: dict[str, list[str]] = {}
+    with stack.client() as client:
+        for run in client.read_flow_runs(flow_run_filter=runs_filter):
+            name = client.read_flow(run.flow_id).name
+            states.setdefault(name, []).append(run.state.type.value if run.state is not None else "NONE")
+    return states
+
+
+def _approval_artifacts(stack: Stack, run_id: Any) -> list[Any]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with stack.client() as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
 
 
 def _final_state(stack: Stack, run_id: Any) -> str:
@@ -129,35 +153,39 @@ def test_a_keyless_deployment_run_pauses_for_approval_and_quorum_approve_resumes
         assert "approver_keys" not in (deployment.parameters or {})  # the rendered deployment names no key
         lifecycle = client.create_flow_run_from_deployment(deployment.id, parameters={"runner": "local"})
 
-    paused_id = _paused_promotion(running, lifecycle.id, audit)
-    with running.client() as client:
-        paused = client.read_flow_run(paused_id) if paused_id else None
-        parent = client.read_task_run(paused.parent_task_run_id) if paused and paused.parent_task_run_id else None
-        flow_name = client.read_flow(paused.flow_id).name if paused else None
-        lifecycle_state = _state(client, lifecycle.id)
-    waiting = [e for e in audit.entries() if e.event == "awaiting_approval"]
+    paused = _paused_lifecycle(running, lifecycle.id, audit)
+    subflows_while_paused = _subflow_states(running, lifecycle.id)
+    artifacts = _approval_artifacts(running, lifecycle.id)
+    waiting = [e for e in audit.entries() if e.event == "awaiting_approval"] if audit.path.exists() else []
 
-    # the lifecycle's promote subflow run is Paused, awaiting approval; the lifecycle run waits on it
+    # the lifecycle run itself is Paused, awaiting approval; its promote subflow registered the candidate and ended
     assert paused is not None and paused.state is not None and paused.state.type.value == "PAUSED"
-    assert flow_name == "promote"
-    assert parent is not None and str(parent.flow_run_id) == str(lifecycle.id)
-    assert lifecycle_state == "RUNNING"
+    assert len(waiting) == 1 and waiting[0].details["flow_run_id"] == str(lifecycle.id)
+    version = str(waiting[0].details["version"])
+    assert paused.state.state_details.pause_key == approval_key(MODEL, version)
+    assert subflows_while_paused.get("promote") == ["COMPLETED"] and "monitor" not in subflows_while_paused
     assert champion.read_current(store, MODEL) is None  # nothing promoted without the approvers
-    version = str(waiting[-1].details["version"])
+    # the verdict is linked from the paused run: an artifact of the lifecycle run under the pause's key
+    linked = [a for a in artifacts if a.key == approval_key(MODEL, version)]
+    assert len(linked) == 1 and linked[0].type == "markdown"
+    assert f"{MODEL} v{version} awaits approval" in linked[0].data and "verdict.html" in linked[0].data
+    assert f"MLflow model `{MODEL}` version {version}" in linked[0].data
 
     first = _approve(stack, version, stack["keys"][0])
     with running.client() as client:
-        after_one = _state(client, paused_id)
+        after_one = _state(client, lifecycle.id)
     second = _approve(stack, version, stack["keys"][1])
-    promote_state = _final_state(running, paused_id)
     lifecycle_state = _final_state(running, lifecycle.id)
+    subflows = _subflow_states(running, lifecycle.id)
     current = champion.read_current(store, MODEL)
 
     assert first.returncode == 0, first.stderr + first.stdout
     assert "1 of 2 approvals" in first.stdout and after_one == "PAUSED"
     assert second.returncode == 0, second.stderr + second.stdout
     assert f"{MODEL} v{version} is now the champion" in second.stdout
-    assert (promote_state, lifecycle_state) == ("COMPLETED", "COMPLETED")
+    assert lifecycle_state == "COMPLETED"
+    assert subflows.get("monitor") == ["COMPLETED"]  # after the resume the lifecycle monitored the sites
+    assert "promote-approved" not in subflows  # `quorum approve` promoted; the resumed run promoted nothing again
     assert current is not None
     statement = champion.verify_statement(store, load_governance(stack["governance"]), *current, date.today())
     assert (statement.version, statement.sequence, statement.action) == (version, 1, champion.PROMOTION)

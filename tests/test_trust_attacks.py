@@ -559,7 +559,8 @@ def test_approve_that_fails_while_promoting_leaves_statement_and_alias_as_they_w
 
 def test_the_paused_run_links_the_verdict_and_names_the_command(world: World) -> None:
     from quorum.evaluation.gates import GateResult, Verdict
-    from quorum.flows.promote import PromotionResult, approval_markdown
+    from quorum.flows.approval import approval_markdown
+    from quorum.flows.promote import PromotionResult
     from quorum.lineage.signing import QuorumResult
 
     verdict = Verdict(passed=True, gates=(GateResult("auc", 0.81, 0.7, True, "auc 0.8100 >= 0.7000"),))
@@ -570,3 +571,62 @@ def test_the_paused_run_links_the_verdict_and_names_the_command(world: World) ->
     assert "test-model v2 awaits approval" in text and "run-123" in text and "verdict.html" in text
     assert "quorum approve test-model --version 2 --key YOUR.key" in text
     assert "| auc | pass | auc 0.8100 >= 0.7000 |" in text
+    assert "MLflow model `test-model` version 2" in text
+
+
+def _awaiting_run(world: World, awaiting_run: str | None, pause: object, monkeypatch: pytest.MonkeyPatch) -> object:
+    """``await_approval`` for v2 in a flow run of its own, with ``pause`` standing in for Prefect's pause."""
+    import prefect.flow_runs
+    from prefect import flow
+    from prefect.context import FlowRunContext
+
+    from quorum.evaluation.gates import GateResult, Verdict
+    from quorum.flows.approval import await_approval
+    from quorum.flows.promote import PromotionResult
+    from quorum.lineage.signing import QuorumResult
+
+    monkeypatch.setattr(prefect.flow_runs, "pause_flow_run", pause)
+    verdict = Verdict(passed=True, gates=(GateResult("auc", 0.81, 0.7, True, "auc 0.8100 >= 0.7000"),))
+    ctx = world.context()
+
+    @flow(name="waiting-lifecycle")
+    def waiting() -> object:
+        context = FlowRunContext.get()
+        assert context is not None and context.flow_run is not None
+        run = str(context.flow_run.id) if awaiting_run is None else awaiting_run
+        return await_approval(ctx, PromotionResult("2", False, QuorumResult(("ann",), (), 2), "1", run), verdict, "r1")
+
+    return waiting()
+
+
+def test_a_run_resumed_before_the_quorum_pauses_again_and_promotes_once_it_is_met(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from quorum.flows.approval import approval_key
+    from quorum.flows.promote import sign_candidate
+    from quorum.lineage.signing import today_utc
+
+    pauses: list[str] = []
+
+    def resumed_by_hand(*, timeout: int, key: str) -> None:  # the UI's Resume button, twice
+        pauses.append(key)
+        if len(pauses) == 2:  # ben's signature arrives during the second pause, without `quorum approve`
+            sign_candidate(world.context(), "2", [("ben", world.keys["ben"])], today_utc())
+
+    result = _awaiting_run(world, None, resumed_by_hand, monkeypatch)
+
+    assert pauses == [approval_key(MODEL, "2"), f"{approval_key(MODEL, '2')}-1"]
+    assert getattr(result, "champion", None) is True and world.champion() == "2"
+    current = champion.read_current(world.context().store, MODEL)
+    assert current is not None and current[0]["version"] == "2"
+
+
+def test_only_the_run_awaiting_approval_may_pause_for_it(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from quorum.configs.errors import NotPermitted
+
+    pauses: list[str] = []
+
+    with pytest.raises(NotPermitted, match="may wait for the approval of v2"):
+        _awaiting_run(world, "another-run", lambda *, timeout, key: pauses.append(key), monkeypatch)
+
+    assert pauses == [] and world.champion() == "1"
