@@ -218,6 +218,7 @@ def run_lifecycle(
                 variant_check=VariantCheck(runner, tuple(s.site_id for s in evaluation.candidate.sites)),
             )
             if promotion.awaiting_run is not None:  # started from a deployment: this run pauses for the approvers
+                runner.rest()
                 result.promotion = await_approval(ctx, promotion, evaluation.verdict, verdict_run)
         with _stage(ctx, result, "monitor") as run_id:
             result.monitor = monitor_flow(ctx, runner, prep.usable_sites, run_id)

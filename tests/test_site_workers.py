@@ -67,6 +67,16 @@ def test_a_dead_worker_fails_its_site_and_the_next_call_has_workers_again(worker
 
 
 @pytest.mark.integration  # starts worker processes that load torch and Great Expectations
+def test_rested_workers_hold_no_process_and_start_again_on_the_next_call(workers: SiteWorkers) -> None:
+    before = {result[1] for result in workers.run_each(probes.echo, SITES, lambda s: (s,)).values()}  # type: ignore[index]
+    workers.rest()
+    after = workers.run_each(probes.echo, SITES, lambda site_id: (site_id,))
+
+    assert not any(isinstance(result, SiteFailure) for result in after.values())
+    assert before.isdisjoint(result[1] for result in after.values())  # type: ignore[index]
+
+
+@pytest.mark.integration  # starts worker processes that load torch and Great Expectations
 def test_a_worker_loads_site_code_but_no_orchestrator_or_tracker(workers: SiteWorkers) -> None:
     loaded = workers.run_one(probes.loaded_frameworks, "alpha", "alpha")
 

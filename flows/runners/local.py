@@ -60,6 +60,9 @@ class SiteRunner(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the sites at the end of a job."""
 
+    def rest(self) -> None:  # noqa: B027 - optional hook
+        """Release what can be started again while the job waits (for approvals, possibly for days)."""
+
     @abstractmethod
     def preprocess(self, site_ids: Sequence[str]) -> dict[str, site_work.DataFingerprint | SiteFailure]: ...
 
@@ -230,6 +233,10 @@ class LocalRunner(SiteRunner):
     def __init__(self, config: FederationConfig, workers: SiteWorkers | None = None) -> None:
         self.config = config
         self.workers = workers
+
+    def rest(self) -> None:
+        if self.workers is not None:
+            self.workers.rest()
 
     def _quoted_workers(self) -> quote | None:
         return None if self.workers is None else quote(self.workers)

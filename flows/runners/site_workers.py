@@ -72,7 +72,7 @@ class SiteWorkers:
             raise ValueError(f"site workers need at least one process, not {processes}")
         self.processes = processes
         self._lock = threading.Lock()
-        self._executor = self._start()
+        self._executor: ProcessPoolExecutor | None = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
         # spawn, not fork: the coordinator has threads (its API client, the temporary server's watcher)
@@ -91,7 +91,7 @@ class SiteWorkers:
         self, work: Callable[..., T], site_ids: Sequence[str], args_for: Callable[[str], tuple[Any, ...]]
     ) -> dict[str, T | SiteFailure]:
         """``work(*args_for(site_id))`` at every site, side by side; a worker that died fails its sites only."""
-        executor = self._executor
+        executor = self._running()
         futures = {site_id: executor.submit(guarded, work, site_id, *args_for(site_id)) for site_id in site_ids}
         outcomes: dict[str, T | SiteFailure] = {}
         for site_id, future in futures.items():
@@ -103,15 +103,29 @@ class SiteWorkers:
             self._replace(executor)
         return outcomes
 
+    def _running(self) -> ProcessPoolExecutor:
+        """The pool, started again if it was rested or a dead worker broke it."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = self._start()
+            return self._executor
+
     def _replace(self, broken: ProcessPoolExecutor) -> None:
-        """Replace a pool a dead worker broke (once, whichever thread saw it first) so the job keeps workers."""
+        """Drop a pool a dead worker broke (once, whichever thread saw it first); the next call starts a new one."""
         with self._lock:
             if self._executor is broken:
                 broken.shutdown(wait=False, cancel_futures=True)
-                self._executor = self._start()
+                self._executor = None
+
+    def rest(self) -> None:
+        """Stop the processes while the job waits (for approvals, possibly days); the next call starts them."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.rest()
 
     def __enter__(self) -> SiteWorkers:
         return self
