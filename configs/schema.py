@@ -411,7 +411,7 @@ class DeploymentConfig(BaseModel):
     mlflow_workers: int = Field(default=1, ge=1, le=16)  # MLflow server processes; each imports MLflow on `quorum up`
     # the embedded runner's site worker processes (`quorum run`, and lifecycle runs with runner "local"):
     # they load the site code while the job starts and work side by side; 0 keeps the sites' work in the
-    # flow's own process; "auto" uses the machine's cores (at most 4) when it is mostly idle at launch, else 0
+    # flow's own process; "auto" uses one per core (at most 4) on a mostly idle machine of 4 cores or more
     site_processes: Annotated[int, Field(ge=0, le=64, strict=True)] | Literal["auto"] = "auto"
 
 

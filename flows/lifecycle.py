@@ -298,15 +298,8 @@ def lifecycle(
 
 
 # What this process needs once the sites have trained: torch for the first weights and the logged model,
-# MLflow's torch flavour and the ONNX tools at promotion, matplotlib for the verdict page.
-LATER_STAGE_MODULES = (
-    "torch",
-    "mlflow.pytorch",
-    "onnx",
-    "onnxruntime.quantization",
-    "matplotlib.figure",
-    "matplotlib.backends.backend_agg",
-)
+# MLflow's torch flavour and the ONNX tools at promotion.
+LATER_STAGE_MODULES = ("torch", "mlflow.pytorch", "onnx", "onnxruntime.quantization")
 
 
 def _load_in_background(modules: tuple[str, ...]) -> None:

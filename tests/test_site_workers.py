@@ -34,10 +34,10 @@ def test_no_processes_means_work_stays_here() -> None:
     [
         (3, 2, 9.0, 3),  # a number is taken as it is, whatever the load
         (0, 8, 0.0, 0),
-        ("auto", 2, 0.3, 2),  # idle: one per core
+        ("auto", 4, 0.3, 4),  # idle: one per core
         ("auto", 16, 0.5, 4),  # capped
-        ("auto", 2, 1.0, 0),  # half the cores busy: the job's own process does the work
-        ("auto", 1, 0.0, 0),  # one core has nothing to spare
+        ("auto", 8, 4.0, 0),  # half the cores busy: the job's own process does the work
+        ("auto", 2, 0.0, 0),  # two cores are filled by the job's own start-up
     ],
 )
 def test_how_many_workers_a_setting_starts(setting: int | str, cores: int, load_1m: float, expected: int) -> None:

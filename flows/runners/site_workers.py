@@ -149,17 +149,22 @@ def _worker_died(site_id: str) -> SiteFailure:
 AUTO_MAX_PROCESSES = 4
 
 
+AUTO_MIN_CORES = 4
+
+
 def worker_count(setting: int | Literal["auto"], cores: int, load_1m: float) -> int:
     """How many site worker processes to start for ``deployment.site_processes``.
 
-    "auto" starts one per core (at most ``AUTO_MAX_PROCESSES``) only while the machine is mostly idle (its
-    one-minute load average under half its cores). Workers pay off by using idle cores; on a busy machine
-    there are none, and their own imports (torch and Great Expectations again, in each worker) only add
-    work, so the sites' work stays in the job's process there.
+    "auto" starts one per core (at most ``AUTO_MAX_PROCESSES``) only on a machine with at least
+    ``AUTO_MIN_CORES`` cores that is mostly idle (one-minute load average under half its cores). Workers
+    pay off only with cores to spare: while they import torch and Great Expectations, the job's own
+    process imports Prefect and MLflow and its temporary Prefect server starts, which on 2 cores already
+    fills both (measured there: 53 s with two workers against 47 s without), and on a busy machine their
+    imports only add work.
     """
     if setting != "auto":
         return setting
-    if cores < 2 or load_1m >= cores / 2:
+    if cores < AUTO_MIN_CORES or load_1m >= cores / 2:
         return 0
     return min(cores, AUTO_MAX_PROCESSES)
 
