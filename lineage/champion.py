@@ -103,22 +103,15 @@ def verify_statement(
     if problem:
         raise SignatureError(f"the champion statement is malformed: {problem}", fix=_FIX)
     where = f"champion statement {payload['sequence']} ({payload['model']} v{payload['version']})"
-    if payload["action"] == PROMOTION:
-        result = tally(KIND, payload, signatures, governance, today)
-        if len(result.valid) < governance.quorum:
-            raise QuorumNotMet(
-                f"{where} needs {governance.quorum} approver signatures, "
-                f"{len(result.valid)} valid; {result.describe()}",
-                fix=_FIX,
-            )
-    else:
-        result = tally(KIND, payload, signatures, governance, today)
-        if len(result.valid) < governance.quorum:
-            raise QuorumNotMet(
-                f"{where} is a rollback and needs {governance.quorum} approver signatures, "
-                f"{len(result.valid)} valid; {result.describe()}",
-                fix=_FIX,
-            )
+    result = tally(KIND, payload, signatures, governance, today)  # a rollback needs the quorum too
+    rollback = payload["action"] != PROMOTION
+    if len(result.valid) < governance.quorum:
+        raise QuorumNotMet(
+            f"{where}{' is a rollback and' if rollback else ''} needs {governance.quorum} approver signatures, "
+            f"{len(result.valid)} valid; {result.describe()}",
+            fix=_FIX,
+        )
+    if rollback:
         if not set(result.valid) & set(governance.rollback_approvers):
             raise SignatureError(
                 f"{where} is a rollback that no approver allowed to roll back signed "

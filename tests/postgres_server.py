@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port
 
 REQUIRE_ENV = "QUORUM_REQUIRE_POSTGRES"  # set by .ci/run: a missing server fails instead of skipping
 USER = "quorum"
@@ -39,12 +40,6 @@ def _bin_dir() -> Path | None:
             return Path(candidate)
     found = shutil.which("initdb")
     return Path(found).parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _as_owner(command: list[str]) -> list[str]:
@@ -68,7 +63,7 @@ def postgres_cluster(databases: tuple[str, ...]) -> Iterator[Postgres]:
         folder.mkdir()
         if os.geteuid() == 0:
             shutil.chown(folder, "postgres", "postgres")
-    port = _free_port()
+    port = free_port()
     log = base / "server.log"
     log.touch()
     if os.geteuid() == 0:

@@ -24,13 +24,9 @@ from typing import Any
 
 import pytest
 
+from tests.ports import free_port
+
 _START_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def dummy_aws_env(folder: Path) -> dict[str, str]:

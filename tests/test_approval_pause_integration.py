@@ -12,18 +12,15 @@ Every process started here is stopped.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from quorum.configs.schema import load_federation, load_governance
 from quorum.flows.approval import approval_key
@@ -34,6 +31,8 @@ from quorum.lineage.artifacts import federation_store
 from quorum.lineage.audit import AuditLog
 from quorum.lineage.state import StateLayout
 from tests.federation import POOL_GATES, pin_governance_root, write_federation, write_governance
+from tests.ports import free_port
+from tests.stack_api import using_stack
 
 pytestmark = pytest.mark.integration
 QUORUM = str(Path(sys.executable).with_name("quorum"))
@@ -41,17 +40,11 @@ MODEL = "test-model"
 WAIT_S = 900  # a bound on waiting for a state, not a timing assertion: a busy 2-core machine is slow
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """Servers, the coordinator's pool and worker, and the rendered lifecycle deployment (no schedule)."""
     root = tmp_path
-    deployment = {"prefect_port": _free_port(), "mlflow_port": _free_port()}
+    deployment = {"prefect_port": free_port(), "mlflow_port": free_port()}
     config_path = write_federation(
         root, ("alpha", "beta"), rounds=2, min_sites=1, gates=POOL_GATES, extra={"deployment": deployment}
     )
@@ -59,11 +52,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     pin_governance_root(config_path, governance_path)
     config = load_federation(config_path)
     running = Stack(config, StateLayout(config.state_dir).ensure())
-    saved = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = running.prefect_url
-    scope = ExitStack()
-    scope.enter_context(temporary_settings(updates={PREFECT_API_URL: running.prefect_url}))
-    try:
+    with using_stack(running):
         running.start_servers()
         running.ensure_pools()
         document = render(config, governance_path, root)
@@ -75,13 +64,6 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
         running.start_workers(root, site_workers=False)
         running.wait_for_workers([COORDINATOR_POOL], timeout_s=WAIT_S)
         yield {"root": root, "config": config_path, "governance": governance_path, "keys": keys, "stack": running}
-    finally:
-        running.stop()
-        scope.close()
-        if saved is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = saved
 
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

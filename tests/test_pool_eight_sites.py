@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,17 +20,12 @@ import pytest
 from quorum.configs.schema import load_federation
 from quorum.lineage.state import StateLayout
 from tests.federation import POOL_GATES, write_federation, write_governance
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 QUORUM = str(Path(sys.executable).with_name("quorum"))
 SITES = tuple(f"s{i}" for i in range(1, 9))
 BURN_S = 2400  # a burner ends on its own after this, even if the test process dies
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _env() -> dict[str, str]:
@@ -55,7 +49,7 @@ def burners() -> Iterator[list[subprocess.Popen[bytes]]]:
 def test_eight_sites_under_cpu_load_lose_no_site_and_record_the_coverage_gate(
     tmp_path: Path, burners: list[subprocess.Popen[bytes]]
 ) -> None:
-    deployment = {"prefect_port": _free_port(), "mlflow_port": _free_port()}  # default deadlines and allowance
+    deployment = {"prefect_port": free_port(), "mlflow_port": free_port()}  # default deadlines and allowance
     config_path = write_federation(
         tmp_path, SITES, rounds=3, min_sites=len(SITES), gates=POOL_GATES, extra={"deployment": deployment}
     )

@@ -9,18 +9,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from quorum.configs.schema import load_federation
 from quorum.infra.deployments import render, write
@@ -28,16 +25,12 @@ from quorum.infra.stack import Stack
 from quorum.lineage.state import StateLayout
 from tests.canary import plant_federation, planted_canaries, scan, scan_text
 from tests.federation import POOL_GATES, write_federation, write_governance
+from tests.ports import free_port
+from tests.stack_api import using_stack
 
 pytestmark = pytest.mark.integration
 QUORUM = str(Path(sys.executable).with_name("quorum"))
 SITES = ("alpha", "beta")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _federation(
@@ -63,18 +56,13 @@ def _federation(
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("pool")
-    config_path = _federation(root, _free_port(), _free_port(), rounds=3, min_sites=1, name="federation.yaml")
+    config_path = _federation(root, free_port(), free_port(), rounds=3, min_sites=1, name="federation.yaml")
     governance_path, keys = write_governance(root)
     config = load_federation(config_path)
     plant_federation(config)  # every job of this module reads these sites' data (the later configs reuse it)
     state = StateLayout(config.state_dir).ensure()
     running = Stack(config, state)
-    saved = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = running.prefect_url
-    # an earlier module's session prefect_harness in this worker overrides the environment in-process
-    scope = ExitStack()
-    scope.enter_context(temporary_settings(updates={PREFECT_API_URL: running.prefect_url}))
-    try:
+    with using_stack(running):
         running.start_servers()
         pools = running.ensure_pools()
         prefect_file = root / "prefect.yaml"
@@ -90,13 +78,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "stack": running,
             "outputs": [],
         }
-    finally:
-        running.stop()
-        scope.close()
-        if saved is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = saved
 
 
 def _quorum_run(env: dict[str, Any], config: Path, job_id: str, **popen: Any) -> subprocess.Popen[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -37,15 +36,10 @@ from quorum.infra.serving_stack import (
 from quorum.infra.stack import Stack
 from quorum.lineage.state import StateLayout
 from tests.federation import write_federation, write_governance
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration  # a real HTTP service and a real server process
 QUORUM = str(Path(sys.executable).with_name("quorum"))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_a_service_started_before_any_promotion_answers_503_until_a_champion_verifies(tmp_path: Path) -> None:

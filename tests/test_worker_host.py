@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 from quorum.configs.schema import FederationConfig
 from quorum.infra.stack import Stack
 from quorum.lineage.state import SITE_ROOT_ENV, StateLayout
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -42,12 +42,6 @@ def env_probe(out: str) -> None:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -60,7 +54,7 @@ def _wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
 @pytest.fixture
 def prefect_port(tmp_path: Path) -> Iterator[int]:
     """A Prefect server of this test's own (workers would take other tests' runs from a shared one)."""
-    port = _free_port()
+    port = free_port()
     home = tmp_path / "prefect-server"
     home.mkdir()
     env = {
@@ -113,7 +107,7 @@ def test_each_worker_is_its_own_isolated_process_and_so_are_its_flow_runs(
             "features": {"numeric": ["x"]},
             "state_dir": str(tmp_path / "state"),
             "sites": {site: {"root": str(root)} for site, root in roots.items()},
-            "deployment": {"prefect_port": prefect_port, "mlflow_port": _free_port()},
+            "deployment": {"prefect_port": prefect_port, "mlflow_port": free_port()},
         }
     )
     stack = Stack(config, StateLayout(config.state_dir))
