@@ -82,7 +82,9 @@ def write_federation(
             "min_sites": min_sites,
             "min_examples": 50,
         },
-        "drift": {"min_rows": 30, "min_sites_to_retrain": 1},
+        # no Evidently HTML page at each site: loading Evidently costs seconds per test process, and
+        # tests/test_drift.py and tests/test_import_cost.py check that page themselves
+        "drift": {"min_rows": 30, "min_sites_to_retrain": 1, "html_report": False},
         # the sites' work stays in the test's own process, which has its imports paid already
         "deployment": {"site_processes": 0},
     }

@@ -95,7 +95,7 @@ def test_a_site_preprocesses_and_monitors_without_mlflow_or_evidently(tmp_path: 
 
 @pytest.mark.integration  # imports Great Expectations and Evidently in a fresh process: slow
 def test_the_html_drift_report_is_what_loads_evidently(tmp_path: Path) -> None:
-    config = write_federation(tmp_path, ("alpha", "beta"))
+    config = write_federation(tmp_path, ("alpha", "beta"), extra={"drift": {"min_rows": 30, "html_report": True}})
     code = (
         "from quorum.configs.schema import load_federation\n"
         "from quorum.tasks.site import monitor_site, preprocess_site\n"
