@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from quorum.lineage.state import SITE_ROOT_ENV
 
 SITE_FLOWS = """
@@ -34,6 +36,7 @@ print(json.dumps({"version": deployed.version, "modules": sorted(sys.modules)}))
 FORBIDDEN = ("mlflow", "quorum.lineage.tracking", "quorum.lineage.registry", "quorum.flows.lifecycle")
 
 
+@pytest.mark.integration  # the site's real work in a fresh Python process, as a site worker runs it
 def test_site_flows_load_the_champion_without_mlflow(governed_history: Path, tmp_path: Path) -> None:
     from prefect.settings import get_current_settings
 

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.federation import write_federation
 
 SESSION = """
@@ -56,6 +58,7 @@ print(json.dumps(sorted(sys.modules)))
 FORBIDDEN = ("mlflow", "evidently", "quorum.lineage.tracking", "quorum.lineage.registry", "quorum.flows.lifecycle")
 
 
+@pytest.mark.integration  # the site's real work in a fresh Python process, as a site worker runs it
 def test_a_site_session_imports_no_coordinator_code(tmp_path: Path) -> None:
     config = write_federation(tmp_path, ("alpha", "beta"), extra={"drift": {"min_rows": 30, "html_report": False}})
 
