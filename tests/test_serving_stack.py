@@ -35,7 +35,7 @@ from quorum.infra.serving_stack import (
 )
 from quorum.infra.stack import Stack
 from quorum.lineage.state import StateLayout
-from tests.federation import write_federation, write_governance
+from tests.federation import pin_governance_root, write_federation, write_governance
 from tests.ports import free_port
 
 pytestmark = pytest.mark.integration  # a real HTTP service and a real server process
@@ -45,6 +45,7 @@ QUORUM = str(Path(sys.executable).with_name("quorum"))
 def test_a_service_started_before_any_promotion_answers_503_until_a_champion_verifies(tmp_path: Path) -> None:
     config = write_federation(tmp_path, ("alpha", "beta"))
     governance, _ = write_governance(tmp_path)
+    pin_governance_root(config, governance)
     port = free_port()
 
     running = start_service(load_context(str(config), str(governance)), "alpha", port, wait_for_champion=True)
@@ -120,6 +121,7 @@ def test_quorum_up_starts_each_sites_service_and_down_stops_it(tmp_path: Path) -
     serving = {"ports": {"alpha": serve_port}, "start_with_up": True}
     config = write_federation(tmp_path, ("alpha",), min_sites=1, extra={"deployment": deployment, "serving": serving})
     governance, _ = write_governance(tmp_path)
+    pin_governance_root(config, governance)
     base = ["--config", str(config)]
     run = partial(subprocess.run, cwd=tmp_path, env=_cli_env(), capture_output=True, text=True, timeout=900)
     try:
