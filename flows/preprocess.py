@@ -55,7 +55,9 @@ def select_sites(config: FederationConfig, outcomes: dict[str, DataFingerprint |
         raise NotEnoughSites(
             f"{len(result.usable_sites)} of {len(config.sites)} sites have usable data, "
             f"training.min_sites is {config.training.min_sites}:\n  {reasons}",
-            fix="fix the site data named above (nothing was trained or registered)",
+            # a site is left out for its data, or because it never answered: each reason carries its own fix
+            fix="follow each site's fix above, or lower training.min_sites to train without those sites "
+            "(nothing was trained or registered)",
         )
     return result
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from quorum.configs.schema import GatePolicy
@@ -95,3 +97,20 @@ def test_site_coverage_names_each_site_that_never_trained_with_its_newest_reason
 
     assert coverage.trained == ("s1", "s2", "s3")
     assert dict(coverage.excluded) == {"s4": "asked in no round", "s5": "data contract failed: age"}
+
+
+def test_too_few_answering_sites_stop_the_job_naming_each_reason_and_fix(tmp_path: Path) -> None:
+    from quorum.configs.errors import NotEnoughSites
+    from quorum.configs.schema import load_federation
+    from quorum.flows.preprocess import select_sites
+    from quorum.flows.runners.site_workers import SiteFailure
+    from tests.federation import write_federation
+
+    config = load_federation(write_federation(tmp_path, ("alpha", "beta"), min_sites=2))
+    silent = SiteFailure("beta", "Site did not answer", "site beta did not answer: its session crashed", "start it")
+
+    with pytest.raises(NotEnoughSites) as stopped:
+        select_sites(config, {"beta": silent})
+
+    assert "site beta did not answer: its session crashed (fix: start it)" in stopped.value.message
+    assert "follow each site's fix above, or lower training.min_sites" in stopped.value.fix

@@ -95,6 +95,11 @@ def test_a_crash_before_serving_is_reported_with_prefects_own_message() -> None:
     assert give_up is not None and give_up.reason == f"its session ended (CRASHED: {CRASH}) before it started serving"
 
 
+UNSUBMITTED_CRASH = (
+    "Failed to submit flow run to infrastructure: PrefectHTTPStatusError: Server error '503 Service Unavailable'"
+)
+
+
 @pytest.mark.parametrize(
     ("signals", "restarts_done", "since_start_s", "restart"),
     [
@@ -110,6 +115,11 @@ def test_a_crash_before_serving_is_reported_with_prefects_own_message() -> None:
         (Signals("CRASHED", None, False, CRASH), 0, 5, False),
         # it had served (it beat): a restart would not bring back what it held; give it up
         (Signals("CRASHED", 3.0, True, CRASH), 0, 5, False),
+        # its worker could not hand the run to a process (the server answered 503): nothing ran, try again
+        (Signals("CRASHED", None, True, UNSUBMITTED_CRASH), 1, 5, True),
+        (Signals("CRASHED", None, True, UNSUBMITTED_CRASH), 3, 100, True),
+        # ... but not without end
+        (Signals("CRASHED", None, True, UNSUBMITTED_CRASH), 4, 5, False),
     ],
 )
 def test_a_session_that_ended_before_it_served_is_started_again_once(

@@ -26,6 +26,10 @@ DEFAULT_WORKER_BEAT_S = 30.0
 # gone sooner than this
 MIN_WORKER_SILENCE_S = 60.0
 SESSION_RESTARTS = 1  # new flow runs for a site whose session ended before it served, per job
+# ... and for one whose worker could not even hand the run to a process: an overloaded Prefect server
+# (SQLite, many sessions starting at once) refuses the worker's calls with 503; nothing of the job ran
+UNSUBMITTED_RESTARTS = 4
+UNSUBMITTED = "Failed to submit flow run to infrastructure"
 PICKED_UP = frozenset({"PENDING", "RUNNING"})
 ENDED = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED", "CANCELLING"})
 
@@ -105,16 +109,22 @@ def restart_session(
     """Whether to start a new session for a site rather than give it up for ``give_up``.
 
     Only a session that ended before it ever beat (it never served, so nothing of the job is lost
-    or repeated), only ``SESSION_RESTARTS`` times per site and job, only while the start-up allowance
-    lasts, and only when the site's pool still has a live worker to run the new one.
+    or repeated), only ``SESSION_RESTARTS`` times per site and job (``UNSUBMITTED_RESTARTS`` when its
+    worker never got the run into a process), only while the start-up allowance lasts, and only when the
+    site's pool still has a live worker to run the new one.
     """
     return (
         give_up.cause == "session ended"
         and signals.silent_s is None
-        and restarts_done < SESSION_RESTARTS
+        and restarts_done < restart_limit(signals)
         and since_start_s <= allow.startup_s
         and signals.live_worker is not False
     )
+
+
+def restart_limit(signals: Signals) -> int:
+    """How many new sessions a site may get: more when the worker never started the last one's process."""
+    return UNSUBMITTED_RESTARTS if UNSUBMITTED in (signals.run_message or "") else SESSION_RESTARTS
 
 
 def worker_is_live(last_heartbeat: datetime | None, interval_s: float | None, now: datetime) -> bool:

@@ -56,7 +56,8 @@ class PoolRunner(SiteRunner):
         self.watch = PrefectWatch(self.flow_runs, {s: site_pool(s) for s in ctx.config.site_ids})
         self._started_at = time.monotonic()  # start() sets it again when it starts the sessions
         self._site_started_at: dict[str, float] = {}  # a restarted session's start-up clock
-        self.restarts: dict[str, str] = {}  # site -> how its first session ended (sites restarted once)
+        self.restarts: dict[str, str] = {}  # site -> how its first session ended (sites restarted)
+        self.restart_count: dict[str, int] = {}
         deployment = ctx.config.deployment
         self.allowances = Allowances(deployment.session_start_timeout_s, deployment.round_deadline_s, GONE_AFTER_S)
 
@@ -105,12 +106,15 @@ class PoolRunner(SiteRunner):
         from prefect.exceptions import MissingContextError
         from prefect.logging import get_run_logger
 
-        self.restarts[site_id] = reason
+        self.restarts.setdefault(site_id, reason)
+        count = self.restart_count[site_id] = self.restart_count.get(site_id, 0) + 1
+        if count > 1:  # the server refused its worker before: give it a moment, doubling each time
+            time.sleep(min(2.0 ** (count - 1), 8.0))
         try:
             logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = get_run_logger()
         except MissingContextError:  # driven outside a flow run (tests, tools): the module's own logger
             logger = logging.getLogger(__name__)
-        logger.warning("site %s: %s; starting its session again (once)", site_id, reason)
+        logger.warning("site %s: %s; starting its session again (restart %d)", site_id, reason, count)
         self.flow_runs[site_id] = self._start_session(site_id)
         self._site_started_at[site_id] = time.monotonic()
         self.watch.forget(site_id)
@@ -159,11 +163,13 @@ class PoolRunner(SiteRunner):
                 give_up = judge(signals, since_start, now - posted, self.allowances)
                 if give_up is None:
                     continue
-                if restart_session(give_up, signals, int(site_id in self.restarts), since_start, self.allowances):
+                done = self.restart_count.get(site_id, 0)
+                if restart_session(give_up, signals, done, since_start, self.allowances):
                     self._restart(site_id, give_up.reason)
                     continue
                 first = self.restarts.get(site_id)
-                reason = give_up.reason if first is None else f"{give_up.reason}, after one restart (first: {first})"
+                after = "one restart" if done == 1 else f"{done} restarts"
+                reason = give_up.reason if first is None else f"{give_up.reason}, after {after} (first: {first})"
                 replies[site_id] = _silent(site_id, reason)
             if len(replies) < len(site_ids):
                 time.sleep(max(POLL_S, self.exchange.store.poll_s))
