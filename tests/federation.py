@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -130,3 +131,15 @@ def pin_governance_root(config_path: Path, governance_path: Path) -> None:
     config = yaml.safe_load(config_path.read_text())
     config["governance_root"] = hashlib.sha256(governance_path.read_bytes()).hexdigest()
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+GOVERNED_KEYS = ("ann", "ben", "cyd", "mallory")  # the approvers of ``governed_history``, and an outsider
+
+
+def private_copy(history: Path, into: Path) -> tuple[Path, Path, Path, dict[str, Path]]:
+    """A test's own copy of ``governed_history`` (tests/conftest.py): its root, config, governance file
+    and every key in it, so a test can tamper with anything without touching the shared history."""
+    root = into / "federation"
+    shutil.copytree(history, root)
+    keys = {name: root / "keys" / f"{name}.key" for name in GOVERNED_KEYS}
+    return root, root / "federation.yaml", root / "governance.yaml", keys

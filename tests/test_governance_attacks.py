@@ -1,11 +1,11 @@
 """Attacks on promotion, rollback and deployment: each must end in a refusal that names the reason,
 with the champion unchanged.
 
-One real federation history is built once per module (two lifecycle runs: v1 promoted with ann and
-ben, v2 signed by ann only, awaiting approval). Every test works on its own copy of that folder
-(config, keys, sites, MLflow store, artifact store, audit log), so tampering never leaks between tests.
-Most attacks target v2 after ben has also signed it in the copy: the control test shows that the
-untampered copy is promoted, so each refusal is caused by the attack alone.
+One real federation history is built once per test process (``governed_history``) (two lifecycle runs: v1
+promoted with ann and ben, v2 signed by ann only, awaiting approval). Every test works on its own copy of that
+folder (config, keys, sites, MLflow store, artifact store, audit log), so tampering never leaks between tests.
+Most attacks target v2 after ben has also signed it in the copy: the control test shows that the untampered
+copy is promoted, so each refusal is caused by the attack alone.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from quorum.lineage.keys import public_key_fingerprint
 from quorum.lineage.provenance import PREDICATE_TYPE, PROVENANCE_FILE, STATEMENT_TYPE, file_digests
 from quorum.lineage.registry import model_key, sign_version, signatures_key, verify_version
 from quorum.lineage.tracking import CANDIDATE, CHAMPION, alias_version, version_tags
+from tests.federation import private_copy
 from tests.test_signing import cli_verify
 
 MODEL = "test-model"
@@ -100,17 +101,9 @@ def _restore_cli_logging() -> Iterator[None]:
 
 
 @pytest.fixture
-def history(governed_history: Path) -> Path:
-    """v1 champion (ann + ben), v2 awaiting a second approval: see ``governed_history``."""
-    return governed_history
-
-
-@pytest.fixture
-def world(history: Path, tmp_path: Path) -> World:
-    root = tmp_path / "federation"
-    shutil.copytree(history, root)
-    keys = {name: root / "keys" / f"{name}.key" for name in ("ann", "ben", "cyd", "mallory")}
-    return World(root, root / "federation.yaml", root / "governance.yaml", keys)
+def world(governed_history: Path, tmp_path: Path) -> World:
+    """A private copy of the shared history: v1 champion (ann + ben), v2 awaiting a second approval."""
+    return World(*private_copy(governed_history, tmp_path))
 
 
 @pytest.fixture

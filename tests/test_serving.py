@@ -1,15 +1,14 @@
 """`quorum serve`: the verified champion answering on a free loopback port, following the registry.
 
-One real federation history is built once per module (v1 champion signed by ann and ben, v2 signed
-by ann only, the candidate). Each test serves from its own copy of it, so approvals, rollbacks
-and tampering never leak between tests. The service follows the registry when ``refresh`` is
-called (its background loop calls the same method), so every swap here happens at a known point.
+One real federation history is built once per test process (``governed_history``) (v1 champion signed by ann
+and ben, v2 signed by ann only, the candidate). Each test serves from its own copy of it, so approvals,
+rollbacks and tampering never leak between tests. The service follows the registry when ``refresh`` is called
+(its background loop calls the same method), so every swap here happens at a known point.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from quorum.flows.serving import RunningService, routing_key, start_service
 from quorum.lineage.provenance import PROVENANCE_FILE
 from quorum.lineage.registry import model_key
 from quorum.lineage.tracking import CHAMPION, set_alias, version_tags
+from tests.federation import private_copy
 
 pytestmark = pytest.mark.integration
 MODEL = "test-model"
@@ -68,17 +68,9 @@ class World:
 
 
 @pytest.fixture
-def history(governed_history: Path) -> Path:
-    """v1 champion (ann + ben), v2 awaiting a second approval: see ``governed_history``."""
-    return governed_history
-
-
-@pytest.fixture
-def world(history: Path, tmp_path: Path) -> World:
-    root = tmp_path / "federation"
-    shutil.copytree(history, root)
-    keys = {name: root / "keys" / f"{name}.key" for name in ("ann", "ben", "cyd", "mallory")}
-    return World(root, root / "federation.yaml", root / "governance.yaml", keys)
+def world(governed_history: Path, tmp_path: Path) -> World:
+    """A private copy of the shared history: v1 champion (ann + ben), v2 awaiting a second approval."""
+    return World(*private_copy(governed_history, tmp_path))
 
 
 @contextmanager

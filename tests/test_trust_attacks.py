@@ -1,9 +1,9 @@
 """Attacks by someone who can write the coordinator's state folder, registry and artifact store.
 
-Trust must come only from the keys governance pins (in git) and from signatures. Each test plays one
-attack from the threat model and ends in a refusal (or, for the alias, in nothing following it), with
-the champion and every site's deployment unchanged. One real history is built per module: v1 champion
-(ann + ben), v2 registered and signed by ann only; every test works on its own copy.
+Trust must come only from the keys governance pins (in git) and from signatures. Each test plays one attack
+from the threat model and ends in a refusal (or, for the alias, in nothing following it), with the champion
+and every site's deployment unchanged. One real history is built per test process (``governed_history``): v1
+champion (ann + ben), v2 registered and signed by ann only; every test works on its own copy.
 """
 
 from __future__ import annotations
@@ -24,24 +24,16 @@ from quorum.lineage.keys import public_key_fingerprint
 from quorum.lineage.provenance import PROVENANCE_FILE, file_digests, write_provenance
 from quorum.lineage.registry import sign_version
 from quorum.lineage.tracking import CHAMPION, set_version_tags, version_tags
-from tests.federation import pin_governance_root
+from tests.federation import pin_governance_root, private_copy
 from tests.test_governance_attacks import MODEL, World, _restore_cli_logging  # noqa: F401 (autouse fixture)
 
 SITES = ("alpha", "beta", "gamma")
 
 
 @pytest.fixture
-def history(governed_history: Path) -> Path:
-    """v1 champion (ann + ben), v2 awaiting a second approval: see ``governed_history``."""
-    return governed_history
-
-
-@pytest.fixture
-def world(history: Path, tmp_path: Path) -> World:
-    root = tmp_path / "federation"
-    shutil.copytree(history, root)
-    keys = {name: root / "keys" / f"{name}.key" for name in ("ann", "ben", "cyd", "mallory")}
-    return World(root, root / "federation.yaml", root / "governance.yaml", keys)
+def world(governed_history: Path, tmp_path: Path) -> World:
+    """A private copy of the shared history: v1 champion (ann + ben), v2 awaiting a second approval."""
+    return World(*private_copy(governed_history, tmp_path))
 
 
 @pytest.fixture
