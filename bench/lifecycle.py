@@ -163,40 +163,10 @@ def _stage_seconds(table: str) -> dict[str, float]:
 
 def plain_run(sites: list[tuple[tuning.Split, tuning.Split]]) -> tuple[float, float]:
     """Wall seconds and final mean accuracy of ``tuning.plain_rounds``' loop with an evaluation after each round."""
-    import copy
-
-    import torch
-
+    accuracies: list[float] = []
     started = time.perf_counter()
-    torch.manual_seed(0)
-    global_model = tuning.ScaledMLP(tuning.FEATURES, tuning.HIDDEN)
-    tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for (x, y), _ in sites]
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    accuracy = 0.0
-    for server_round in range(1, tuning.ROUNDS + 1):
-        states, counts = [], []
-        for index, (x, y) in enumerate(tensors):
-            local = copy.deepcopy(global_model)
-            optimizer = torch.optim.SGD(local.parameters(), lr=tuning.LEARNING_RATE)
-            generator = torch.Generator().manual_seed(tuning.site_seed(server_round, index))
-            local.train()
-            for _ in range(tuning.EPOCHS):
-                order = torch.randperm(len(x), generator=generator)
-                for start in range(0, len(x), tuning.BATCH):
-                    idx = order[start : start + tuning.BATCH]
-                    optimizer.zero_grad()
-                    loss_fn(local(x[idx]), y[idx]).backward()
-                    optimizer.step()
-            states.append(local.state_dict())
-            counts.append(len(x))
-        total = sum(counts)
-        averaged = {
-            key: sum(state[key] * (count / total) for state, count in zip(states, counts, strict=True))
-            for key in states[0]
-        }
-        global_model.load_state_dict(averaged)
-        accuracy = _evaluate(global_model, sites)
-    return time.perf_counter() - started, accuracy
+    tuning.plain_rounds(sites, lambda model: accuracies.append(_evaluate(model, sites)))
+    return time.perf_counter() - started, accuracies[-1]
 
 
 def _evaluate(model: torch.nn.Module, sites: list[tuple[tuning.Split, tuning.Split]]) -> float:

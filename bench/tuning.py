@@ -99,7 +99,10 @@ def quorum_accuracy(weights: Weights, sites: list[tuple[Split, Split]]) -> float
 # --- (b) plain torch ----------------------------------------------------------------------------------
 
 
-def plain_rounds(sites: list[tuple[Split, Split]]) -> torch.nn.Module:
+def plain_rounds(
+    sites: list[tuple[Split, Split]], after_round: Callable[[torch.nn.Module], None] | None = None
+) -> torch.nn.Module:
+    """FedAvg with state dicts, sites in turn; ``after_round`` sees the global model after each round."""
     torch.manual_seed(0)
     global_model = ScaledMLP(FEATURES, HIDDEN)
     tensors = [(torch.from_numpy(x), torch.from_numpy(y)) for (x, y), _ in sites]
@@ -126,6 +129,8 @@ def plain_rounds(sites: list[tuple[Split, Split]]) -> torch.nn.Module:
             for key in states[0]
         }
         global_model.load_state_dict(averaged)
+        if after_round is not None:
+            after_round(global_model)
     return global_model
 
 
