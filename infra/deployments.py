@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 COORDINATOR_POOL = "coordinator"
 PROJECT_VAR = "{{ $QUORUM_PROJECT }}"
+# a site flow run's process hands its run to the site run starter, or becomes `python -m prefect.engine`
+SITE_RUN_COMMAND = "{{ $QUORUM_PYTHON }} -m quorum.infra.start_run"
 
 
 def site_pool(site_id: str) -> str:
@@ -84,7 +87,10 @@ def render(config: FederationConfig, governance_path: Path, project: Path) -> di
         },
     ]
     for site in config.sites:
-        pool = {"name": site_pool(site.id), "job_variables": {"working_dir": _portable(site.root, project)}}
+        pool = {
+            "name": site_pool(site.id),
+            "job_variables": {"working_dir": _portable(site.root, project), "command": SITE_RUN_COMMAND},
+        }
         deployments += [
             {
                 "name": f"session-{site.id}",
@@ -128,7 +134,8 @@ def render(config: FederationConfig, governance_path: Path, project: Path) -> di
 HEADER = """\
 # Prefect deployments of this federation, deployed by `quorum up` (through the Prefect API, in one pass).
 # Rendered from the federation config by `quorum infra render`; edit schedules and parameters here
-# or in the config and render again. {{ $QUORUM_PROJECT }} is the project folder (set by quorum up).
+# or in the config and render again. {{ $QUORUM_PROJECT }} is the project folder and {{ $QUORUM_PYTHON }} its
+# Python (both filled in by quorum up).
 """
 
 
@@ -150,9 +157,10 @@ _ENV_PLACEHOLDER = re.compile(r"\{\{\s*\$([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
 def _fill(value: Any, project: Path) -> Any:
-    """``{{ $NAME }}`` placeholders filled from the environment as Prefect does, ``QUORUM_PROJECT`` the project."""
+    """``{{ $NAME }}`` placeholders filled from the environment as Prefect does, ``QUORUM_PROJECT`` the
+    project and ``QUORUM_PYTHON`` this interpreter (the project's virtual environment)."""
     if isinstance(value, str):
-        env = {**os.environ, "QUORUM_PROJECT": str(project)}
+        env = {**os.environ, "QUORUM_PROJECT": str(project), "QUORUM_PYTHON": sys.executable}
         return _ENV_PLACEHOLDER.sub(lambda match: env.get(match.group(1), match.group(0)), value)
     if isinstance(value, list):
         return [_fill(item, project) for item in value]

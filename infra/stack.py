@@ -33,6 +33,7 @@ from quorum.configs.errors import QuorumError, ToolError
 from quorum.configs.schema import FederationConfig, expand_secrets
 from quorum.infra.capacity import apply_site_concurrency
 from quorum.infra.deployments import COORDINATOR_POOL, PreparedDeployment, apply, prepare, site_pool
+from quorum.infra.start_run import STARTER_ENV, socket_path
 from quorum.lineage.state import SITE_ROOT_ENV, StateLayout
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ HOST = "127.0.0.1"
 WORKER_HEARTBEAT_S = 10  # a worker beats this often; three missed beats and its site counts as absent
 SCHEDULED_RUNS = 3  # upcoming runs the Prefect scheduler keeps per schedule
 SQLITE_BUSY_S = 30  # how long the Prefect server waits for SQLite's write lock (its default 10 s fails under load)
+STARTER = "site-starter"  # the service that forks site flow runs with their modules already imported
 READY_TIMEOUT_S = 600.0  # for the whole of `quorum up`: a loaded 2-core machine needs minutes, an idle one seconds
 
 
@@ -94,7 +96,7 @@ class Stack:
         return Service(name, self.folder / f"{name}.pid", self.folder / f"{name}.log")
 
     def services(self) -> list[Service]:
-        names = ["prefect-server", "mlflow-server", f"worker-{COORDINATOR_POOL}"]
+        names = ["prefect-server", "mlflow-server", STARTER, f"worker-{COORDINATOR_POOL}"]
         return [self.service(n) for n in names + [f"worker-{s}" for s in self.config.site_ids]]
 
     def write_endpoints(self) -> None:
@@ -149,7 +151,7 @@ class Stack:
     def site_env(self, site_id: str) -> dict[str, str]:
         """Only this site's data root and, if configured, its own credentials file: nothing of the coordinator's."""
         site = self.config.site(site_id)
-        env = {**self.base_env(), SITE_ROOT_ENV: str(site.root)}
+        env = {**self.base_env(), SITE_ROOT_ENV: str(site.root), STARTER_ENV: str(self.starter_socket)}
         env.update({k: v for k, v in os.environ.items() if k in ("AWS_DEFAULT_REGION", "AWS_REGION")})
         if site.aws_credentials_file is not None:
             env["AWS_SHARED_CREDENTIALS_FILE"] = str(site.aws_credentials_file)
@@ -245,6 +247,8 @@ class Stack:
 
         self.launch_servers()
         host = self.launch_workers()  # imports Prefect's worker while the servers start
+        if site_workers:
+            self.launch_starter()  # and the site runs' modules, once for every site
         if render is not None and not prefect_file.exists():
             render()
         prepared = self.prepare_deployments(prefect_file, project)  # reads the flows' source meanwhile too
@@ -305,6 +309,8 @@ class Stack:
 
     def start_workers(self, project: Path, site_workers: bool = True) -> None:
         """Start the workers (the Prefect API must be up or coming) and return once each has a pid."""
+        if site_workers:
+            self.launch_starter()
         self.release_workers(self.launch_workers(), project, site_workers, READY_TIMEOUT_S)
 
     def launch_workers(self) -> subprocess.Popen[bytes]:
@@ -326,6 +332,24 @@ class Stack:
         host.stdin.write(json.dumps(header).encode() + b"\n")
         host.stdin.flush()
         return host
+
+    @property
+    def starter_socket(self) -> Path:
+        return socket_path(self.state.root)
+
+    def launch_starter(self) -> Service:
+        """Start the site run starter (``quorum.infra.run_starter``) unless it runs.
+
+        It imports the site runs' modules once and forks every site flow run from there; a site
+        worker finds it through ``QUORUM_RUN_STARTER`` in its environment. It gets the environment
+        every worker shares, never a site's data root or anybody's credentials.
+        """
+        return self._start(
+            STARTER,
+            [sys.executable, "-m", "quorum.infra.run_starter", str(self.starter_socket)],
+            self.base_env(),
+            self.state.root,
+        )
 
     def release_workers(
         self, host: subprocess.Popen[bytes], project: Path, site_workers: bool, timeout_s: float
@@ -375,6 +399,7 @@ class Stack:
         _stop_groups(list(running.values()))
         for service in self.services():
             service.pid_file.unlink(missing_ok=True)
+        self.starter_socket.unlink(missing_ok=True)
         return list(running)
 
     @contextmanager

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.prefect_server import prefect_port  # noqa: F401  (a fixture: a Prefect server of the test's own)
+
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="quorum-tests-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"

@@ -12,11 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +20,7 @@ from quorum.configs.schema import FederationConfig
 from quorum.infra.stack import Stack
 from quorum.lineage.state import SITE_ROOT_ENV, StateLayout
 from tests.ports import free_port
+from tests.prefect_server import alive, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -40,58 +36,6 @@ from prefect import flow
 def env_probe(out: str) -> None:
     Path(out).write_text(json.dumps({"cwd": os.getcwd(), "env": dict(os.environ)}))
 """
-
-
-def _wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"{what} within {timeout_s:.0f}s")
-
-
-@pytest.fixture
-def prefect_port(tmp_path: Path) -> Iterator[int]:
-    """A Prefect server of this test's own (workers would take other tests' runs from a shared one)."""
-    port = free_port()
-    home = tmp_path / "prefect-server"
-    home.mkdir()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=(home / "server.log").open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as answer:
-                return bool(answer.status == 200)
-        except OSError:
-            return False
-
-    try:
-        _wait_until(healthy, 300, "the Prefect server did not answer")
-        yield port
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
 
 
 def test_each_worker_is_its_own_isolated_process_and_so_are_its_flow_runs(
@@ -141,7 +85,7 @@ def test_each_worker_is_its_own_isolated_process_and_so_are_its_flow_runs(
                 job_variables={"working_dir": str(roots["alpha"])},
             )
             client.create_flow_run_from_deployment(deployment, parameters={"out": str(out)})
-        _wait_until(out.exists, 300, "the flow run on site-alpha's pool did not write its probe")
+        wait_until(out.exists, 300, "the flow run on site-alpha's pool did not write its probe")
         seen = json.loads(out.read_text())
         assert Path(seen["cwd"]) == roots["alpha"].resolve()
         assert seen["env"][SITE_ROOT_ENV] == str(roots["alpha"]) and "AWS_ACCESS_KEY_ID" not in seen["env"]
@@ -150,10 +94,10 @@ def test_each_worker_is_its_own_isolated_process_and_so_are_its_flow_runs(
         beta_pid, alpha_pid, coordinator_pid = pids["beta"], pids["alpha"], pids["coordinator"]
         assert beta_pid is not None and alpha_pid is not None and coordinator_pid is not None
         os.killpg(beta_pid, signal.SIGKILL)
-        _wait_until(lambda: not _alive(beta_pid), 30, "beta's worker did not stop")
-        assert _alive(alpha_pid) and _alive(coordinator_pid)
+        wait_until(lambda: not alive(beta_pid), 30, "beta's worker did not stop")
+        assert alive(alpha_pid) and alive(coordinator_pid)
     finally:
         stopped = stack.stop()
 
     assert set(stopped) >= {"worker-alpha", "worker-coordinator"}
-    _wait_until(lambda: not any(_alive(pid) for pid in pids.values() if pid is not None), 30, "workers outlived stop")
+    wait_until(lambda: not any(alive(pid) for pid in pids.values() if pid is not None), 30, "workers outlived stop")
