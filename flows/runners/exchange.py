@@ -93,13 +93,15 @@ class JobExchange:
         """A session's sign of life, so the coordinator stops waiting for a site whose worker died."""
         self.store.put_json(self._key("sessions", f"{site_id}.json"), {"site_id": site_id, "at": time.time()})
 
-    def silent_for(self, site_id: str) -> float | None:
-        """Seconds since the site's session last beat; ``None`` if it never started."""
+    def silent_for(self, site_id: str, since: float = 0.0) -> float | None:
+        """Seconds since the site's session last beat; ``None`` if no session beat since ``since`` (a
+        ``time.time()``: the sessions started then are the ones waited for)."""
         key = self._key("sessions", f"{site_id}.json")
         if not self.store.exists(key):
             return None
         data: Any = self.store.get_json(key)
-        return time.time() - float(data["at"])
+        at = float(data["at"])
+        return None if at < since else time.time() - at
 
     def replied(self, site_id: str) -> int:
         """The newest request this site already answered: where a restarted session picks up."""

@@ -5,7 +5,8 @@ deployment); from then on every preprocess/train/evaluate/monitor call is a requ
 store that the sessions answer, so each site starts one process per job. While waiting, the runner
 tells a slow site from an absent one (``liveness.judge``): a session its worker picked up, or that
 beats, is waited for up to the start-up allowance; a site whose pool has no live worker is given up
-at once. A session that ended before it ever served (its process died on the way up, e.g. on an
+at once. While the job waits for its approvers, ``rest`` stops the sessions and the next request
+starts new ones. A session that ended before it ever served (its process died on the way up, e.g. on an
 overloaded machine) is started again once, as a new flow run, while the start-up allowance lasts
 (``liveness.restart_session``); the site's start-up clock starts again with it. A site given up on is
 reported as a failure with that true reason (a restart and the first attempt's end included);
@@ -58,6 +59,8 @@ class PoolRunner(SiteRunner):
         self._site_started_at: dict[str, float] = {}  # a restarted session's start-up clock
         self.restarts: dict[str, str] = {}  # site -> how its first session ended (sites restarted)
         self.restart_count: dict[str, int] = {}
+        self.resting = False  # rest() stopped the sessions; the next request starts new ones
+        self._beats_since = 0.0  # time.time() the current sessions were started after a rest
         deployment = ctx.config.deployment
         self.allowances = Allowances(deployment.session_start_timeout_s, deployment.round_deadline_s, GONE_AFTER_S)
 
@@ -123,6 +126,24 @@ class PoolRunner(SiteRunner):
         seq = self.exchange.next_seq()
         self.exchange.post(Request(self.ctx.job_id, seq, "stop", ()))
 
+    def rest(self) -> None:
+        """Stop the sessions while the job waits for its approvers (possibly for days, beyond any
+        session's idle allowance); the next request starts new ones, on the same pools."""
+        self.close()
+        self.resting = True
+
+    def _wake(self, site_ids: Sequence[str]) -> None:
+        """New sessions after a rest, started once the request they are for is posted: a session
+        starts at the newest request, which must not be the ``stop`` that ended the last ones."""
+        self.resting = False
+        self._beats_since = time.time()  # the stopped sessions' last beats say nothing of the new ones
+        for site_id in site_ids:
+            self._site_started_at.pop(site_id, None)
+            self.restart_count.pop(site_id, None)
+            self.restarts.pop(site_id, None)
+            self.watch.forget(site_id)
+        self.start(site_ids)
+
     def _dispatch(
         self,
         kind: str,
@@ -144,6 +165,8 @@ class PoolRunner(SiteRunner):
             shares=secagg.wire_shares() if secagg is not None and kind == "reveal" else None,
         )
         request = self.exchange.post(request, weights, files)
+        if self.resting:
+            self._wake(site_ids)
         posted = time.monotonic()
         replies: dict[str, dict[str, Any] | SiteFailure] = {}
         while len(replies) < len(site_ids):
@@ -152,7 +175,7 @@ class PoolRunner(SiteRunner):
                 reply = self.exchange.read_reply(request.seq, site_id)
                 if reply is not None:
                     replies[site_id] = _failure(site_id, reply) or reply
-            silent = {s: self.exchange.silent_for(s) for s in site_ids if s not in replies}
+            silent = {s: self.exchange.silent_for(s, self._beats_since) for s in site_ids if s not in replies}
             self.watch.refresh([s for s, silent_s in silent.items() if silent_s is None or silent_s > GONE_AFTER_S])
             now = time.monotonic()
             for site_id, silent_s in silent.items():
