@@ -247,8 +247,6 @@ class Stack:
 
         self.launch_servers()
         host = self.launch_workers()  # imports Prefect's worker while the servers start
-        if site_workers:
-            self.launch_starter()  # and the site runs' modules, once for every site
         if render is not None and not prefect_file.exists():
             render()
         prepared = self.prepare_deployments(prefect_file, project)  # reads the flows' source meanwhile too
@@ -264,6 +262,10 @@ class Stack:
         mark("mlflow_api")
         self.wait_for_workers(pools if site_workers else [COORDINATOR_POOL], timeout_s=left())
         mark("workers_ready")
+        if site_workers:
+            # its imports (8-12 s of CPU) are needed by the first site run, not by anything above:
+            # a run handed to it meanwhile waits for them, as it would have imported them itself
+            self.launch_starter()
         return timings
 
     def deploy(self, prefect_file: Path, project: Path) -> list[str]:
