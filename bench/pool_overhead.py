@@ -18,7 +18,7 @@ For each job: wall time end to end, start-up (command launched until every site 
 preprocess request), per-round wall time (between round checkpoints in the artifact store), sites
 lost (configured sites missing from any round), and the coverage gate from the audit log.
 
-    .venv/bin/python bench/pool_overhead.py [--sites 8] [--jobs 3] [--big 16] [--no-baseline]
+    .venv/bin/python bench/pool_overhead.py [--sites 8] [--jobs 3] [--big 16] [--no-baseline] [--keep]
 
 Prints figures and ratios only; nothing is asserted.
 """
@@ -181,7 +181,7 @@ def _print_job(job: Job, baseline: Job | None) -> None:
     print(f"  {'':<14} coverage gate: {job.coverage}")
 
 
-def _federation_run(sites: int, jobs: int, baseline: bool) -> None:
+def _federation_run(sites: int, jobs: int, baseline: bool, keep: bool = False) -> None:
     from tests.federation import write_governance
 
     root = Path(tempfile.mkdtemp(prefix=f"quorum-bench-pool-{sites}-"))
@@ -206,7 +206,10 @@ def _federation_run(sites: int, jobs: int, baseline: bool) -> None:
             down_s, code, _ = _quorum(root, "down", "--config", str(config))
             print(f"  quorum down    {down_s:6.1f} s (exit {code})")
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if keep:
+            print(f"  kept {root} (services' logs under state/services/)")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
@@ -215,12 +218,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=3)
     parser.add_argument("--big", type=int, default=16, help="sites of the second federation (0: skip)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the in-process run")
+    parser.add_argument("--keep", action="store_true", help="keep the federations' folders and logs")
     args = parser.parse_args()
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores, load average {load[0]:.1f} at start")
-    _federation_run(args.sites, args.jobs, baseline=not args.no_baseline)
+    _federation_run(args.sites, args.jobs, baseline=not args.no_baseline, keep=args.keep)
     if args.big:
-        _federation_run(args.big, 1, baseline=False)
+        _federation_run(args.big, 1, baseline=False, keep=args.keep)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
