@@ -26,7 +26,7 @@ from quorum.configs.schema import GovernanceConfig
 from quorum.lineage.artifacts import ArtifactStore
 from quorum.lineage.candidate import version_number
 from quorum.lineage.champion import remember_champion
-from quorum.lineage.model_files import install_champion, model_key, signatures_key
+from quorum.lineage.model_files import install_champion, model_key, naming_destination, signatures_key
 from quorum.lineage.provenance import provenance_digest, verify_provenance
 from quorum.lineage.signing import check_quorum
 
@@ -109,14 +109,15 @@ def _install_candidate(
                     fix="run the promote stage again (it publishes the version's files and signatures)",
                 )
             shutil.copytree(source, staging / folder, symlinks=True)
-        quorum = check_quorum(staging / "files", staging / "signatures", governance)
-        if not quorum.valid_approvers:
-            rejected = "; ".join(f"{file} ({reason})" for file, reason in quorum.rejected) or "no signature"
-            raise QuorumNotMet(
-                f"candidate {name} v{version} has no valid approver signature: {rejected}",
-                fix="a candidate serves shadow or canary traffic only once an approver signed it",
-            )
-        verify_provenance(staging / "files", name, version)
+        with naming_destination(staging, destination):
+            quorum = check_quorum(staging / "files", staging / "signatures", governance)
+            if not quorum.valid_approvers:
+                rejected = "; ".join(f"{file} ({reason})" for file, reason in quorum.rejected) or "no signature"
+                raise QuorumNotMet(
+                    f"candidate {name} v{version} has no valid approver signature: {rejected}",
+                    fix="a candidate serves shadow or canary traffic only once an approver signed it",
+                )
+            verify_provenance(staging / "files", name, version)
         shutil.rmtree(destination, ignore_errors=True)
         staging.rename(destination)
     finally:
