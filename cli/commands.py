@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from quorum.cli.heap import imports_frozen
 from quorum.configs.errors import ConfigError, QuorumError
 from quorum.configs.schema import FederationConfig, GovernanceConfig, load_federation, load_governance
 from quorum.lineage.state import StateLayout, configure_environment, use_tracking_server
@@ -246,7 +247,7 @@ def _run_and_report(
         _quiet_console(verbose)
         _open_tracking_store(config_path, api)
         _wait_for_api(api)
-        with RoundProgress() as progress:
+        with imports_frozen(), RoundProgress() as progress:
             result = lifecycle(
                 config_path=str(config_path.resolve()),
                 governance_path=str(governance_path.resolve()),
