@@ -13,9 +13,10 @@ A fork copies only this process, so what a run may see is decided here:
   ``python -m prefect.engine`` started by that worker would have seen.
 - Only processes of this user are served (SO_PEERCRED), and the socket sits in a folder only this
   user can enter.
-- This process stays single-threaded, the condition for forking safely: it refuses to serve if an
-  import started a thread. It never runs a flow, touches a site's data, or opens a connection to
-  the Prefect API itself.
+- This process runs no Python thread but its main one, the condition for forking safely: it refuses
+  to serve if an import started one. (The one native thread an import starts, the jemalloc
+  allocator's background purger, is fork-aware: jemalloc's own fork handlers keep its locks sound.)
+  It never runs a flow, touches a site's data, or opens a connection to the Prefect API itself.
 
 A forked run belongs to this process's group, so ``quorum down`` stops the runs with their starter.
 When a run's ``start_run`` process dies, the run gets SIGTERM, as if its worker had cancelled it.
