@@ -1,8 +1,4 @@
-"""``quorum serve --site ID``: the site's inference service in the foreground, until Ctrl-C.
-
-A site command: it opens the site's own context (no MLflow, no tracking server), as the ``serve-ID``
-flow does.
-"""
+"""``quorum serve --site ID``: the site's inference service in the foreground, until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ import threading
 from pathlib import Path
 
 from quorum.configs.schema import load_federation, load_governance
-from quorum.lineage.state import StateLayout, configure_environment
+from quorum.lineage.state import StateLayout, configure_environment, use_tracking_server
 
 
 def serve(config_path: Path, governance_path: Path, site_id: str, port: int | None, runtime: str | None) -> int:
@@ -20,11 +16,12 @@ def serve(config_path: Path, governance_path: Path, site_id: str, port: int | No
     config.site(site_id)
     state = StateLayout(config.state_dir)
     configure_environment(state)
-    from quorum.flows.deploy import load_site_context
+    use_tracking_server(state, config.deployment.mlflow_tracking_uri)
+    from quorum.flows.context import load_context
     from quorum.flows.serving import start_service
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    ctx = load_site_context(str(config_path), str(governance_path), site_id)
+    ctx = load_context(str(config_path), str(governance_path))
     running = start_service(ctx, site_id, port, runtime)
     champion = running.service.champion
     assert champion is not None  # start_service raises otherwise
