@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 from quorum.configs.schema import load_federation, load_governance
@@ -18,22 +17,24 @@ def serve(config_path: Path, governance_path: Path, site_id: str, port: int | No
     configure_environment(state)
     use_tracking_server(state, config.deployment.mlflow_tracking_uri)
     from quorum.flows.context import load_context
-    from quorum.flows.serving import start_service
+    from quorum.flows.serving import start_service, wait_for_interrupt
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ctx = load_context(str(config_path), str(governance_path))
     running = start_service(ctx, site_id, port, runtime)
-    champion = running.service.champion
-    assert champion is not None  # start_service raises otherwise
-    policy = running.service.policy
-    print(
-        f"{site_id} serves {ctx.config.model_name} v{champion.version} ({champion.scorer.runtime}, "
-        f"policy {policy.mode}) at {running.url}\n"
-        f"  POST {running.url}/predict   GET {running.url}/health   GET {running.url}/metrics   (Ctrl-C stops)",
-        flush=True,
-    )
+    # from here on a Ctrl-C must reach `stop`: the banner tells a client it may call (and interrupt)
+    # the service, so it is printed inside the block, never before it
     try:
-        threading.Event().wait()
+        champion = running.service.champion
+        assert champion is not None  # start_service raises otherwise
+        policy = running.service.policy
+        print(
+            f"{site_id} serves {ctx.config.model_name} v{champion.version} ({champion.scorer.runtime}, "
+            f"policy {policy.mode}) at {running.url}\n"
+            f"  POST {running.url}/predict   GET {running.url}/health   GET {running.url}/metrics   (Ctrl-C stops)",
+            flush=True,
+        )
+        wait_for_interrupt()
     except KeyboardInterrupt:
         print("stopping: requests in flight finish, routing counts are saved", flush=True)
     finally:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 
 from quorum.flows.context import load_context
-from quorum.flows.serving import start_service
+from quorum.flows.serving import start_service, wait_for_interrupt
 from quorum.flows.serving_models import SERVING_DIR
 
 SERVICE_RECORD = "service.json"
@@ -37,18 +36,20 @@ def serve_flow(
     """Serve the verified champion at ``site_id`` until cancelled; hot-swaps when the champion moves."""
     ctx = load_context(config_path, governance_path)
     running = start_service(ctx, site_id, port, wait_for_champion=wait_for_champion)
-    champion = running.service.champion
-    serving = f"{ctx.config.model_name} v{champion.version}" if champion else "nothing yet (503 until a champion)"
-    get_run_logger().info("%s serves %s at %s", site_id, serving, running.url)
     record = service_record(ctx.config.site(site_id).root)
-    context = FlowRunContext.get()
-    flow_run = None if context is None or context.flow_run is None else str(context.flow_run.id)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(
-        json.dumps({"pid": os.getpid(), "port": running.server.server_address[1], "flow_run_id": flow_run}) + "\n"
-    )
+    # from here on an interrupt must reach `stop`: the record tells `quorum down` (and a client) that
+    # the service runs, so it is written inside the block, never before it
     try:
-        threading.Event().wait()  # until the flow run is cancelled (the process is stopped)
+        champion = running.service.champion
+        serving = f"{ctx.config.model_name} v{champion.version}" if champion else "nothing yet (503 until a champion)"
+        get_run_logger().info("%s serves %s at %s", site_id, serving, running.url)
+        context = FlowRunContext.get()
+        flow_run = None if context is None or context.flow_run is None else str(context.flow_run.id)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(
+            json.dumps({"pid": os.getpid(), "port": running.server.server_address[1], "flow_run_id": flow_run}) + "\n"
+        )
+        wait_for_interrupt()  # until the flow run is cancelled (the process is stopped)
     finally:
         record.unlink(missing_ok=True)
         running.stop()

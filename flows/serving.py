@@ -21,7 +21,7 @@ from quorum.configs.errors import ChampionError, QuorumError, SignatureError
 from quorum.flows.context import JobContext
 from quorum.flows.serving_service import ModelService, routing_key
 
-__all__ = ["HOST", "ModelService", "RunningService", "routing_key", "start_service"]
+__all__ = ["HOST", "ModelService", "RunningService", "routing_key", "start_service", "wait_for_interrupt"]
 
 logger = logging.getLogger("quorum.serving")
 HOST = "127.0.0.1"
@@ -123,6 +123,19 @@ class RunningService:
         for thread in self.threads:
             thread.join()
         self.service.publish_routing()
+
+
+def wait_for_interrupt(poll_s: float = 0.5) -> None:
+    """Block the main thread until a signal's exception (Ctrl-C, a cancelled flow run) ends the wait.
+
+    Never one unbounded wait: a signal sent to the process may be delivered to any of its threads (the
+    HTTP threads, ONNX Runtime's), and Python runs the handler only once the main thread runs again; a
+    main thread parked in a lock without a timeout would then never wake up, and the service would
+    ignore Ctrl-C. Waking every ``poll_s`` lets the handler run within that time.
+    """
+    never = threading.Event()
+    while not never.wait(poll_s):
+        pass
 
 
 def start_service(
