@@ -10,47 +10,27 @@ the stopped session's old heartbeat must not count against the new one.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from quorum.configs.errors import QuorumError
-from quorum.flows.context import load_context
 from quorum.flows.runners.local import SiteFailure
-from quorum.flows.runners.pool import PoolRunner, site_pool
-from tests.federation import write_federation, write_governance
+from quorum.flows.runners.pool import site_pool
+from tests.prefect_server import wait_until
+from tests.session_pools import pool_runner
 
 SITE = "quebec"  # a name no other test's pool uses on the shared API
 SEEN_BY_THE_NEW_SESSION = "the new session read the monitoring request"
 
 
-def _wait_for(check: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"{what} within {timeout_s:.0f}s"
-        time.sleep(0.05)
-
-
 def test_rest_stops_the_sessions_and_the_next_request_starts_new_ones(prefect_harness: Path, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
 
     # Arrange: one site, its pool and session deployment, a worker beating on the pool; its first
     # session beat long ago (it served the job's earlier stages)
-    deadlines = {"round_deadline_s": 120.0, "session_start_timeout_s": 120.0}
-    config_path = write_federation(tmp_path, (SITE,), min_sites=1, extra={"deployment": deadlines})
-    governance, _ = write_governance(tmp_path)
-    ctx = load_context(str(config_path), str(governance), "rest-job")
-    with get_client(sync_client=True) as client:
-        with contextlib.suppress(ObjectAlreadyExists):
-            client.create_work_pool(WorkPoolCreate(name=site_pool(SITE), type="process"))
-        flow_id = client.create_flow_from_name("site-session")
-        client.create_deployment(flow_id, f"session-{SITE}", work_pool_name=site_pool(SITE))
-        client.send_worker_heartbeat(site_pool(SITE), "beating-worker", heartbeat_interval_seconds=30)
-    runner = PoolRunner(ctx, str(config_path))
+    runner = pool_runner(tmp_path, SITE, "rest-job")
     runner.start([SITE])
     first = runner.flow_runs[SITE]
     an_hour_ago = {"site_id": SITE, "at": time.time() - 3600}
@@ -68,7 +48,7 @@ def test_rest_stops_the_sessions_and_the_next_request_starts_new_ones(prefect_ha
     seen: dict[str, Any] = {}
 
     def new_session() -> None:
-        _wait_for(lambda: runner.flow_runs[SITE] != first, 60, "no new session was started")
+        wait_until(lambda: runner.flow_runs[SITE] != first, 60, "no new session was started")
         time.sleep(3)  # a session takes a while to start: the runner meanwhile must not give the site up
         request = runner.exchange.latest()
         seen["request"] = request

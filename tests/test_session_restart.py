@@ -9,47 +9,26 @@ restart and both crashes.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from quorum.flows.context import load_context
 from quorum.flows.runners.local import SiteFailure
-from quorum.flows.runners.pool import PoolRunner, site_pool
-from tests.federation import write_federation, write_governance
+from quorum.flows.runners.pool import site_pool
+from tests.prefect_server import wait_until
+from tests.session_pools import pool_runner
 
 SITE = "phoenix"  # a name no other test's pool uses on the shared API
 FIRST_CRASH = "Process exited with status code: 1."
 SECOND_CRASH = "Process exited with status code: -9."
 
 
-def _wait_for(check: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"{what} within {timeout_s:.0f}s"
-        time.sleep(0.1)
-
-
 def test_a_session_that_crashed_before_serving_is_restarted_once(prefect_harness: Path, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
     from prefect.states import Crashed
 
     # Arrange: one site, its pool and session deployment, a worker beating on the pool
-    deadlines = {"round_deadline_s": 120.0, "session_start_timeout_s": 120.0}
-    config_path = write_federation(tmp_path, (SITE,), min_sites=1, extra={"deployment": deadlines})
-    governance, _ = write_governance(tmp_path)
-    ctx = load_context(str(config_path), str(governance), "restart-job")
-    with get_client(sync_client=True) as client:
-        with contextlib.suppress(ObjectAlreadyExists):
-            client.create_work_pool(WorkPoolCreate(name=site_pool(SITE), type="process"))
-        flow_id = client.create_flow_from_name("site-session")
-        client.create_deployment(flow_id, f"session-{SITE}", work_pool_name=site_pool(SITE))
-        client.send_worker_heartbeat(site_pool(SITE), "beating-worker", heartbeat_interval_seconds=30)
-    runner = PoolRunner(ctx, str(config_path))
+    runner = pool_runner(tmp_path, SITE, "restart-job")
     runner.start([SITE])
     first = runner.flow_runs[SITE]
     replies: dict[str, Any] = {}
@@ -59,7 +38,7 @@ def test_a_session_that_crashed_before_serving_is_restarted_once(prefect_harness
     waiting.start()
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(first, Crashed(message=FIRST_CRASH), force=True)
-        _wait_for(lambda: runner.flow_runs[SITE] != first, 60, "no new session was started")
+        wait_until(lambda: runner.flow_runs[SITE] != first, 60, "no new session was started")
         second = runner.flow_runs[SITE]
         assert client.read_flow_run(second).work_pool_name == site_pool(SITE)
         client.set_flow_run_state(second, Crashed(message=SECOND_CRASH), force=True)
