@@ -128,10 +128,10 @@ class RunningService:
 def wait_for_interrupt(poll_s: float = 0.5) -> None:
     """Block the main thread until a signal's exception (Ctrl-C, a cancelled flow run) ends the wait.
 
-    Never one unbounded wait: a signal sent to the process may be delivered to any of its threads (the
-    HTTP threads, ONNX Runtime's), and Python runs the handler only once the main thread runs again; a
-    main thread parked in a lock without a timeout would then never wake up, and the service would
-    ignore Ctrl-C. Waking every ``poll_s`` lets the handler run within that time.
+    Never one unbounded wait: Python runs a signal's handler only in the main thread, once it runs
+    again; should the signal land on another of the process's threads (the HTTP threads, ONNX
+    Runtime's), a main thread parked in a lock without a timeout would not wake up for it. Waking every
+    ``poll_s`` bounds that delay.
     """
     never = threading.Event()
     while not never.wait(poll_s):
