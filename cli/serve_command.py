@@ -3,10 +3,38 @@
 from __future__ import annotations
 
 import logging
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from quorum.configs.schema import load_federation, load_governance
 from quorum.lineage.state import StateLayout, configure_environment, use_tracking_server
+
+if TYPE_CHECKING:
+    from quorum.flows.context import JobContext
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into ``KeyboardInterrupt`` for the block, then restore the handlers.
+
+    Installed whatever the process inherited, as HTTP servers do: a service started from a script's
+    ``&`` inherits SIGINT ignored, and would otherwise never answer Ctrl-C; ``docker stop``, systemd
+    and ``kill`` send SIGTERM, whose default would end the process before the routing counts are saved.
+    """
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def serve(config_path: Path, governance_path: Path, site_id: str, port: int | None, runtime: str | None) -> int:
@@ -17,10 +45,16 @@ def serve(config_path: Path, governance_path: Path, site_id: str, port: int | No
     configure_environment(state)
     use_tracking_server(state, config.deployment.mlflow_tracking_uri)
     from quorum.flows.context import load_context
-    from quorum.flows.serving import start_service, wait_for_interrupt
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ctx = load_context(str(config_path), str(governance_path))
+    with stop_signals():
+        return _serve_until_stopped(ctx, site_id, port, runtime)
+
+
+def _serve_until_stopped(ctx: JobContext, site_id: str, port: int | None, runtime: str | None) -> int:
+    from quorum.flows.serving import start_service, wait_for_interrupt
+
     running = start_service(ctx, site_id, port, runtime)
     # from here on a Ctrl-C must reach `stop`: the banner tells a client it may call (and interrupt)
     # the service, so it is printed inside the block, never before it

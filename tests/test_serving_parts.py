@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -271,3 +274,19 @@ def test_the_onnx_runtime_path_serves_without_importing_torch(tmp_path: Path) ->
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=600)
 
     assert result.stdout.split() == ["onnx", "(2,)", "False"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_quorum_serve_stops_on_ctrl_c_and_sigterm_even_when_its_parent_ignored_sigint(signum: int) -> None:
+    from quorum.cli.serve_command import stop_signals
+
+    # a process started with `&` from a non-interactive shell inherits SIGINT ignored
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(KeyboardInterrupt, match=signal.Signals(signum).name), stop_signals():
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler interrupts the sleep at once
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # what the caller had is back
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, before)
