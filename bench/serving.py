@@ -164,6 +164,7 @@ def run(single: int, batched: int, with_mlflow: bool, federation: Path | None) -
     import torch
 
     from quorum.flows.context import load_context
+    from quorum.flows.deploy import load_site_context
     from quorum.flows.serving import start_service
     from quorum.lineage.registry import load_weights, model_key
     from quorum.tasks.model import model_from_weights
@@ -178,7 +179,8 @@ def run(single: int, batched: int, with_mlflow: bool, federation: Path | None) -
     ctx = load_context(str(config_path), str(governance_path))
     config = ctx.config
     files = ctx.store.checkout(model_key(config.model_name, "1"))
-    running = start_service(ctx, "alpha", port=free_port(), runtime="onnx")
+    site_ctx = load_site_context(str(config_path), str(governance_path), "alpha")  # as the site serves: no MLflow
+    running = start_service(site_ctx, "alpha", port=free_port(), runtime="onnx")
     service = running.service
     champion = service.champion
     assert champion is not None

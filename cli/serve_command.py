@@ -1,4 +1,8 @@
-"""``quorum serve --site ID``: the site's inference service in the foreground, until Ctrl-C."""
+"""``quorum serve --site ID``: the site's inference service in the foreground, until Ctrl-C.
+
+A site command: it opens the site's own context (no MLflow, no tracking server), as the ``serve-ID``
+flow does.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,10 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from quorum.configs.schema import load_federation, load_governance
-from quorum.lineage.state import StateLayout, configure_environment, use_tracking_server
+from quorum.lineage.state import StateLayout, configure_environment
 
 if TYPE_CHECKING:
-    from quorum.flows.context import JobContext
+    from quorum.flows.deploy import SiteContext
 
 
 @contextmanager
@@ -43,16 +47,15 @@ def serve(config_path: Path, governance_path: Path, site_id: str, port: int | No
     config.site(site_id)
     state = StateLayout(config.state_dir)
     configure_environment(state)
-    use_tracking_server(state, config.deployment.mlflow_tracking_uri)
-    from quorum.flows.context import load_context
+    from quorum.flows.deploy import load_site_context
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    ctx = load_context(str(config_path), str(governance_path))
+    ctx = load_site_context(str(config_path), str(governance_path), site_id)
     with stop_signals():
         return _serve_until_stopped(ctx, site_id, port, runtime)
 
 
-def _serve_until_stopped(ctx: JobContext, site_id: str, port: int | None, runtime: str | None) -> int:
+def _serve_until_stopped(ctx: SiteContext, site_id: str, port: int | None, runtime: str | None) -> int:
     from quorum.flows.serving import start_service, wait_for_interrupt
 
     running = start_service(ctx, site_id, port, runtime)

@@ -12,6 +12,11 @@ that completes the quorum, promotes inside the same transaction. A lifecycle sta
 from the Prefect UI holds no private key: its ``promote`` subflow registers and verifies the candidate
 and returns it awaiting approval; the lifecycle run itself then pauses (``quorum.flows.approval``), with the
 verdict linked in a Markdown artifact, and ``quorum approve`` resumes it once the quorum promoted.
+
+A registered candidate is named twice: MLflow's ``candidate`` alias, for people browsing MLflow, and
+the candidate pointer in the artifact store (``quorum.lineage.candidate``), written once the version's
+files, provenance and this run's signatures are published there. The sites' services read the pointer,
+so they never need MLflow for shadow or canary routing.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from quorum.flows.context import JobContext
 from quorum.flows.variants import VariantCheck, export_serving_variants
 from quorum.lineage import champion
 from quorum.lineage.anchor import sign_checkpoint
+from quorum.lineage.candidate import publish_candidate
 from quorum.lineage.envelope import Signed
 from quorum.lineage.keys import approver_for_private_key
 from quorum.lineage.provenance import (
@@ -355,6 +361,9 @@ def promote_flow(
     set_version_tags(ctx.tracker, name, version, {"provenance.sha256": provenance})
     verify_provenance(files, name, version)  # the candidate approvers will see is whole and about itself
     sign_candidate(ctx, version, approver_keys, day)
+    # the sites' services follow this pointer, not the alias: it names the version only once its files
+    # are in the store, and it is what they read without MLflow (the alias moved at registration above)
+    publish_candidate(ctx.store, name, version)
     quorum, approvals = pending_quorum(ctx, version, day)
     if approvals >= ctx.governance.quorum:
         return make_champion(ctx, version, day)

@@ -6,6 +6,10 @@ site (``serving.start_with_up``) with ``wait_for_champion``, so a federation wit
 yet answers 503 until its first champion verifies. While it serves, the run records its process id,
 port and flow run id in the site's ``deployed/serving/service.json``, which ``quorum down`` reads
 to stop exactly this process should cancelling the flow run not reach it.
+
+Like the site's other flows it runs site code only (``tests/test_site_flow_imports.py``): the context
+is the site's (``load_site_context``: its own view of the artifact store, no tracking client), and the
+models come from the artifact store, never from MLflow.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 
-from quorum.flows.context import load_context
+from quorum.flows.deploy import load_site_context
 from quorum.flows.serving import start_service, wait_for_interrupt
 from quorum.flows.serving_models import SERVING_DIR
 
@@ -34,7 +38,7 @@ def serve_flow(
     config_path: str, governance_path: str, site_id: str, port: int | None = None, wait_for_champion: bool = False
 ) -> None:
     """Serve the verified champion at ``site_id`` until cancelled; hot-swaps when the champion moves."""
-    ctx = load_context(config_path, governance_path)
+    ctx = load_site_context(config_path, governance_path, site_id)
     running = start_service(ctx, site_id, port, wait_for_champion=wait_for_champion)
     record = service_record(ctx.config.site(site_id).root)
     # from here on an interrupt must reach `stop`: the record tells `quorum down` (and a client) that

@@ -1,6 +1,6 @@
 """The site's inference service: the verified champion answering HTTP requests on 127.0.0.1.
 
-The models and how they follow the registry are in ``serving_models``, the answers in
+The models and how they follow the artifact store are in ``serving_models``, the answers in
 ``serving_service``; this module is the HTTP face and the start and stop of the whole service.
 
 Endpoints: ``POST /predict`` (``{"rows": [...]}`` or ``{"columns": {...}}`` in the site's raw
@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from quorum.configs.errors import ChampionError, QuorumError, SignatureError
-from quorum.flows.context import JobContext
+from quorum.flows.deploy import SiteContext
 from quorum.flows.serving_service import ModelService, routing_key
 
 __all__ = ["HOST", "ModelService", "RunningService", "routing_key", "start_service", "wait_for_interrupt"]
@@ -105,7 +105,7 @@ class ServingHTTPServer(ThreadingHTTPServer):
 
 @dataclass
 class RunningService:
-    """A started service: its HTTP server and the thread that follows the registry."""
+    """A started service: its HTTP server and the thread that follows the artifact store."""
 
     service: ModelService
     server: ServingHTTPServer
@@ -139,7 +139,7 @@ def wait_for_interrupt(poll_s: float = 0.5) -> None:
 
 
 def start_service(
-    ctx: JobContext,
+    ctx: SiteContext,
     site_id: str,
     port: int | None = None,
     runtime: str | None = None,
@@ -183,12 +183,14 @@ def start_service(
 
 
 def _follow_loop(service: ModelService, stop: threading.Event) -> None:
-    """Poll the registry until stopped; a failed poll keeps the loaded models and is tried again."""
+    """Poll the artifact store until stopped; a failed poll keeps the loaded models and is tried again."""
     while not stop.wait(service.serving.poll_interval_s):
         try:
             service.refresh()
             service.publish_routing()
         except QuorumError as error:
-            logger.warning("%s: could not check the registry (%s); serving on", service.site.id, error.headline)
-        except Exception as exc:  # the service must outlive a registry hiccup; the type says what happened
-            logger.warning("%s: could not check the registry (%s); serving on", service.site.id, type(exc).__name__)
+            logger.warning("%s: could not check the artifact store (%s); serving on", service.site.id, error.headline)
+        except Exception as exc:  # the service must outlive a store hiccup; the type says what happened
+            logger.warning(
+                "%s: could not check the artifact store (%s); serving on", service.site.id, type(exc).__name__
+            )

@@ -1,11 +1,15 @@
-"""The models a site's service holds, and how they follow the registry.
+"""The models a site's service holds, and how they follow the artifact store.
 
 ``ServedModels.refresh`` follows the signed champion statement (and, under a shadow or canary policy,
-the registry's ``candidate`` alias). A version is loaded only after
+the candidate pointer, ``quorum.lineage.candidate``). A version is loaded only after
 ``quorum.lineage.serving_trust.verify_for_serving`` passed on the site's own copy, and the swap is
 one reference assignment: a request in flight finishes on the model it started with, and the next
 one gets the new model, so no request is dropped. A version that fails verification is refused into
 the audit log and the service keeps answering with the last verified model.
+
+Like the site's other flows, the service runs site code only: it reads the statement, the pointer and
+the version's files from the artifact store (promotion published them there), never MLflow, so a
+site process holds no tracking client and imports no MLflow.
 """
 
 from __future__ import annotations
@@ -17,13 +21,11 @@ from dataclasses import dataclass
 
 from quorum.configs.errors import ChampionError, SignatureError
 from quorum.configs.schema import GovernanceConfig
-from quorum.flows.context import JobContext
-from quorum.flows.deploy import trust_record
+from quorum.flows.deploy import SiteContext, trust_record
+from quorum.lineage.candidate import CandidatePointerError, read_candidate
 from quorum.lineage.champion import verified_champion
 from quorum.lineage.governance_chain import trusted_governance
-from quorum.lineage.registry import fetch_files
 from quorum.lineage.serving_trust import Role, VerifiedVersion, verify_for_serving
-from quorum.lineage.tracking import CANDIDATE, alias_version
 from quorum.tasks.scoring import Scorer, load_scorer
 from quorum.tasks.serving_rows import RowSchema, row_schema, training_fill
 from quorum.tasks.site import TRAIN_FILE
@@ -44,9 +46,9 @@ class LoadedModel:
 
 
 class ServedModels:
-    """One site's verified champion (and candidate), following the registry; thread-safe."""
+    """One site's verified champion (and candidate), following the artifact store; thread-safe."""
 
-    def __init__(self, ctx: JobContext, site_id: str, runtime: str | None = None) -> None:
+    def __init__(self, ctx: SiteContext, site_id: str, runtime: str | None = None) -> None:
         self.ctx = ctx
         self.site = ctx.config.site(site_id)
         self.serving = ctx.config.serving
@@ -72,17 +74,32 @@ class ServedModels:
     def _candidate_changed(self) -> None:
         """Called inside the lock, with the swap of the candidate (the routing counts start again here)."""
 
-    # --- following the registry ------------------------------------------------------------
+    # --- following the artifact store ------------------------------------------------------
 
     def refresh(self) -> None:
-        """Load the champion (and candidate, if the policy uses one) when the registry moved them."""
+        """Load the champion (and candidate, if the policy uses one) when the statement or pointer moved."""
         with self._refresh_lock:
             name = self.ctx.config.model_name
-            self._follow("champion", self._champion_version(name))
+            signed = self._champion_version(name)
+            self._follow("champion", signed)
             if self.policy.mode != "champion":
-                candidate = alias_version(self.ctx.tracker, name, CANDIDATE)
-                champion = self.champion
-                self._follow("candidate", None if champion and candidate == champion.version else candidate)
+                loaded = self.champion
+                self._follow_candidate(name, signed or (None if loaded is None else loaded.version))
+
+    def _follow_candidate(self, name: str, champion: str | None) -> None:
+        """Follow the candidate pointer; the champion's own version there means no candidate (it was promoted).
+
+        ``champion`` is the version the signed statement names (the loaded one when the statement did not
+        verify): a candidate must be newer, which ``verify_for_serving`` checks with the rest. A malformed
+        pointer is refused and the loaded candidate, if any, keeps its share of the traffic.
+        """
+        try:
+            candidate = read_candidate(self.ctx.store, name)
+        except CandidatePointerError as error:
+            self._refuse("candidate", "pointer", error.message)
+            return
+        self._refused.pop(("candidate", "pointer"), None)
+        self._follow("candidate", None if candidate == champion else candidate, champion)
 
     def _governance(self) -> GovernanceConfig:
         """Governance as this site accepts it: chained by signatures from the version it accepted before."""
@@ -107,7 +124,7 @@ class ServedModels:
         refused = [(version, reason) for (role, version), reason in self._refused.items() if role == "champion"]
         return refused[-1] if refused else None
 
-    def _follow(self, role: Role, version: str | None) -> None:
+    def _follow(self, role: Role, version: str | None, champion: str | None = None) -> None:
         current = self._models[role]
         if version is None:
             if role == "candidate" and current is not None:
@@ -116,7 +133,7 @@ class ServedModels:
         if current is not None and current.version == version:
             return
         try:
-            loaded = self._load(role, version)
+            loaded = self._load(role, version, champion)
         except SignatureError as error:
             self._refuse(role, version, error.message)
             return
@@ -139,12 +156,16 @@ class ServedModels:
             "%s serves %s v%s as %s (%s)", self.site.id, loaded.verified.model, version, role, loaded.scorer.runtime
         )
 
-    def _load(self, role: Role, version: str) -> LoadedModel:
+    def _load(self, role: Role, version: str, champion: str | None) -> LoadedModel:
+        """Verify the version's files from the artifact store on the site's own copy, then load them.
+
+        Nothing is fetched from MLflow: files missing from the store are a refusal (``SignatureError``,
+        naming what is missing and to run the promote stage again), like files that do not verify.
+        """
         name = self.ctx.config.model_name
-        fetch_files(self.ctx.tracker, self.ctx.store, name, version)
         destination = self.site.root / SERVING_DIR / f"{role}-v{version}"
         verified = verify_for_serving(
-            self.ctx.store, self._governance(), name, version, destination, role, trust_record(self.site)
+            self.ctx.store, self._governance(), name, version, destination, role, trust_record(self.site), champion
         )
         scorer = load_scorer(verified.files, self.runtime, self.ctx.config.model.hidden_sizes)
         fill = training_fill(self.site.processed_dir / TRAIN_FILE, self.ctx.config.features, scorer.feature_mean)

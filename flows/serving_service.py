@@ -14,7 +14,7 @@ import secrets
 import time
 from typing import Any
 
-from quorum.flows.context import JobContext
+from quorum.flows.deploy import SiteContext
 from quorum.flows.serving_models import SERVING_DIR, ServedModels
 from quorum.tasks.routing import RoutingCounts, agreements, route_request
 from quorum.tasks.serving_rows import RowRefused, batch_matrix, parse_body
@@ -28,7 +28,7 @@ def routing_key(site_id: str) -> str:
 class ModelService(ServedModels):
     """One site's models and counters; thread-safe, HTTP-agnostic."""
 
-    def __init__(self, ctx: JobContext, site_id: str, runtime: str | None = None) -> None:
+    def __init__(self, ctx: SiteContext, site_id: str, runtime: str | None = None) -> None:
         super().__init__(ctx, site_id, runtime)
         self._counts = RoutingCounts()
         self._latency_sum_s = 0.0

@@ -12,6 +12,8 @@ from __future__ import annotations
 import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +39,19 @@ def signatures_key(name: str, version: str) -> str:
 
 def _present(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
+
+
+@contextmanager
+def naming_destination(staging: Path, destination: Path) -> Iterator[None]:
+    """A check that fails on the staging copy names the destination instead.
+
+    The staging folder's name is random; a service audits a refusal once per version and reason, so the
+    same bad files must give the same reason at every poll (else every poll adds an audit entry).
+    """
+    try:
+        yield
+    except SignatureError as error:
+        raise type(error)(error.message.replace(str(staging), str(destination)), fix=error.fix) from None
 
 
 def verify_files(
@@ -81,7 +96,8 @@ def install_verified(
                     f"no {folder} for {name} version {version} in the artifact store", fix="run the promote stage again"
                 )
             shutil.copytree(source, staging / folder, symlinks=True)
-        quorum = verify_files(staging / "files", staging / "signatures", governance, name, version)
+        with naming_destination(staging, destination):
+            quorum = verify_files(staging / "files", staging / "signatures", governance, name, version)
         shutil.rmtree(destination, ignore_errors=True)
         staging.rename(destination)
     finally:

@@ -1,14 +1,16 @@
-"""`quorum serve`: the verified champion answering on a free loopback port, following the registry.
+"""`quorum serve`: the verified champion answering on a free loopback port, following the artifact store.
 
 One real federation history is built once per test process (``governed_history``) (v1 champion signed by ann
 and ben, v2 signed by ann only, the candidate). Each test serves from its own copy of it, so approvals,
-rollbacks and tampering never leak between tests. The service follows the registry when ``refresh`` is called
-(its background loop calls the same method), so every swap here happens at a known point.
+rollbacks and tampering never leak between tests. The service follows the signed champion statement and the
+candidate pointer when ``refresh`` is called (its background loop calls the same method), so every swap here
+happens at a known point. It is started with the site's own context, as the ``serve-ID`` flow starts it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,10 +29,12 @@ import pytest
 import yaml
 
 from quorum.flows.context import JobContext, load_context
+from quorum.flows.deploy import SiteContext, load_site_context
 from quorum.flows.serving import RunningService, routing_key, start_service
+from quorum.lineage.candidate import candidate_key, read_candidate
 from quorum.lineage.provenance import PROVENANCE_FILE
-from quorum.lineage.registry import model_key
-from quorum.lineage.tracking import CHAMPION, set_alias, version_tags
+from quorum.lineage.registry import fetched_key, model_key, signatures_key
+from quorum.lineage.tracking import CANDIDATE, CHAMPION, set_alias, version_tags
 from tests.federation import private_copy
 
 pytestmark = pytest.mark.integration
@@ -48,6 +52,10 @@ class World:
     def context(self) -> JobContext:
         return load_context(str(self.config_path), str(self.governance_path))
 
+    def site_context(self) -> SiteContext:
+        """The context the site's service runs with: its own store view, no tracking client."""
+        return load_site_context(str(self.config_path), str(self.governance_path), SITE)
+
     def with_serving(self, serving: dict[str, object]) -> World:
         data = yaml.safe_load(self.config_path.read_text())
         data["serving"] = serving
@@ -56,6 +64,13 @@ class World:
 
     def files(self, version: str) -> Path:
         return self.root / "state" / "artifacts" / model_key(MODEL, version)
+
+    def signatures(self, version: str) -> Path:
+        return self.root / "state" / "artifacts" / signatures_key(MODEL, version)
+
+    def point_candidate_at(self, pointer: object) -> None:
+        """Write the candidate pointer as an attacker with write access to the artifact store would."""
+        self.context().store.put_json(candidate_key(MODEL), pointer)
 
     def events(self) -> list[Any]:
         return self.context().audit.entries()
@@ -75,7 +90,7 @@ def world(governed_history: Path, tmp_path: Path) -> World:
 
 @contextmanager
 def serving(world: World, runtime: str | None = None) -> Iterator[RunningService]:
-    running = start_service(world.context(), SITE, port=0, runtime=runtime)
+    running = start_service(world.site_context(), SITE, port=0, runtime=runtime)
     try:
         yield running
     finally:
@@ -246,10 +261,26 @@ def test_serving_refuses_to_start_without_a_champion_that_verifies(world: World)
     (world.files("1") / PROVENANCE_FILE).write_text("{}")
 
     with pytest.raises(SignatureError) as info:
-        start_service(world.context(), SITE, port=0)
+        start_service(world.site_context(), SITE, port=0)
 
     assert "v1 refused at site alpha" in info.value.message and info.value.fix
     assert world.events()[-1].event == "serving_refused"
+
+
+def test_champion_files_missing_from_the_store_are_refused_never_fetched_from_mlflow(world: World) -> None:
+    from quorum.configs.errors import SignatureError
+
+    shutil.rmtree(world.files("1"))
+    (world.root / "state" / "artifacts" / fetched_key(MODEL, "1")).unlink()  # the coordinator would fetch again
+
+    with pytest.raises(SignatureError) as info:
+        start_service(world.site_context(), SITE, port=0)
+
+    assert "no files for test-model version 1 in the artifact store" in info.value.message
+    assert "restore the version" in info.value.fix
+    refusal = world.events()[-1]
+    assert (refusal.event, refusal.details["version"], refusal.details["role"]) == ("serving_refused", "1", "champion")
+    assert not world.files("1").exists()  # nothing was copied back from MLflow
 
 
 # --- variants and routing --------------------------------------------------------------------
@@ -315,6 +346,115 @@ def test_canary_sends_its_share_of_requests_to_the_candidate(world: World) -> No
     assert by_role == {("champion", "1"), ("candidate", "2")}
     assert counts.candidate_requests + counts.champion_requests == 20
     assert 8 <= counts.candidate_requests <= 12
+
+
+# --- the candidate pointer -------------------------------------------------------------------
+
+
+def test_the_candidate_is_the_version_the_store_pointer_names_not_the_mlflow_alias(world: World) -> None:
+    world.with_serving({"routing": {SITE: {"mode": "shadow"}}})
+    pointer = read_candidate(world.context().store, MODEL)  # written by v2's promotion
+    set_alias(world.context().tracker, MODEL, CANDIDATE, "1")  # the MLflow alias alone moves nothing at a site
+
+    with serving(world) as running:
+        followed = running.service.candidate
+        (world.root / "state" / "artifacts" / candidate_key(MODEL)).unlink()  # no pointer: no candidate
+        running.service.refresh()
+        after_removal = running.service.candidate
+        _, health = call(f"{running.url}/health")
+
+    assert pointer == "2"
+    assert followed is not None and followed.version == "2" and followed.verified.signers == ("ann",)
+    assert after_removal is None and "candidate" not in health
+    assert [e for e in world.events() if e.event == "serving_refused"] == []
+
+
+def _unsigned_copy_of_v2(world: World) -> object:
+    shutil.copytree(world.files("2"), world.files("3"))
+    return {"model": MODEL, "version": "3"}
+
+
+def _relabelled_copy_of_v2(world: World) -> object:
+    shutil.copytree(world.files("2"), world.files("3"))
+    shutil.copytree(world.signatures("2"), world.signatures("3"))
+    return {"model": MODEL, "version": "3"}
+
+
+def _path_for_a_version(world: World) -> object:
+    return {"model": MODEL, "version": "../../../elsewhere"}
+
+
+def _pointer_for_another_model(world: World) -> object:
+    return {"model": "other-model", "version": "2"}
+
+
+@pytest.mark.parametrize(
+    ("forge", "refused_version", "reason"),
+    [
+        # v2's files copied as v3 with no signature: a candidate needs an approver's signature
+        (_unsigned_copy_of_v2, "3", "no signatures for candidate test-model v3 in the artifact store"),
+        # the copy with ann's signatures too: they hold over the bytes, but the provenance is about v2
+        (_relabelled_copy_of_v2, "3", "names test-model v2, not test-model v3"),
+        # a version that would walk out of the site's serving folder
+        (_path_for_a_version, "pointer", "names no registry version"),
+        # a pointer about another model
+        (_pointer_for_another_model, "pointer", "does not name model test-model"),
+    ],
+)
+def test_a_forged_candidate_pointer_is_refused_and_the_champion_answers_everything(
+    world: World, forge: Any, refused_version: str, reason: str
+) -> None:
+    world.with_serving({"routing": {SITE: {"mode": "canary", "canary_percent": 50}}})
+    world.point_candidate_at(forge(world))
+    rows = feature_rows(world, 1)
+
+    with serving(world) as running:
+        answers = [call(f"{running.url}/predict", {"rows": rows})[1] for _ in range(6)]
+        running.service.refresh()  # asked again: refused again, audited once
+        candidate = running.service.candidate
+
+    assert candidate is None
+    assert {(a["role"], a["version"]) for a in answers} == {("champion", "1")}
+    refusals = [e.details for e in world.events() if e.event == "serving_refused"]
+    assert len(refusals) == 1
+    assert (refusals[0]["role"], refusals[0]["version"], refusals[0]["kept"]) == ("candidate", refused_version, None)
+    assert reason in str(refusals[0]["reason"])
+    assert list(world.root.rglob("elsewhere")) == []  # nothing was copied or removed outside the serving folder
+
+
+def test_a_pointer_turned_back_to_an_older_signed_version_is_refused(world: World) -> None:
+    world.with_serving({"routing": {SITE: {"mode": "canary", "canary_percent": 50}}})
+    rows = feature_rows(world, 1)
+    world.approve_v2()  # v2 is champion; the pointer still names v2: no candidate
+
+    with serving(world) as running:
+        promoted = running.service.candidate
+        world.point_candidate_at({"model": MODEL, "version": "1"})  # v1 carries a full quorum of signatures
+        running.service.refresh()
+        answers = [call(f"{running.url}/predict", {"rows": rows})[1] for _ in range(6)]
+        turned_back = running.service.candidate
+
+    assert promoted is None and turned_back is None
+    assert {(a["role"], a["version"]) for a in answers} == {("champion", "2")}
+    [refusal] = [e.details for e in world.events() if e.event == "serving_refused"]
+    assert (refusal["role"], refusal["version"]) == ("candidate", "1")
+    assert "not newer than the champion v2" in str(refusal["reason"])
+
+
+def test_candidate_files_missing_from_the_store_are_refused_never_fetched_from_mlflow(world: World) -> None:
+    world.with_serving({"routing": {SITE: {"mode": "shadow"}}})
+    shutil.rmtree(world.files("2"))
+    (world.root / "state" / "artifacts" / fetched_key(MODEL, "2")).unlink()  # the coordinator would fetch again
+
+    with serving(world) as running:
+        candidate = running.service.candidate
+        status, answer = call(f"{running.url}/predict", {"rows": feature_rows(world, 1)})
+
+    assert candidate is None and status == 200 and answer["version"] == "1"
+    [refusal] = [e.details for e in world.events() if e.event == "serving_refused"]
+    assert (refusal["role"], refusal["version"]) == ("candidate", "2")
+    assert "no files for candidate test-model v2 in the artifact store" in str(refusal["reason"])
+    assert not world.files("2").exists()
 
 
 # --- the command -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pytest
 
 from quorum.configs.errors import QuorumError
 from quorum.configs.schema import load_federation
-from quorum.flows.context import load_context
+from quorum.flows.deploy import load_site_context
 from quorum.flows.serve import service_record
 from quorum.flows.serving import start_service
 from quorum.infra.serving_stack import (
@@ -48,7 +48,8 @@ def test_a_service_started_before_any_promotion_answers_503_until_a_champion_ver
     pin_governance_root(config, governance)
     port = free_port()
 
-    running = start_service(load_context(str(config), str(governance)), "alpha", port, wait_for_champion=True)
+    alpha = load_site_context(str(config), str(governance), "alpha")
+    running = start_service(alpha, "alpha", port, wait_for_champion=True)
     try:
         assert health_line(port) == "no verified champion loaded yet (503)"
         request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=b'{"rows": [{"age": 1}]}')
@@ -58,7 +59,7 @@ def test_a_service_started_before_any_promotion_answers_503_until_a_champion_ver
         with pytest.raises(QuorumError) as held:
             require_free_port("alpha", port)
         with pytest.raises(QuorumError) as bind:
-            start_service(load_context(str(config), str(governance)), "beta", port, wait_for_champion=True)
+            start_service(load_site_context(str(config), str(governance), "beta"), "beta", port, wait_for_champion=True)
     finally:
         running.stop()
 
