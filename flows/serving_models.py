@@ -23,7 +23,7 @@ from quorum.configs.errors import ChampionError, SignatureError
 from quorum.configs.schema import GovernanceConfig
 from quorum.flows.deploy import SiteContext, trust_record
 from quorum.lineage.candidate import CandidatePointerError, read_candidate
-from quorum.lineage.champion import verified_champion
+from quorum.lineage.champion import champion_versions, verified_champion
 from quorum.lineage.governance_chain import trusted_governance
 from quorum.lineage.serving_trust import Role, VerifiedVersion, verify_for_serving
 from quorum.tasks.scoring import Scorer, load_scorer
@@ -84,13 +84,23 @@ class ServedModels:
             self._follow("champion", signed)
             if self.policy.mode != "champion":
                 loaded = self.champion
-                self._follow_candidate(name, signed or (None if loaded is None else loaded.version))
+                champion = signed or (None if loaded is None else loaded.version)
+                self._follow_candidate(name, champion, self._former_champions(name))
 
-    def _follow_candidate(self, name: str, champion: str | None) -> None:
+    def _former_champions(self, name: str) -> tuple[str, ...]:
+        """The versions signed champion statements ever named; none known when the statement did not verify."""
+        try:
+            return champion_versions(self.ctx.store, self._governance(), name)
+        except (ChampionError, SignatureError):  # refused (and audited) with the champion itself
+            return ()
+
+    def _follow_candidate(self, name: str, champion: str | None, former: tuple[str, ...] = ()) -> None:
         """Follow the candidate pointer; the champion's own version there means no candidate (it was promoted).
 
         ``champion`` is the version the signed statement names (the loaded one when the statement did not
-        verify): a candidate must be newer, which ``verify_for_serving`` checks with the rest. A malformed
+        verify): a candidate must be newer, which ``verify_for_serving`` checks with the rest. It must also
+        be newer than every version in ``former`` (what signed statements named, rollbacks included): a
+        rolled-back version is refused, and unloaded if it was serving as the candidate. A malformed
         pointer is refused and the loaded candidate, if any, keeps its share of the traffic.
         """
         try:
@@ -99,7 +109,19 @@ class ServedModels:
             self._refuse("candidate", "pointer", error.message)
             return
         self._refused.pop(("candidate", "pointer"), None)
-        self._follow("candidate", None if candidate == champion else candidate, champion)
+        if candidate == champion:
+            candidate = None
+        newest = max((int(version) for version in former if version.isdigit()), default=0)
+        newer_than_champion = champion is None or not champion.isdigit() or int(candidate or 0) > int(champion)
+        if candidate is not None and newer_than_champion and int(candidate) <= newest:
+            self._refuse(
+                "candidate",
+                candidate,
+                f"candidate {name} v{candidate} is not newer than v{newest}, the newest version a signed champion "
+                "statement named: it was rolled back or superseded",
+            )
+            candidate = None  # and a candidate loaded before the rollback stops taking traffic
+        self._follow("candidate", candidate, champion)
 
     def _governance(self) -> GovernanceConfig:
         """Governance as this site accepts it: chained by signatures from the version it accepted before."""

@@ -199,6 +199,18 @@ def signed_chain(
     return chain
 
 
+def champion_versions(
+    store: ArtifactStore, governance: GovernanceConfig, model: str, today: date | None = None
+) -> tuple[str, ...]:
+    """Every version a champion statement in the verified chain named, oldest first (rollbacks included).
+
+    A site's service compares its candidate with these: a version that was champion once and was
+    rolled back or superseded never comes back as a candidate, whatever the unsigned pointer says.
+    """
+    chain = signed_chain(store, governance, model, today or date.today())
+    return tuple(str(chain[sequence]["version"]) for sequence in sorted(chain))
+
+
 def unsigned_champion_events(
     entries: Sequence[tuple[int, str, Mapping[str, Any]]], chain: Mapping[int, Mapping[str, Any]], model: str
 ) -> list[str]:

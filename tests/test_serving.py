@@ -441,6 +441,27 @@ def test_a_pointer_turned_back_to_an_older_signed_version_is_refused(world: Worl
     assert "not newer than the champion v2" in str(refusal["reason"])
 
 
+def test_a_rolled_back_version_never_comes_back_as_the_candidate(world: World) -> None:
+    from quorum.flows.governance import rollback_flow
+
+    world.with_serving({"routing": {SITE: {"mode": "shadow"}}})
+    rows = feature_rows(world, 1)
+    with serving(world) as running:
+        shadowed = running.service.candidate  # v2 awaits its second approval: it takes shadow traffic
+        world.approve_v2()
+        running.service.refresh()
+        rollback_flow(world.context(), [world.keys["cyd"], world.keys["ann"]], None, "test")  # v2 -> v1
+        running.service.refresh()  # the pointer still names v2, which is newer than v1
+        after = running.service.candidate
+        _, answer = call(f"{running.url}/predict", {"rows": rows})
+
+    assert shadowed is not None and shadowed.version == "2"
+    assert after is None and answer["version"] == "1"
+    [refusal] = [e.details for e in world.events() if e.event == "serving_refused"]
+    assert (refusal["role"], refusal["version"]) == ("candidate", "2")
+    assert "rolled back or superseded" in str(refusal["reason"])
+
+
 def test_candidate_files_missing_from_the_store_are_refused_never_fetched_from_mlflow(world: World) -> None:
     world.with_serving({"routing": {SITE: {"mode": "shadow"}}})
     shutil.rmtree(world.files("2"))
