@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from quorum.cli.heap import freeze_for_exit
 from quorum.configs.errors import QuorumError, ToolError
 
 LAUNCHED_S = time.perf_counter()  # when the command started, to report how long it took to reach its first stage
@@ -497,5 +498,15 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return commands.ui(Path(args.config), args.port)
 
 
+def console() -> int:
+    """The installed ``quorum`` script: ``main``, then exit without collecting what the command imported.
+
+    Only here, where the process ends: ``main`` itself is also called by tests in their own process.
+    """
+    code = main()
+    freeze_for_exit()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

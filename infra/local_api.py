@@ -66,6 +66,12 @@ class TemporaryApi:
                 )
             time.sleep(POLL_S)
 
+    def answers(self) -> bool:
+        """Whether the server answers now: one health check, no waiting."""
+        if not self.ready:
+            self.ready = _healthy(self.url)
+        return self.ready
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()

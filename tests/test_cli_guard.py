@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -151,3 +152,43 @@ def test_a_temporary_api_that_never_answers_is_stopped_and_reported(tmp_path: Pa
         api.wait()
 
     assert api.process.poll() is not None  # stopped, not left behind
+
+
+# --- what the command does while its temporary API starts ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("has_workers", "resume", "answers", "loads"),
+    [
+        (False, False, False, True),  # still starting, preprocessing here: load Great Expectations meanwhile
+        (False, False, True, False),  # already answering: nothing to wait for
+        (True, False, False, False),  # site worker processes preprocess, not this process
+        (False, True, False, False),  # a resumed job may not preprocess at all
+    ],
+)
+def test_the_wait_loads_the_first_stage_only_when_it_helps(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, has_workers: bool, resume: bool, answers: bool, loads: bool
+) -> None:
+    loaded: list[bool] = []
+    monkeypatch.setattr(commands, "_load_first_stage", lambda: loaded.append(True))
+    api = _api([sys.executable, "-c", "import time; time.sleep(120)"], 300, tmp_path)
+    monkeypatch.setattr(api, "answers", lambda: answers)
+    workers: Any = object() if has_workers else None
+
+    try:
+        commands._use_the_wait(api, workers, resume)
+    finally:
+        api.stop()
+
+    assert loaded == ([True] if loads else [])
+
+
+def test_a_first_stage_that_fails_to_load_is_left_to_preprocessing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quorum.tasks import contract
+
+    def broken() -> None:
+        raise ToolError("great_expectations cannot be imported: no module", fix="install it")
+
+    monkeypatch.setattr(contract, "warm_up", broken)
+
+    commands._load_first_stage()  # no error here: preprocessing imports it again and reports it per site
