@@ -52,6 +52,47 @@ def tier(marked: set[str], fixtures: set[str]) -> str:
     return "unit"
 
 
+# session fixtures built once for every test process (tests/built_once.py); the files using them are ordered
+# so that one builds while the other process runs other files, and the rest find it built
+BUILT_ONCE = frozenset({"governed_history"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist hands out files (--dist loadfile) sorted by their number of tests unless told not to,
+    # which puts the few-test whole-lifecycle files last, as one process's long tail while the other
+    # idles; keep the order run_order() gives instead
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+    config.pluginmanager.register(FileOrder(), "quorum-file-order")
+
+
+def run_order(files: list[tuple[str, set[str]]]) -> list[str]:
+    """Test files (path, fixtures their tests use) in the order to hand them out: the slow ones first.
+
+    Flow-tier files (a Prefect API, often a whole lifecycle) take longest, so they start first and the
+    quick unit files fill both processes' last minutes. Of the files sharing a fixture from ``BUILT_ONCE``,
+    one leads, to start the build early; the others follow the rest of the flow tier, when it is built,
+    instead of waiting on it in the other process.
+    """
+    leaders: set[str] = set()
+    shared_first: set[str] = set()
+    for path, fixtures in files:
+        shared = fixtures & BUILT_ONCE
+        if shared and not shared <= shared_first:
+            leaders.add(path)
+            shared_first |= shared
+
+    def rank(entry: tuple[int, tuple[str, set[str]]]) -> tuple[int, int]:
+        index, (path, fixtures) = entry
+        if path in leaders:
+            return 0, index
+        if fixtures & BUILT_ONCE:
+            return 2, index
+        return (1 if "prefect_harness" in fixtures else 3), index
+
+    return [path for _, (path, _) in sorted(enumerate(files), key=rank)]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         marked = {mark.name for mark in item.iter_markers()}
@@ -59,6 +100,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         chosen = tier(marked, fixtures)
         if chosen not in marked:
             item.add_marker(chosen)
+
+
+class FileOrder:
+    """Puts the collected files in ``run_order``; a plugin of its own so that it runs last, after ``-m`` has
+    deselected by the tiers ``pytest_collection_modifyitems`` above marked."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        by_file: dict[str, set[str]] = {}
+        for item in items:
+            by_file.setdefault(item.nodeid.split("::")[0], set()).update(getattr(item, "fixturenames", ()))
+        position = {path: index for index, path in enumerate(run_order(list(by_file.items())))}
+        items.sort(key=lambda item: position[item.nodeid.split("::")[0]])  # stable: each file keeps its order
 
 
 @pytest.fixture(scope="session")

@@ -31,3 +31,25 @@ def test_this_module_is_in_the_unit_tier(request: pytest.FixtureRequest) -> None
     tiers = [m.name for m in request.node.iter_markers() if m.name in ("unit", "flow", "integration")]
 
     assert tiers == ["unit"]
+
+
+def test_slow_files_go_first_and_one_file_starts_each_shared_build() -> None:
+    from tests.conftest import run_order
+
+    files = [
+        ("test_a_unit.py", {"tmp_path"}),
+        ("test_b_flow.py", {"prefect_harness"}),
+        ("test_c_governed.py", {"governed_history", "prefect_harness"}),
+        ("test_d_unit.py", set()),
+        ("test_e_governed.py", {"governed_history", "prefect_harness"}),
+        ("test_f_flow.py", {"prefect_harness", "tmp_path"}),
+    ]
+
+    assert run_order(files) == [
+        "test_c_governed.py",  # starts building the shared history while the other process runs flow files
+        "test_b_flow.py",
+        "test_f_flow.py",
+        "test_e_governed.py",  # after the flow tier: the history is built by then
+        "test_a_unit.py",
+        "test_d_unit.py",
+    ]
