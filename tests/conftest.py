@@ -140,14 +140,20 @@ def one_torch_thread() -> Iterator[None]:
 def governed_history(tmp_path_factory: pytest.TempPathFactory, prefect_harness: Path) -> Path:
     """One real federation run twice: v1 champion (ann + ben), v2 awaiting a second approval.
 
-    The governance, trust and serving tests each copy it (their ``world`` fixtures), so the two
-    lifecycles run once per test process instead of once per module.
+    The governance, trust and serving tests each copy it (their ``world`` fixtures). The two lifecycles
+    run once per session, in whichever test process asks first (``tests.built_once``), not once per
+    process or module: they are the most expensive fixture of the flow tier.
     """
+    from tests.built_once import built_once
+
+    return built_once(tmp_path_factory, "governed", _build_governed_history)
+
+
+def _build_governed_history(root: Path) -> None:
     from quorum.flows.lifecycle import lifecycle
     from quorum.lineage.keys import generate_key_pair
     from tests.federation import pin_governance_root, write_federation, write_governance
 
-    root = tmp_path_factory.mktemp("governed")
     config_path = write_federation(root, rounds=2)
     governance_path, keys = write_governance(root)
     pin_governance_root(config_path, governance_path)
@@ -156,4 +162,3 @@ def governed_history(tmp_path_factory: pytest.TempPathFactory, prefect_harness: 
     second = lifecycle(str(config_path), str(governance_path), keys[:1])
     assert first.promotion is not None and first.promotion.champion
     assert second.promotion is not None and not second.promotion.champion
-    return root

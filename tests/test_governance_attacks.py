@@ -1,7 +1,7 @@
 """Attacks on promotion, rollback and deployment: each must end in a refusal that names the reason,
 with the champion unchanged.
 
-One real federation history is built once per test process (``governed_history``) (two lifecycle runs: v1
+One real federation history is built once per test session (``governed_history``) (two lifecycle runs: v1
 promoted with ann and ben, v2 signed by ann only, awaiting approval). Every test works on its own copy of that
 folder (config, keys, sites, MLflow store, artifact store, audit log), so tampering never leaks between tests.
 Most attacks target v2 after ben has also signed it in the copy: the control test shows that the untampered

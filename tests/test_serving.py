@@ -1,6 +1,6 @@
 """`quorum serve`: the verified champion answering on a free loopback port, following the artifact store.
 
-One real federation history is built once per test process (``governed_history``) (v1 champion signed by ann
+One real federation history is built once per test session (``governed_history``) (v1 champion signed by ann
 and ben, v2 signed by ann only, the candidate). Each test serves from its own copy of it, so approvals,
 rollbacks and tampering never leak between tests. The service follows the signed champion statement and the
 candidate pointer when ``refresh`` is called (its background loop calls the same method), so every swap here

@@ -2,7 +2,7 @@
 
 Trust must come only from the keys governance pins (in git) and from signatures. Each test plays one attack
 from the threat model and ends in a refusal (or, for the alias, in nothing following it), with the champion
-and every site's deployment unchanged. One real history is built per test process (``governed_history``): v1
+and every site's deployment unchanged. One real history is built once per test session (``governed_history``): v1
 champion (ann + ben), v2 registered and signed by ann only; every test works on its own copy.
 """
 
