@@ -38,6 +38,9 @@ print(json.dumps({"version": deployed.version, "modules": sorted(sys.modules)}))
 SERVE_FLOW = """
 import csv, json, os, signal, sys, threading, time, urllib.request
 
+# a test process started from a script's `&` passes SIGINT on ignored: the Ctrl-C below must land
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 from quorum.configs.schema import load_federation
 from quorum.flows.serve import serve_flow, service_record
 
