@@ -50,6 +50,36 @@ def test_frozen_layers_keep_their_weights_and_biases_bit_for_bit() -> None:
     assert not np.array_equal(trained[6], start[6])  # the head still learns
 
 
+def test_the_local_sgd_step_is_torch_optim_sgd_bit_for_bit() -> None:
+    import torch
+
+    from quorum.tasks.model import build_model, get_weights, set_weights
+    from quorum.tasks.training import sgd_step
+
+    features, labels = site_data()
+    start = initial_weights(5, HIDDEN, np.zeros(5), np.ones(5), seed=0)
+    x, y = torch.from_numpy(features), torch.from_numpy(labels)
+    models = []
+    for use_torch_optim in (True, False):
+        model = build_model(5, HIDDEN, 0.0)
+        set_weights(model, start)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        for step in range(5):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[step::5]), y[step::5])
+            loss.backward()
+            if use_torch_optim:
+                optimizer.step()
+                optimizer.zero_grad()
+            else:
+                sgd_step(params, 0.1)
+        models.append(get_weights(model))
+
+    assert not np.array_equal(models[1][2], start[2])  # it trained
+    for got, want in zip(models[1], models[0], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_freezing_nothing_is_the_default_behaviour() -> None:
     features, labels = site_data()
     start = initial_weights(5, HIDDEN, np.zeros(5), np.ones(5), seed=0)
