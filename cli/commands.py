@@ -229,13 +229,15 @@ def _use_stack(config: FederationConfig, state: StateLayout) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = stack.mlflow_url
 
 
-def worker(config_path: Path, site_id: str, api_url: str | None) -> int:
-    """What a site host runs: its pool's worker, with only its own data root and credentials."""
+def worker(config_path: Path, governance_path: Path, site_id: str, api_url: str | None) -> int:
+    """What a site host runs: its pool's worker, with only its own data root and credentials, pinned to
+    this host's config and governance files (its flow runs refuse others)."""
     config, state = _prepare(config_path)
+    load_governance(governance_path)
     from quorum.infra.deployments import site_pool
     from quorum.infra.stack import Stack
 
-    stack = Stack(config, state)
+    stack = Stack(config, state, governance_path=governance_path)
     site = config.site(site_id)
     env = stack.site_env(site_id)
     env["PREFECT_API_URL"] = api_url or config.deployment.prefect_api_url or stack.prefect_url
@@ -306,7 +308,7 @@ def up(
     config, state = _prepare(config_path)
     from quorum.infra.stack import Stack
 
-    stack = Stack(config, state, database)
+    stack = Stack(config, state, database, governance_path=governance_path)
     os.environ["PREFECT_API_URL"] = stack.prefect_url  # before anything imports Prefect
     project = Path.cwd().resolve()
     where = "PostgreSQL" if stack.database else "SQLite"

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(handler=_cmd_up)
     worker = commands.add_parser("worker", help="run one site's Prefect worker here, in the foreground")
-    _add_config(worker)
+    _add_config(worker, governance=True)
     worker.add_argument("--site", required=True, help="the site id whose pool this worker serves")
     worker.add_argument("--api-url", help="Prefect API (default: deployment.prefect_api_url, else the local server)")
     worker.set_defaults(handler=_cmd_worker)
@@ -348,7 +348,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from quorum.cli import commands
 
-    return commands.worker(Path(args.config), args.site, args.api_url)
+    return commands.worker(Path(args.config), Path(args.governance), args.site, args.api_url)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

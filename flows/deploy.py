@@ -31,6 +31,7 @@ from prefect import flow, get_run_logger
 
 from quorum.configs.errors import SignatureError
 from quorum.configs.schema import FederationConfig, GovernanceConfig, SiteConfig, load_federation, load_governance
+from quorum.configs.site_pins import require_pinned
 from quorum.lineage.anchor import check_anchors, witness, witnessed
 from quorum.lineage.artifacts import ArtifactStore, federation_store
 from quorum.lineage.audit import AuditLog
@@ -60,6 +61,7 @@ class SiteContext:
 
 
 def load_site_context(config_path: str, governance_path: str, site_id: str) -> SiteContext:
+    require_pinned(config_path, governance_path)
     config = load_federation(config_path)
     state = StateLayout(config.state_dir)
     configure_environment(state)

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 
 from quorum.configs.errors import ContractFailed
 from quorum.configs.schema import load_federation, load_governance
+from quorum.configs.site_pins import require_pinned
 from quorum.flows.runners.site_session import check_site_root
 from quorum.lineage.artifacts import federation_store
 from quorum.tasks import site as site_work
@@ -25,6 +26,7 @@ from quorum.tasks.wire import encode_drift, encode_fingerprint
 @flow(name="site-preprocess")
 def preprocess_site_flow(config_path: str, site_id: str) -> dict[str, Any]:
     """Validate and prepare this site's data; returns its fingerprint (hashes and counts only)."""
+    require_pinned(config_path)
     config = load_federation(config_path)
     check_site_root(config, site_id)
     fingerprint = site_work.preprocess_site(config, site_id)
@@ -49,6 +51,7 @@ def monitor_site_flow(config_path: str, governance_path: str, site_id: str) -> d
     from quorum.flows.deploy import trust_record
     from quorum.lineage.model_files import load_champion
 
+    require_pinned(config_path, governance_path)
     config = load_federation(config_path)
     check_site_root(config, site_id)
     store = federation_store(config, site_id)

@@ -31,6 +31,7 @@ import yaml
 
 from quorum.configs.errors import QuorumError, ToolError
 from quorum.configs.schema import FederationConfig, expand_secrets
+from quorum.configs.site_pins import site_pins
 from quorum.infra.capacity import apply_site_concurrency
 from quorum.infra.deployments import COORDINATOR_POOL, PreparedDeployment, apply, prepare, site_pool
 from quorum.infra.start_run import STARTER_ENV, socket_path
@@ -84,9 +85,19 @@ def prefect_database_url(url: str) -> str:
 
 
 class Stack:
-    def __init__(self, config: FederationConfig, state: StateLayout, database: str | None = None) -> None:
+    def __init__(
+        self,
+        config: FederationConfig,
+        state: StateLayout,
+        database: str | None = None,
+        *,
+        governance_path: Path | None = None,
+    ) -> None:
+        """``governance_path``: the governance the site workers this stack starts are pinned to, with the
+        config's own file (``quorum.configs.site_pins``); without it they are pinned to nothing."""
         self.config = config
         self.state = state
+        self.governance_path = governance_path
         self.folder = state.root / "services"
         self.prefect_url = f"http://{HOST}:{config.deployment.prefect_port}/api"
         self.mlflow_url = f"http://{HOST}:{config.deployment.mlflow_port}"
@@ -149,9 +160,14 @@ class Stack:
         return env
 
     def site_env(self, site_id: str) -> dict[str, str]:
-        """Only this site's data root and, if configured, its own credentials file: nothing of the coordinator's."""
+        """Only this site's data root and, if configured, its own credentials file: nothing of the coordinator's.
+
+        Also the config and governance files its flow runs must name, when the stack knows its governance.
+        """
         site = self.config.site(site_id)
         env = {**self.base_env(), SITE_ROOT_ENV: str(site.root), STARTER_ENV: str(self.starter_socket)}
+        if self.governance_path is not None and self.config.source is not None:
+            env.update(site_pins(self.config.source, self.governance_path))
         env.update({k: v for k, v in os.environ.items() if k in ("AWS_DEFAULT_REGION", "AWS_REGION")})
         if site.aws_credentials_file is not None:
             env["AWS_SHARED_CREDENTIALS_FILE"] = str(site.aws_credentials_file)

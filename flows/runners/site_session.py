@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger
 
 from quorum.configs.errors import ConfigError, QuorumError
 from quorum.configs.schema import FederationConfig, load_federation
+from quorum.configs.site_pins import require_pinned
 from quorum.flows.runners.exchange import JobExchange
 from quorum.lineage.artifacts import LocalArtifactStore, federation_store
 from quorum.lineage.state import SITE_ROOT_ENV
@@ -177,6 +178,7 @@ def warm_up() -> None:
 @flow(name="site-session")
 def site_session(config_path: str, site_id: str, job_id: str, store_root: str, idle_timeout_s: float = 900.0) -> int:
     """Serve one job at one site; runs on the site's own work pool."""
+    require_pinned(config_path)
     config = load_federation(config_path)
     check_site_root(config, site_id)
     # an S3 store is opened from the config, with this site's own cache and credentials; a local
