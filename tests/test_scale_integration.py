@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from quorum.configs.schema import load_federation, load_governance
+from quorum.configs.site_pins import CONFIG_PIN_ENV, GOVERNANCE_PIN_ENV
 from quorum.infra.stack import Stack
 from quorum.lineage.state import StateLayout
 from tests.federation import POOL_GATES, site_entry, write_federation, write_governance
@@ -102,6 +103,7 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         workers = {}
         for site_id in SITES:
             worker = [QUORUM, "worker", "--site", site_id, "--config", str(config_path), "--api-url", api]
+            worker += ["--governance", str(governance_path)]  # the site's checkout: its runs are held to both
             workers[site_id] = subprocess.Popen(
                 worker,
                 cwd=root,
@@ -224,6 +226,9 @@ def test_site_workers_hold_only_their_own_credentials(infra: dict[str, Any]) -> 
         env = _environ(int(pid))
         assert env["AWS_SHARED_CREDENTIALS_FILE"] == str(infra["root"] / "credentials" / site_id)
         assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
+        # and it is held to the config and governance of its own checkout, whatever a run's parameters say
+        assert env[CONFIG_PIN_ENV] == str(infra["config"].resolve())
+        assert env[GOVERNANCE_PIN_ENV] == str(infra["governance"].resolve())
 
 
 def test_job_survives_an_s3_outage_mid_round(infra: dict[str, Any]) -> None:
